@@ -1,0 +1,180 @@
+"""Command handlers: load a device, let it decide, append its events with optimistic concurrency.
+
+Synchronous functions (the event store library is synchronous); the API runs them in worker
+threads. Time, the secret generator and the retry sleep are arguments, so tests fix them.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol
+
+from eventsourcing.persistence import IntegrityError
+
+from domain.credentials import hash_secret
+from domain.device import Device
+from domain.errors import DomainError
+from commands.store import IdempotencyRecord
+
+MAX_ATTEMPTS = 100
+
+
+class Store(Protocol):
+    def get(self, device_id: str) -> Device | None: ...
+
+    def save_device(self, device: Device, idempotency: IdempotencyRecord | None = None) -> int: ...
+
+    def find_idempotency(self, principal: str, key: str) -> IdempotencyRecord | None: ...
+
+
+class NotFound(DomainError):
+    """No device has this id."""
+
+
+class AlreadyExists(DomainError):
+    """A device with this id is registered already."""
+
+
+class VersionMismatch(DomainError):
+    """The caller's If-Match version is not the device's current version."""
+
+    def __init__(self, expected: int, actual: int) -> None:
+        super().__init__(f"the device is at version {actual}, not {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+class TooMuchContention(DomainError):
+    """Every attempt lost the race to another writer."""
+
+
+class Replayed(Exception):
+    """A concurrent request with the same Idempotency-Key stored its answer first."""
+
+    def __init__(self, record: IdempotencyRecord) -> None:
+        super().__init__(record.key)
+        self.record = record
+
+
+@dataclass(frozen=True)
+class Outcome:
+    device: Device
+    position: int
+    secret: str | None = None
+
+
+Answer = Callable[[Device, str | None], IdempotencyRecord]
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where new secrets come from (random in production, fixed in tests)."""
+
+    new_secret: Callable[[], str]
+    new_salt: Callable[[], bytes]
+
+    def issue(self) -> tuple[str, str]:
+        secret = self.new_secret()
+        return secret, hash_secret(secret, self.new_salt())
+
+
+def _check_replayed(store: Store, answer: Answer | None, device: Device, secret: str | None) -> None:
+    if answer is None:
+        return
+    probe = answer(device, secret)
+    found = store.find_idempotency(probe.principal, probe.key)
+    if found is not None:
+        raise Replayed(found)
+
+
+def register(
+    store: Store,
+    *,
+    device_id: str,
+    name: str,
+    type: str,  # noqa: A002
+    labels: dict[str, str],
+    credentials: Credentials,
+    at: datetime,
+    answer: Answer | None = None,
+) -> Outcome:
+    secret, secret_hash = credentials.issue()
+    device = Device.register(device_id, name, type, labels, secret_hash, at)
+    record = answer(device, secret) if answer else None
+    try:
+        position = store.save_device(device, record)
+    except IntegrityError:
+        _check_replayed(store, answer, device, secret)
+        raise AlreadyExists(f"device {device_id} is already registered") from None
+    return Outcome(device, position, secret)
+
+
+def change(
+    store: Store,
+    device_id: str,
+    decide: Callable[[Device], str | None],
+    *,
+    expected_version: int | None = None,
+    answer: Answer | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    max_attempts: int = MAX_ATTEMPTS,
+) -> Outcome:
+    """Apply `decide` to the current device and append the result.
+
+    With `expected_version` (If-Match) a lost race is a VersionMismatch; without it the
+    command is re-run on the fresh state, with jittered backoff, so no update is lost.
+    `decide` returns a secret to hand back once (rotation), or None.
+    """
+    for attempt in range(1, max_attempts + 1):
+        device = store.get(device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id}")
+        if expected_version is not None and device.version != expected_version:
+            raise VersionMismatch(expected_version, device.version)
+        secret = decide(device)
+        record = answer(device, secret) if answer else None
+        try:
+            position = store.save_device(device, record)
+        except IntegrityError:
+            _check_replayed(store, answer, device, secret)
+            if expected_version is not None:
+                current = store.get(device_id)
+                raise VersionMismatch(
+                    expected_version, current.version if current else expected_version
+                ) from None
+            from iot import metrics
+
+            metrics.COMMAND_CONFLICT_RETRIES.inc()
+            sleep(random.uniform(0, min(0.05, 0.001 * attempt)))
+            continue
+        return Outcome(device, position, secret)
+    raise TooMuchContention(f"gave up after {max_attempts} conflicting attempts; retry later")
+
+
+def configure(config: dict[str, Any], at: datetime) -> Callable[[Device], None]:
+    return lambda device: device.configure(config, at)
+
+
+def suspend(reason: str, at: datetime) -> Callable[[Device], None]:
+    return lambda device: device.suspend(reason, at)
+
+
+def resume(at: datetime) -> Callable[[Device], None]:
+    return lambda device: device.resume(at)
+
+
+def decommission(reason: str, at: datetime) -> Callable[[Device], None]:
+    return lambda device: device.decommission(reason, at)
+
+
+def rotate_secret(credentials: Credentials, at: datetime) -> Callable[[Device], str]:
+    def decide(device: Device) -> str:
+        secret, secret_hash = credentials.issue()
+        device.rotate_secret(secret_hash, at)
+        return secret
+
+    return decide

@@ -1,0 +1,121 @@
+"""Composition roots of the write side: `iot run commands` and `iot run relay`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+from commands.api import CommandService, create_app
+from commands.handlers import Credentials
+from commands.relay import Relay
+from commands.store import DeviceStore, idempotency_cutoff, open_store
+from iot.httpkit import Authorizer, serve
+from iot.runtime import connect_nats, retry_async, retry_start, stop_on_signals
+from iot.settings import Settings
+from iot.streams import Streams
+
+log = logging.getLogger(__name__)
+COMMANDS_PORT = 8080
+RELAY_PORT = 8084
+
+
+def new_device_id() -> str:
+    return "dev-" + secrets.token_hex(8)
+
+
+def production_credentials() -> Credentials:
+    return Credentials(new_secret=lambda: secrets.token_urlsafe(32), new_salt=lambda: os.urandom(16))
+
+
+def store_ping(store: DeviceStore) -> bool:
+    with store.recorder.datastore.get_connection() as conn:  # type: ignore[attr-defined]
+        conn.execute("SELECT 1")
+    return True
+
+
+async def _purge_idempotency(store: DeviceStore, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            removed = await asyncio.to_thread(
+                store.idem.purge_idempotency, idempotency_cutoff(datetime.now(UTC))
+            )
+            if removed:
+                log.info("purged expired idempotency keys", extra={"removed": removed})
+        except Exception as e:
+            log.warning("idempotency purge failed", extra={"error": repr(e)})
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=3600)
+        except TimeoutError:
+            pass
+
+
+async def run_commands(settings: Settings) -> None:
+    stop = stop_on_signals()
+    store = await retry_start("event store", lambda: open_store(settings))
+    executor = ThreadPoolExecutor(settings.db_pool_size, thread_name_prefix="store")
+    service = CommandService(
+        store=store,
+        executor=executor,
+        credentials=production_credentials(),
+        new_device_id=new_device_id,
+    )
+
+    async def ready() -> Mapping[str, bool]:
+        try:
+            ok = await service.run(lambda: store_ping(store))
+        except Exception:
+            ok = False
+        return {"postgres": ok}
+
+    app = create_app(service, Authorizer(settings.api_tokens), ready)
+    purger = asyncio.create_task(_purge_idempotency(store, stop))
+    port = settings.port_for(COMMANDS_PORT)
+    log.info("command API listening", extra={"port": port})
+    try:
+        await serve(app, settings.http_host, port, stop)
+    finally:
+        stop.set()
+        await purger
+        executor.shutdown(wait=True)
+        store.close()
+
+
+async def run_relay(settings: Settings) -> None:
+    from starlette.routing import BaseRoute
+
+    from iot.httpkit import build_app
+
+    stop = stop_on_signals()
+    store = await retry_start("event store", lambda: open_store(settings))
+    nc = await retry_async("NATS", lambda: connect_nats(settings.nats_url, "iot-relay"))
+    pg = settings.postgres
+    dsn = f"host={pg.host} port={pg.port} user={pg.user} dbname={pg.dbname}"
+    if pg.password:
+        dsn += f" password={pg.password}"
+    relay = Relay(store, nc, Streams(settings.namespace), dsn)
+
+    async def ready() -> Mapping[str, bool]:
+        try:
+            ok = await asyncio.to_thread(store_ping, store)
+        except Exception:
+            ok = False
+        return {"postgres": ok, "nats": nc.is_connected, "stream": relay.state.healthy}
+
+    routes: list[BaseRoute] = []
+    app = build_app(routes, ready)
+    port = settings.port_for(RELAY_PORT)
+    log.info("relay listening", extra={"port": port})
+    server = asyncio.create_task(serve(app, settings.http_host, port, stop))
+    try:
+        await relay.run(stop)
+    finally:
+        stop.set()
+        await server
+        await nc.drain()
+        store.close()
+

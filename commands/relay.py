@@ -1,0 +1,226 @@
+"""The relay: publishes stored domain events to JetStream in commit order, each exactly once.
+
+- Its position is the stream itself: every message carries `Iot-Position` (the event's
+  notification id), so after any crash the relay reads the stream's last message and goes on
+  from the next notification. Nothing is checkpointed elsewhere that could disagree.
+- Order is fenced with `Nats-Expected-Last-Sequence`: a publish lands only directly after the
+  message this relay last saw, so a lost publish, or a second relay, cannot interleave out of
+  order; on a fence failure the relay re-reads its position and goes on.
+- `Nats-Msg-Id = "<device_id>:<version>"` makes any republish a duplicate JetStream drops.
+- One relay at a time publishes: a PostgreSQL advisory lock; the others wait as standbys.
+- New events are noticed through LISTEN/NOTIFY on the event store's channel, not a busy poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from eventsourcing.persistence import Notification
+from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
+from nats.js.errors import APIError
+
+from commands.store import DeviceStore
+from domain.published import encode_event, to_published
+from iot import metrics
+from iot.streams import Streams
+
+log = logging.getLogger(__name__)
+RELAY_LOCK = 0x107_0002
+POSITION_HEADER = "Iot-Position"
+
+
+class FenceError(Exception):
+    """JetStream refused a publish: the stream is not where this relay thought it was."""
+
+
+@dataclass
+class RelayState:
+    leader: bool = False
+    position: int = 0
+    last_seq: int = 0
+    healthy: bool = True
+
+
+class Relay:
+    def __init__(
+        self,
+        store: DeviceStore,
+        nc: NATS,
+        streams: Streams,
+        lock_dsn: str,
+        batch_size: int = 500,
+    ) -> None:
+        self.store = store
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.jsm = nc.jsm()
+        self.streams = streams
+        self.lock_dsn = lock_dsn
+        self.batch_size = batch_size
+        self.state = RelayState()
+        self._wakeup = asyncio.Event()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Wait for leadership, then publish until `stop` is set or the lock is lost."""
+        while not stop.is_set():
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.lock_dsn, autocommit=True, connect_timeout=5
+                ) as conn:
+                    if await self._acquire(conn, stop):
+                        await self._lead(conn, stop)
+            except (psycopg.OperationalError, OSError) as e:
+                log.warning("relay lost its database session; retrying", extra={"error": str(e)})
+            finally:
+                self.state.leader = False
+                metrics.RELAY_LEADER.set(0)
+            if not stop.is_set():
+                await _sleep_or_stop(stop, 1.0)
+
+    async def _acquire(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> bool:
+        announced = False
+        while not stop.is_set():
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK,))
+            row = await cur.fetchone()
+            if row and row[0]:
+                log.info("relay is the leader")
+                self.state.leader = True
+                metrics.RELAY_LEADER.set(1)
+                return True
+            if not announced:
+                log.info("another relay holds the lock; standing by")
+                announced = True
+            await _sleep_or_stop(stop, 1.0)
+        return False
+
+    async def _lead(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
+        channel = self.store.recorder.channel_name  # type: ignore[attr-defined]
+        await conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+        listener = asyncio.create_task(self._listen(conn))
+        try:
+            await self._recover(stop)
+            while not stop.is_set():
+                if listener.done():  # the lock session died: so did the lock
+                    listener.result()
+                    return
+                batch = await asyncio.to_thread(
+                    self.store.recorder.select_notifications,
+                    self.state.position + 1,
+                    self.batch_size,
+                )
+                if not batch:
+                    self._wakeup.clear()
+                    # re-check after clearing, then sleep until NOTIFY (or a safety timeout)
+                    if await asyncio.to_thread(self._has_more):
+                        continue
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wait(stop), timeout=5.0)
+                    continue
+                try:
+                    await self._publish(batch)
+                except FenceError as e:
+                    log.warning("relay fence failed; re-reading position", extra={"error": str(e)})
+                    await self._recover(stop)
+                except (NatsError, TimeoutError) as e:
+                    log.warning("publishing failed; re-reading position", extra={"error": repr(e)})
+                    await _sleep_or_stop(stop, 1.0)
+                    await self._recover(stop)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await listener
+
+    def _has_more(self) -> bool:
+        latest = self.store.max_position()
+        metrics.RELAY_STORE_POSITION.set(latest)
+        return latest > self.state.position
+
+    async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        while True:
+            async for _ in conn.notifies(timeout=1.0):
+                self._wakeup.set()
+            await conn.execute("SELECT 1")  # notices a dead session between notifications
+
+    async def _wait(self, stop: asyncio.Event) -> None:
+        stopper = asyncio.create_task(stop.wait())
+        waker = asyncio.create_task(self._wakeup.wait())
+        try:
+            await asyncio.wait({stopper, waker}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+            waker.cancel()
+
+    async def _recover(self, stop: asyncio.Event) -> None:
+        """Re-read the position from the stream, retrying while NATS is unreachable."""
+        metrics.RELAY_RESYNCS.inc()
+        while not stop.is_set():
+            try:
+                await self._resync()
+            except (NatsError, TimeoutError) as e:
+                self.state.healthy = False
+                log.warning("cannot read the events stream; retrying", extra={"error": repr(e)})
+                await _sleep_or_stop(stop, 1.0)
+            else:
+                self.state.healthy = True
+                return
+
+    async def _resync(self) -> None:
+        """Read the position from the stream's last message."""
+        info = await self.jsm.stream_info(self.streams.events)
+        last_seq = info.state.last_seq
+        position = 0
+        if last_seq:
+            msg = await self.jsm.get_msg(self.streams.events, seq=last_seq)
+            position = int((msg.headers or {})[POSITION_HEADER])
+        self.state.position = position
+        self.state.last_seq = last_seq
+        metrics.RELAY_POSITION.set(position)
+        log.info("relay position", extra={"position": position, "stream_seq": last_seq})
+
+    async def _publish(self, batch: Sequence[Notification]) -> None:
+        mapper = self.store.mapper
+        futures = []
+        published = []
+        for i, notification in enumerate(batch):
+            event = to_published(mapper.to_domain_event(notification), notification.id)
+            headers = {
+                "Nats-Msg-Id": f"{event.device_id}:{event.version}",
+                "Nats-Expected-Last-Sequence": str(self.state.last_seq + i),
+                POSITION_HEADER: str(notification.id),
+            }
+            futures.append(
+                await self.js.publish_async(
+                    self.streams.event_subject(event.device_id),
+                    encode_event(event),
+                    headers=headers,
+                )
+            )
+            published.append(event)
+        acks = await asyncio.gather(*futures, return_exceptions=True)
+        now = datetime.now(UTC)
+        for notification, event, ack in zip(batch, published, acks, strict=True):
+            if isinstance(ack, APIError):
+                raise FenceError(str(ack))
+            if isinstance(ack, BaseException):
+                raise ack
+            if ack.duplicate:
+                raise FenceError(f"duplicate of {event.device_id}:{event.version}")
+            self.state.position = notification.id
+            self.state.last_seq = ack.seq
+            metrics.RELAY_PUBLISHED.inc()
+            metrics.RELAY_LAG.observe(max(0.0, (now - event.at).total_seconds()))
+        metrics.RELAY_POSITION.set(self.state.position)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
+

@@ -1,0 +1,175 @@
+"""The event store: the eventsourcing library's PostgreSQL persistence, plus idempotency records.
+
+An idempotency record is inserted in the same transaction as the events it answers for, so a
+retried request either finds the first answer or finds nothing was stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, ClassVar
+
+import psycopg
+from eventsourcing.application import AggregateNotFoundError, Application
+from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.postgres import PostgresApplicationRecorder
+from psycopg.rows import DictRow
+from psycopg.sql import SQL, Identifier
+
+from domain.device import Device, device_uuid
+from iot.settings import Settings
+
+APPLICATION_NAME = "Devices"
+EVENTS_TABLE = "devices_events"
+IDEMPOTENCY_TABLE = "idempotency_keys"
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    """The first answer to a request carrying an Idempotency-Key."""
+
+    principal: str
+    key: str
+    fingerprint: str
+    status: int
+    body: bytes
+    created_at: datetime
+
+
+class IdempotentRecorder(PostgresApplicationRecorder):
+    """Application recorder that also stores idempotency records in the events' transaction."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        table = Identifier(self.datastore.schema, IDEMPOTENCY_TABLE)
+        self.sql_create_statements.append(
+            SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                "principal text NOT NULL, key text NOT NULL, fingerprint text NOT NULL, "
+                "status integer NOT NULL, body bytea NOT NULL, created_at timestamptz NOT NULL, "
+                "PRIMARY KEY (principal, key))"
+            ).format(table)
+        )
+        self._insert_idem = SQL(
+            "INSERT INTO {} (principal, key, fingerprint, status, body, created_at) "
+            "VALUES (%s, %s, %s, %s, %s, %s)"
+        ).format(table)
+        self._insert_idem_if_absent = self._insert_idem + SQL(" ON CONFLICT DO NOTHING")
+        self._select_idem = SQL(
+            "SELECT fingerprint, status, body, created_at FROM {} WHERE principal=%s AND key=%s"
+        ).format(table)
+        self._purge_idem = SQL("DELETE FROM {} WHERE created_at < %s").format(table)
+
+    def _insert_events(
+        self, curs: psycopg.Cursor[DictRow], stored_events: Any, **kwargs: Any
+    ) -> None:
+        record: IdempotencyRecord | None = kwargs.get("idempotency")
+        if record is not None:
+            curs.execute(self._insert_idem, _row(record), prepare=True)
+        super()._insert_events(curs, stored_events, **kwargs)
+
+    def get_idempotency(self, principal: str, key: str) -> IdempotencyRecord | None:
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._select_idem, (principal, key), prepare=True)
+            row = curs.fetchone()
+        if row is None:
+            return None
+        return IdempotencyRecord(
+            principal=principal,
+            key=key,
+            fingerprint=row["fingerprint"],
+            status=row["status"],
+            body=bytes(row["body"]),
+            created_at=row["created_at"],
+        )
+
+    def put_idempotency(self, record: IdempotencyRecord) -> None:
+        """Store an answer that wrote no events (an error), unless one is there already."""
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(self._insert_idem_if_absent, _row(record), prepare=True)
+
+    def purge_idempotency(self, older_than: datetime) -> int:
+        with self.datastore.transaction(commit=True) as curs:
+            curs.execute(self._purge_idem, (older_than,))
+            return curs.rowcount
+
+
+def _row(record: IdempotencyRecord) -> tuple[Any, ...]:
+    return (
+        record.principal,
+        record.key,
+        record.fingerprint,
+        record.status,
+        record.body,
+        record.created_at,
+    )
+
+
+class DeviceStore(Application):
+    """The Device event store (an eventsourcing Application on PostgreSQL)."""
+
+    name = APPLICATION_NAME
+    snapshotting_intervals: ClassVar[dict[type[Any], int]] = {Device: 100}
+
+    @property
+    def idem(self) -> IdempotentRecorder:
+        assert isinstance(self.recorder, IdempotentRecorder)
+        return self.recorder
+
+    def get(self, device_id: str) -> Device | None:
+        try:
+            device = self.repository.get(device_uuid(device_id))
+        except AggregateNotFoundError:
+            return None
+        assert isinstance(device, Device)
+        return device
+
+    def save_device(self, device: Device, idempotency: IdempotencyRecord | None = None) -> int:
+        """Append the device's pending events; return the position of the last one."""
+        recordings = self.save(device, idempotency=idempotency)
+        return recordings[-1].notification.id if recordings else 0
+
+    def max_position(self) -> int:
+        return self.recorder.max_notification_id() or 0
+
+
+def store_env(settings: Settings, *, create_tables: bool = False) -> dict[str, str]:
+    """The eventsourcing library's settings, derived from ours."""
+    pg = settings.postgres
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "APPLICATION_RECORDER_TOPIC": f"{IdempotentRecorder.__module__}:IdempotentRecorder",
+        "POSTGRES_DBNAME": pg.dbname,
+        "POSTGRES_HOST": pg.host,
+        "POSTGRES_PORT": str(pg.port),
+        "POSTGRES_USER": pg.user,
+        "POSTGRES_PASSWORD": pg.password,
+        "POSTGRES_SCHEMA": settings.pg_schema,
+        "POSTGRES_POOL_SIZE": str(settings.db_pool_size),
+        "POSTGRES_MAX_OVERFLOW": "4",
+        "POSTGRES_PRE_PING": "y",
+        "POSTGRES_CONNECT_TIMEOUT": "5",
+        "POSTGRES_LOCK_TIMEOUT": "10",
+        "CREATE_TABLE": "y" if create_tables else "n",
+    }
+
+
+def open_store(settings: Settings, *, create_tables: bool = False) -> DeviceStore:
+    return DeviceStore(env=store_env(settings, create_tables=create_tables))
+
+
+def idempotency_cutoff(now: datetime, ttl: timedelta = timedelta(hours=24)) -> datetime:
+    return now - ttl
+
+
+__all__ = [
+    "DeviceStore",
+    "IdempotencyRecord",
+    "IdempotentRecorder",
+    "IntegrityError",
+    "StoredEvent",
+    "idempotency_cutoff",
+    "open_store",
+    "store_env",
+]

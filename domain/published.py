@@ -1,0 +1,119 @@
+"""The published event schema: what projections consume from JetStream `events.<device_id>`.
+
+A versioned public contract (msgspec tagged union of frozen structs), separate from the
+library's stored events. A new shape gets a new tag (`...v2`) beside the old one; consumers
+decode with `decode_event` and match on the type.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from domain.device import Device
+
+SCHEMA_VERSION = 1
+
+
+class _Published(msgspec.Struct, frozen=True, tag_field="event", kw_only=True):
+    device_id: str
+    version: int
+    at: datetime
+    position: int
+
+
+class DeviceRegistered(_Published, frozen=True, tag="device.registered.v1"):
+    name: str
+    type: str
+    labels: dict[str, str]
+    status: str = "provisioned"
+
+
+class DeviceConfigured(_Published, frozen=True, tag="device.configured.v1"):
+    config: dict[str, Any]
+    config_version: int
+
+
+class DeviceSuspended(_Published, frozen=True, tag="device.suspended.v1"):
+    reason: str
+
+
+class DeviceResumed(_Published, frozen=True, tag="device.resumed.v1"):
+    status: str
+
+
+class DeviceDecommissioned(_Published, frozen=True, tag="device.decommissioned.v1"):
+    reason: str
+
+
+class DeviceSecretRotated(_Published, frozen=True, tag="device.secret_rotated.v1"):
+    """The secret changed; neither the secret nor its hash is published."""
+
+
+class DeviceConnected(_Published, frozen=True, tag="device.connected.v1"):
+    pass
+
+
+class DeviceDisconnected(_Published, frozen=True, tag="device.disconnected.v1"):
+    pass
+
+
+PublishedEvent = (
+    DeviceRegistered
+    | DeviceConfigured
+    | DeviceSuspended
+    | DeviceResumed
+    | DeviceDecommissioned
+    | DeviceSecretRotated
+    | DeviceConnected
+    | DeviceDisconnected
+)
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(PublishedEvent)
+
+
+class UnpublishableEvent(Exception):
+    """A stored event has no published form (a schema gap: fail loudly, never skip)."""
+
+
+def to_published(event: Any, position: int) -> PublishedEvent:
+    """Map one stored Device event to its published form."""
+    common: dict[str, Any] = {
+        "device_id": event.device_id,
+        "version": event.originator_version,
+        "at": event.timestamp,
+        "position": position,
+    }
+    match event:
+        case Device.Registered():
+            return DeviceRegistered(
+                **common, name=event.name, type=event.type, labels=dict(event.labels)
+            )
+        case Device.Configured():
+            return DeviceConfigured(
+                **common, config=dict(event.config), config_version=event.config_version
+            )
+        case Device.Suspended():
+            return DeviceSuspended(**common, reason=event.reason)
+        case Device.Resumed():
+            return DeviceResumed(**common, status=event.status)
+        case Device.Decommissioned():
+            return DeviceDecommissioned(**common, reason=event.reason)
+        case Device.SecretRotated():
+            return DeviceSecretRotated(**common)
+        case Device.Connected():
+            return DeviceConnected(**common)
+        case Device.Disconnected():
+            return DeviceDisconnected(**common)
+    raise UnpublishableEvent(f"no published form for {type(event).__qualname__}")
+
+
+def encode_event(event: PublishedEvent) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> PublishedEvent:
+    return _decoder.decode(data)

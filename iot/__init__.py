@@ -1,0 +1,1 @@
+"""Shared plumbing: settings, HTTP kit, logging, stream names and the `iot` command line."""

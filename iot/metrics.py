@@ -1,0 +1,34 @@
+"""Process-wide Prometheus metrics, shared by every component's HTTP port."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+HTTP_REQUESTS = Counter(
+    "iot_http_requests_total", "HTTP requests answered", ["method", "route", "status"]
+)
+HTTP_LATENCY = Histogram(
+    "iot_http_request_duration_seconds",
+    "HTTP request latency",
+    ["method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+COMMANDS = Counter(
+    "iot_commands_total", "Operator commands by name and outcome", ["command", "outcome"]
+)
+COMMAND_CONFLICT_RETRIES = Counter(
+    "iot_command_conflict_retries_total",
+    "Commands re-run after losing an optimistic-concurrency race",
+)
+RELAY_PUBLISHED = Counter("iot_relay_published_total", "Domain events published to JetStream")
+RELAY_POSITION = Gauge("iot_relay_position", "Last event-store position published to JetStream")
+RELAY_STORE_POSITION = Gauge("iot_relay_store_position", "Last position seen in the event store")
+RELAY_LEADER = Gauge("iot_relay_leader", "1 while this relay holds the publishing lock")
+RELAY_LAG = Histogram(
+    "iot_relay_lag_seconds",
+    "Time from an event's commit to JetStream's acknowledgement of it",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0),
+)
+RELAY_RESYNCS = Counter(
+    "iot_relay_resyncs_total", "Times the relay re-read its position from the stream"
+)

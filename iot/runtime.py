@@ -1,0 +1,75 @@
+"""Process plumbing for composition roots: signals, start-up retries, NATS connections."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import nats
+from nats.aio.client import Client as NATS
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def stop_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (graceful stop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def retry_start(what: str, fn: Callable[[], T], attempts: int = 30, wait: float = 1.0) -> T:
+    """Run a blocking start-up step in a thread, retrying while its dependency is down."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await asyncio.to_thread(fn)
+        except Exception as e:
+            if attempt == attempts:
+                raise
+            log.warning(f"{what} not ready; retrying", extra={"error": str(e), "attempt": attempt})
+            await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+async def retry_async(
+    what: str, factory: Callable[[], Awaitable[T]], attempts: int = 30, wait: float = 1.0
+) -> T:
+    """Await a start-up step, retrying while its dependency is down."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await factory()
+        except Exception as e:
+            if attempt == attempts:
+                raise
+            log.warning(f"{what} not ready; retrying", extra={"error": str(e), "attempt": attempt})
+            await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+async def connect_nats(url: str, name: str) -> NATS:
+    async def disconnected() -> None:
+        log.warning("NATS disconnected")
+
+    async def reconnected() -> None:
+        log.info("NATS reconnected")
+
+    async def error(e: Exception) -> None:
+        log.warning("NATS error", extra={"error": repr(e)})
+
+    return await nats.connect(
+        url,
+        name=name,
+        connect_timeout=5,
+        reconnect_time_wait=1,
+        max_reconnect_attempts=-1,
+        allow_reconnect=True,
+        disconnected_cb=disconnected,
+        reconnected_cb=reconnected,
+        error_cb=error,
+    )

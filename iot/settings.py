@@ -1,0 +1,151 @@
+"""Settings: one frozen struct loaded from the environment, failing fast with a clear message."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+ROLES = ("viewer", "operator", "admin")
+_NAMESPACE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+
+
+class SettingsError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class PostgresParams:
+    host: str
+    port: int
+    user: str
+    password: str
+    dbname: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str
+    nats_url: str
+    mqtt_url: str
+    redis_url: str
+    influx_url: str
+    influx_db: str
+    api_tokens: Mapping[str, str] = field(default_factory=dict)
+    namespace: str = ""
+    http_port: int | None = None
+    http_host: str = "127.0.0.1"
+    log_level: str = "INFO"
+    db_pool_size: int = 16
+
+    @property
+    def postgres(self) -> PostgresParams:
+        return parse_postgres_url(self.database_url)
+
+    @property
+    def pg_schema(self) -> str:
+        return self.namespace or "public"
+
+    def port_for(self, default: int) -> int:
+        return self.http_port if self.http_port is not None else default
+
+
+def parse_postgres_url(url: str, variable: str = "IOT_DATABASE_URL") -> PostgresParams:
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
+        raise SettingsError(f"{variable} must look like postgresql://user@host:5432/db, got {url!r}")
+    dbname = parts.path.lstrip("/")
+    if not dbname:
+        raise SettingsError(f"{variable} must name a database, got {url!r}")
+    try:
+        port = parts.port or 5432
+    except ValueError as e:
+        raise SettingsError(f"{variable} has an invalid port: {url!r}") from e
+    return PostgresParams(
+        host=parts.hostname,
+        port=port,
+        user=unquote(parts.username or "postgres"),
+        password=unquote(parts.password or ""),
+        dbname=dbname,
+    )
+
+
+def parse_tokens(raw: str, variable: str = "IOT_API_TOKENS") -> dict[str, str]:
+    tokens: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in raw.split(","))):
+        token, sep, role = pair.partition("=")
+        if not sep or not token or role not in ROLES:
+            raise SettingsError(
+                f"{variable} must be comma-separated token=role pairs with role in "
+                f"{', '.join(ROLES)}; bad entry {pair.split('=')[0][:4]}...={role!r}"
+            )
+        if len(token) < 16:
+            raise SettingsError(f"{variable}: every token must be at least 16 characters")
+        tokens[token] = role
+    return tokens
+
+
+def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    parts = urlsplit(value)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise SettingsError(f"{name} must be a {'/'.join(schemes)}:// URL, got {value!r}")
+    try:
+        _ = parts.port
+    except ValueError as e:
+        raise SettingsError(f"{name} has an invalid port: {value!r}") from e
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None, lo: int, hi: int) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise SettingsError(f"{name} must be an integer, got {raw!r}") from e
+    if not lo <= value <= hi:
+        raise SettingsError(f"{name} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) -> Settings:
+    """Read settings from the environment; raise SettingsError naming the bad variable."""
+    env = os.environ if env is None else env
+    namespace = env.get("IOT_NAMESPACE", "")
+    if namespace and not _NAMESPACE.match(namespace):
+        raise SettingsError(
+            f"IOT_NAMESPACE must match {_NAMESPACE.pattern} (it names a schema and stream prefix), "
+            f"got {namespace!r}"
+        )
+    database_url = env.get("IOT_DATABASE_URL") or "postgresql://postgres@127.0.0.1:5432/iot"
+    parse_postgres_url(database_url)
+    tokens = parse_tokens(env.get("IOT_API_TOKENS", ""))
+    if require_tokens and not tokens:
+        raise SettingsError(
+            "IOT_API_TOKENS is not set: give comma-separated token=role pairs "
+            "(roles: viewer, operator, admin)"
+        )
+    influx_db = env.get("IOT_INFLUX_DB") or "iot"
+    if not re.match(r"^[A-Za-z0-9_]{1,64}$", influx_db):
+        raise SettingsError(f"IOT_INFLUX_DB must match [A-Za-z0-9_]{{1,64}}, got {influx_db!r}")
+    log_level = (env.get("IOT_LOG_LEVEL") or "INFO").upper()
+    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise SettingsError(f"IOT_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+    return Settings(
+        database_url=database_url,
+        nats_url=_url(env, "IOT_NATS_URL", "nats://127.0.0.1:4222", ("nats", "tls")),
+        mqtt_url=_url(env, "IOT_MQTT_URL", "mqtt://127.0.0.1:1883", ("mqtt", "mqtts")),
+        redis_url=_url(env, "IOT_REDIS_URL", "redis://127.0.0.1:6379/0", ("redis", "rediss")),
+        influx_url=_url(env, "IOT_INFLUX_URL", "http://127.0.0.1:8086", ("http", "https")),
+        influx_db=influx_db,
+        api_tokens=tokens,
+        namespace=namespace,
+        http_port=_int(env, "IOT_HTTP_PORT", None, 1, 65535),
+        http_host=env.get("IOT_HTTP_HOST") or "127.0.0.1",
+        log_level=log_level,
+        db_pool_size=_int(env, "IOT_DB_POOL_SIZE", 16, 1, 200) or 16,
+    )

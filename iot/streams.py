@@ -1,0 +1,85 @@
+"""JetStream stream and subject names, prefixed by the namespace so instances stay apart."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+
+DAY = 24 * 3600
+
+
+@dataclass(frozen=True)
+class Streams:
+    namespace: str = ""
+
+    def _stream(self, name: str) -> str:
+        return f"{self.namespace.upper()}_{name}" if self.namespace else name
+
+    def _subject(self, name: str) -> str:
+        return f"{self.namespace}.{name}" if self.namespace else name
+
+    @property
+    def events(self) -> str:
+        """Domain events published by the relay, in commit order; kept forever."""
+        return self._stream("EVENTS")
+
+    @property
+    def ingest(self) -> str:
+        """Device messages published by the bridge."""
+        return self._stream("INGEST")
+
+    @property
+    def deadletter(self) -> str:
+        """Rejected input with its reason."""
+        return self._stream("DEADLETTER")
+
+    def event_subject(self, device_id: str) -> str:
+        return self._subject(f"events.{device_id}")
+
+    @property
+    def events_wildcard(self) -> str:
+        return self._subject("events.>")
+
+    @property
+    def ingest_wildcard(self) -> str:
+        return self._subject("ingest.>")
+
+    @property
+    def deadletter_wildcard(self) -> str:
+        return self._subject("deadletter.>")
+
+    def configs(self, replicas: int = 1) -> list[StreamConfig]:
+        common = {"storage": StorageType.FILE, "num_replicas": replicas}
+        return [
+            StreamConfig(
+                name=self.events,
+                subjects=[self.events_wildcard],
+                retention=RetentionPolicy.LIMITS,
+                discard=DiscardPolicy.OLD,
+                max_age=0,
+                duplicate_window=float(DAY),
+                description="Device domain events, one message per stored event, commit order",
+                **common,
+            ),
+            StreamConfig(
+                name=self.ingest,
+                subjects=[self.ingest_wildcard],
+                retention=RetentionPolicy.LIMITS,
+                discard=DiscardPolicy.OLD,
+                max_age=float(30 * DAY),
+                duplicate_window=120.0,
+                description="Device telemetry, status, reported state and acks from the bridge",
+                **common,
+            ),
+            StreamConfig(
+                name=self.deadletter,
+                subjects=[self.deadletter_wildcard],
+                retention=RetentionPolicy.LIMITS,
+                discard=DiscardPolicy.OLD,
+                max_age=float(14 * DAY),
+                duplicate_window=120.0,
+                description="Rejected input: reason, topic and original bytes",
+                **common,
+            ),
+        ]
