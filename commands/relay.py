@@ -33,7 +33,6 @@ from iot import metrics
 from iot.streams import Streams
 
 log = logging.getLogger(__name__)
-RELAY_LOCK = 0x107_0002
 POSITION_HEADER = "Iot-Position"
 
 
@@ -67,6 +66,8 @@ class Relay:
         self.batch_size = batch_size
         self.state = RelayState()
         self._wakeup = asyncio.Event()
+        schema = store.recorder.datastore.schema  # type: ignore[attr-defined]
+        self._lock_name = f"iot-relay:{schema}"  # one leader per event store
 
     async def run(self, stop: asyncio.Event) -> None:
         """Wait for leadership, then publish until `stop` is set or the lock is lost."""
@@ -88,7 +89,9 @@ class Relay:
     async def _acquire(self, conn: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> bool:
         announced = False
         while not stop.is_set():
-            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (RELAY_LOCK,))
+            cur = await conn.execute(
+                "SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (self._lock_name,)
+            )
             row = await cur.fetchone()
             if row and row[0]:
                 log.info("relay is the leader")

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 _encode = msgspec.json.Encoder().encode
-_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+_RESERVED = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
