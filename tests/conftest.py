@@ -1,0 +1,85 @@
+"""Shared fixtures. Integration tests isolate themselves by a unique namespace (PostgreSQL
+schema, JetStream stream prefix) on the shared services; they never wipe shared state."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+
+from iot.settings import Settings, load
+
+if TYPE_CHECKING:
+    from commands.store import DeviceStore
+
+TOKENS = {
+    "viewer-token-0123456789": "viewer",
+    "operator-token-012345678": "operator",
+    "admin-token-0123456789ab": "admin",
+}
+
+
+def unique_namespace() -> str:
+    return "t" + secrets.token_hex(5)
+
+
+def settings_for(namespace: str) -> Settings:
+    env = dict(os.environ)
+    env["IOT_NAMESPACE"] = namespace
+    env["IOT_API_TOKENS"] = ",".join(f"{t}={r}" for t, r in TOKENS.items())
+    return load(env)
+
+
+def drop_namespace(settings: Settings) -> None:
+    """Remove what a test namespace created: its schema and its streams."""
+    import nats
+    import psycopg
+    from psycopg import sql
+
+    from iot.streams import Streams
+
+    pg = settings.postgres
+    with psycopg.connect(
+        host=pg.host, port=pg.port, user=pg.user, dbname=pg.dbname, autocommit=True
+    ) as conn:
+        conn.execute(
+            sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(settings.pg_schema))
+        )
+
+    async def drop_streams() -> None:
+        nc = await nats.connect(settings.nats_url)
+        try:
+            streams = Streams(settings.namespace)
+            for name in (streams.events, streams.ingest, streams.deadletter):
+                try:
+                    await nc.jsm().delete_stream(name)
+                except Exception:  # noqa: S110 - absent already
+                    pass
+        finally:
+            await nc.close()
+
+    asyncio.run(drop_streams())
+
+
+@pytest.fixture
+def migrated() -> Iterator[Settings]:
+    """Settings of a fresh namespace on the real services, migrated, dropped afterwards."""
+    from commands.migrate import migrate
+
+    settings = settings_for(unique_namespace())
+    asyncio.run(migrate(settings))
+    yield settings
+    drop_namespace(settings)
+
+
+@pytest.fixture
+def store(migrated: Settings) -> Iterator[DeviceStore]:
+    from commands.store import open_store
+
+    opened = open_store(migrated)
+    yield opened
+    opened.close()
