@@ -201,9 +201,15 @@ def create_app(
                 problem = _problem_for(e)
                 metrics.COMMANDS.labels(command, str(problem.status)).inc()
                 if idem.key is not None and problem.status != 503:
-                    service.store.idem.put_idempotency(
-                        idem.record(problem.status, problem.body(request.url.path))
-                    )
+                    # A concurrent request with this key may have succeeded first: its
+                    # answer, not ours, is the one every retry gets.
+                    mine = idem.record(problem.status, problem.body(request.url.path))
+                    service.store.idem.put_idempotency(mine)
+                    first = adapter.find_idempotency(principal, idem.key)
+                    if first is not None and (first.status, first.body) != (mine.status, mine.body):
+                        replay = idem.check(first)
+                        assert replay is not None
+                        return replay
                 return problem.response(request.url.path)
             metrics.COMMANDS.labels(command, str(status)).inc()
             headers = _headers(outcome)

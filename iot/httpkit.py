@@ -32,7 +32,7 @@ T = TypeVar("T")
 MAX_BODY = 64 * 1024
 PROBLEM = "application/problem+json"
 _encode = msgspec.json.Encoder().encode
-_AT_PATH = re.compile(r"at `\$\.?([^`]*)`")
+_AT_PATH = re.compile(r"(?:at|in) `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]+)`")
 _UNKNOWN = re.compile(r"unknown field `([^`]+)`")
 
@@ -93,7 +93,7 @@ def field_of(message: str) -> str:
             prefix = at.group(1) + "." if at and at.group(1) else ""
             return prefix + found.group(1)
     at = _AT_PATH.search(message)
-    return at.group(1) if at else ""
+    return at.group(1).replace("[...]", "") if at else ""
 
 
 def decode_body(raw: bytes, type_: type[T]) -> T:

@@ -1,0 +1,386 @@
+"""The operator command API on a real PostgreSQL event store (in-process ASGI app)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from commands.api import CommandService, create_app
+from commands.handlers import Credentials
+from commands.store import DeviceStore
+from domain.credentials import verify_secret
+from iot.httpkit import Authorizer
+from tests.conftest import TOKENS
+
+pytestmark = pytest.mark.integration
+
+VIEWER, OPERATOR, ADMIN = (
+    {"Authorization": f"Bearer {t}"} for t in ("viewer-token-0123456789",
+                                                "operator-token-012345678",
+                                                "admin-token-0123456789ab")
+)
+
+
+class FixedClock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(milliseconds=1)
+        return self.now
+
+
+@pytest.fixture
+def service(store: DeviceStore) -> Iterator[CommandService]:
+    counter = itertools.count(1)
+    executor = ThreadPoolExecutor(16)
+    yield CommandService(
+        store=store,
+        executor=executor,
+        credentials=Credentials(
+            new_secret=lambda: f"secret-{next(counter)}", new_salt=lambda: b"0123456789abcdef"
+        ),
+        new_device_id=lambda: f"gen-{next(counter)}",
+        clock=FixedClock(),
+    )
+    executor.shutdown()
+
+
+@pytest.fixture
+async def client(service: CommandService) -> AsyncIterator[httpx.AsyncClient]:
+    async def ready() -> Mapping[str, bool]:
+        return {"postgres": True}
+
+    app = create_app(service, Authorizer(TOKENS), ready)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1") as c:
+        yield c
+
+
+async def register(client: httpx.AsyncClient, device_id: str = "dev-1", **extra: Any) -> httpx.Response:
+    body = {"device_id": device_id, "name": "Boiler", "type": "thermostat", **extra}
+    response = await client.post("/devices", json=body, headers=OPERATOR)
+    return response
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["title"]
+    return body
+
+
+async def test_registration_returns_secret_once_and_stores_only_its_hash(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    response = await register(client, labels={"site": "north"})
+    assert response.status_code == 201
+    body = response.json()
+    assert body["device_id"] == "dev-1"
+    assert body["version"] == 1
+    assert body["status"] == "provisioned"
+    assert body["labels"] == {"site": "north"}
+    assert response.headers["location"] == "/api/v1/devices/dev-1"
+    assert response.headers["etag"] == '"1"'
+    device = store.get("dev-1")
+    assert device is not None
+    assert body["secret"] not in device.secret_hash
+    assert verify_secret(body["secret"], device.secret_hash)
+    stored = store.recorder.select_notifications(1, 10)
+    assert all(body["secret"].encode() not in n.state for n in stored)
+
+
+async def test_registration_without_id_generates_one(client: httpx.AsyncClient) -> None:
+    response = await client.post("/devices", json={"name": "n", "type": "t"}, headers=OPERATOR)
+    assert response.status_code == 201
+    assert response.json()["device_id"].startswith("gen-")
+
+
+async def test_second_registration_of_same_id_is_rejected(client: httpx.AsyncClient) -> None:
+    assert (await register(client)).status_code == 201
+    assert_problem(await register(client), 409)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "needed"),
+    [
+        ("POST", "/devices", "operator"),
+        ("PATCH", "/devices/dev-1/config", "operator"),
+        ("POST", "/devices/dev-1/suspend", "operator"),
+        ("POST", "/devices/dev-1/resume", "operator"),
+        ("POST", "/devices/dev-1/rotate-secret", "operator"),
+        ("POST", "/devices/dev-1/decommission", "admin"),
+    ],
+)
+async def test_each_route_refuses_missing_bad_and_insufficient_tokens(
+    client: httpx.AsyncClient, method: str, path: str, needed: str
+) -> None:
+    missing = await client.request(method, path, json={})
+    body = assert_problem(missing, 401)
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    assert body["status"] == 401
+    wrong = await client.request(method, path, json={}, headers={"Authorization": "Bearer nope"})
+    assert_problem(wrong, 401)
+    below = [VIEWER] if needed == "operator" else [VIEWER, OPERATOR]
+    for headers in below:
+        forbidden = assert_problem(await client.request(method, path, json={}, headers=headers), 403)
+        assert needed in forbidden["detail"]
+
+
+async def test_admin_may_do_what_an_operator_may(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/devices", json={"device_id": "a1", "name": "n", "type": "t"}, headers=ADMIN
+    )
+    assert response.status_code == 201
+
+
+async def test_decommission_needs_admin_and_is_final(client: httpx.AsyncClient) -> None:
+    await register(client)
+    assert_problem(await client.post("/devices/dev-1/decommission", headers=OPERATOR), 403)
+    done = await client.post("/devices/dev-1/decommission", json={"reason": "scrap"}, headers=ADMIN)
+    assert done.status_code == 200
+    assert done.json()["status"] == "decommissioned"
+    again = assert_problem(await client.post("/devices/dev-1/resume", headers=OPERATOR), 409)
+    assert "decommissioned" in again["detail"]
+    assert_problem(
+        await client.patch("/devices/dev-1/config", json={"config": {}}, headers=OPERATOR), 409
+    )
+
+
+async def test_lifecycle_suspend_resume_and_illegal_transitions_are_409(
+    client: httpx.AsyncClient,
+) -> None:
+    await register(client)
+    assert_problem(await client.post("/devices/dev-1/resume", headers=OPERATOR), 409)
+    suspended = await client.post("/devices/dev-1/suspend", json={"reason": "x"}, headers=OPERATOR)
+    assert suspended.json() == {"device_id": "dev-1", "version": 2, "status": "suspended"}
+    twice = assert_problem(await client.post("/devices/dev-1/suspend", headers=OPERATOR), 409)
+    assert "already suspended" in twice["detail"]
+    resumed = await client.post("/devices/dev-1/resume", headers=OPERATOR)
+    assert resumed.json()["status"] == "provisioned"
+
+
+async def test_unknown_device_is_404(client: httpx.AsyncClient) -> None:
+    for path in ("/suspend", "/resume", "/rotate-secret"):
+        assert_problem(await client.post(f"/devices/ghost{path}", headers=OPERATOR), 404)
+    assert_problem(
+        await client.patch("/devices/ghost/config", json={"config": {}}, headers=OPERATOR), 404
+    )
+
+
+async def test_rotation_issues_a_new_secret_and_invalidates_the_old(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    first = (await register(client)).json()["secret"]
+    rotated = await client.post("/devices/dev-1/rotate-secret", headers=OPERATOR)
+    assert rotated.status_code == 200
+    second = rotated.json()["secret"]
+    assert second != first
+    device = store.get("dev-1")
+    assert device is not None
+    assert verify_secret(second, device.secret_hash)
+    assert not verify_secret(first, device.secret_hash)
+
+
+async def test_configure_with_current_version_applies_and_stale_version_is_412(
+    client: httpx.AsyncClient,
+) -> None:
+    await register(client)
+    ok = await client.patch(
+        "/devices/dev-1/config", json={"config": {"rate": 5}}, headers={**OPERATOR, "If-Match": '"1"'}
+    )
+    assert ok.status_code == 200
+    assert ok.json()["config"] == {"rate": 5}
+    assert ok.json()["config_version"] == 1
+    assert ok.headers["etag"] == '"2"'
+    stale = assert_problem(
+        await client.patch(
+            "/devices/dev-1/config", json={"config": {"rate": 6}}, headers={**OPERATOR, "If-Match": '"1"'}
+        ),
+        412,
+    )
+    assert stale["current_version"] == 2
+    bad = await client.patch(
+        "/devices/dev-1/config", json={"config": {}}, headers={**OPERATOR, "If-Match": "abc"}
+    )
+    assert_problem(bad, 400)
+
+
+async def test_32_concurrent_configures_without_if_match_all_apply_once(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+    responses = await asyncio.gather(
+        *(
+            client.patch("/devices/dev-1/config", json={"config": {"n": i}}, headers=OPERATOR)
+            for i in range(32)
+        )
+    )
+    assert [r.status_code for r in responses] == [200] * 32
+    device = store.get("dev-1")
+    assert device is not None
+    assert device.version == 1 + 32
+    assert device.config_version == 32
+    assert sorted(r.json()["config_version"] for r in responses) == list(range(1, 33))
+    events = store.recorder.select_notifications(1, 100)
+    assert len(events) == 33
+
+
+async def test_32_concurrent_configures_with_same_if_match_exactly_one_wins(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+    responses = await asyncio.gather(
+        *(
+            client.patch(
+                "/devices/dev-1/config",
+                json={"config": {"n": i}},
+                headers={**OPERATOR, "If-Match": '"1"'},
+            )
+            for i in range(32)
+        )
+    )
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] + [412] * 31
+    device = store.get("dev-1")
+    assert device is not None
+    assert device.version == 2
+
+
+async def test_idempotent_retry_returns_first_response_and_changes_nothing(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+    headers = {**OPERATOR, "Idempotency-Key": "cfg-1"}
+    first = await client.patch("/devices/dev-1/config", json={"config": {"a": 1}}, headers=headers)
+    second = await client.patch("/devices/dev-1/config", json={"config": {"a": 1}}, headers=headers)
+    assert first.status_code == second.status_code == 200
+    assert second.json() == first.json()
+    assert second.headers["idempotent-replayed"] == "true"
+    device = store.get("dev-1")
+    assert device is not None
+    assert device.version == 2
+
+
+async def test_concurrent_retries_with_one_key_apply_once(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+    headers = {**OPERATOR, "Idempotency-Key": "burst"}
+    responses = await asyncio.gather(
+        *(
+            client.post("/devices/dev-1/suspend", json={"reason": "r"}, headers=headers)
+            for _ in range(8)
+        )
+    )
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.text for r in responses}) == 1
+    device = store.get("dev-1")
+    assert device is not None
+    assert device.version == 2
+
+
+async def test_idempotent_registration_retry_never_repeats_the_secret(
+    client: httpx.AsyncClient,
+) -> None:
+    headers = {**OPERATOR, "Idempotency-Key": "reg-1"}
+    body = {"device_id": "dev-9", "name": "n", "type": "t"}
+    first = await client.post("/devices", json=body, headers=headers)
+    second = await client.post("/devices", json=body, headers=headers)
+    assert first.status_code == second.status_code == 201
+    assert "secret" in first.json()
+    assert "secret" not in second.json()
+    assert {k: v for k, v in first.json().items() if k != "secret"} == second.json()
+
+
+async def test_key_reused_for_a_different_request_is_refused(client: httpx.AsyncClient) -> None:
+    await register(client)
+    headers = {**OPERATOR, "Idempotency-Key": "k"}
+    await client.patch("/devices/dev-1/config", json={"config": {"a": 1}}, headers=headers)
+    other = await client.patch("/devices/dev-1/config", json={"config": {"a": 2}}, headers=headers)
+    assert_problem(other, 422)
+
+
+async def test_an_error_answer_is_replayed_too(client: httpx.AsyncClient) -> None:
+    headers = {**OPERATOR, "Idempotency-Key": "err"}
+    first = await client.post("/devices/dev-1/suspend", headers=headers)
+    assert_problem(first, 404)
+    await register(client)
+    second = await client.post("/devices/dev-1/suspend", headers=headers)
+    assert_problem(second, 404)
+    assert second.headers["idempotent-replayed"] == "true"
+
+
+async def test_keys_are_scoped_to_the_token(client: httpx.AsyncClient) -> None:
+    await register(client)
+    key = {"Idempotency-Key": "shared"}
+    await client.post("/devices/dev-1/suspend", headers={**OPERATOR, **key})
+    other = await client.post("/devices/dev-1/suspend", headers={**ADMIN, **key})
+    assert_problem(other, 409)
+
+
+async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/devices", content=b'{"name": "x"', headers={**OPERATOR, "Content-Type": "application/json"}
+    )
+    assert_problem(response, 400)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": 1, "type": "t"}, "name"),
+        ({"type": "t"}, "name"),
+        ({"name": "n", "type": "t", "device_id": "has/slash"}, "device_id"),
+        ({"name": "n", "type": "t", "labels": {"k": 5}}, "labels"),
+        ({"name": "n", "type": "t", "labels": {"bad key": "v"}}, "labels"),
+        ({"name": "", "type": "t"}, "name"),
+        ({"name": "n", "type": "t", "colour": "red"}, "colour"),
+        (["not", "an", "object"], ""),
+    ],
+)
+async def test_wrong_types_are_422_naming_the_field(
+    client: httpx.AsyncClient, body: Any, field: str
+) -> None:
+    problem = assert_problem(await client.post("/devices", json=body, headers=OPERATOR), 422)
+    assert problem["errors"][0]["field"] == field
+
+
+async def test_config_must_be_an_object(client: httpx.AsyncClient) -> None:
+    await register(client)
+    problem = assert_problem(
+        await client.patch("/devices/dev-1/config", json={"config": [1]}, headers=OPERATOR), 422
+    )
+    assert problem["errors"][0]["field"] == "config"
+
+
+async def test_body_over_64_kib_is_413(client: httpx.AsyncClient) -> None:
+    big = {"name": "n", "type": "t", "labels": {f"k{i}": "v" * 250 for i in range(300)}}
+    assert_problem(await client.post("/devices", json=big, headers=OPERATOR), 413)
+    await register(client)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(70):
+            yield b" " * 1024
+
+    streamed = await client.patch("/devices/dev-1/config", content=chunks(), headers=OPERATOR)
+    assert_problem(streamed, 413)
+
+
+async def test_health_ready_and_metrics(client: httpx.AsyncClient) -> None:
+    base = str(client.base_url).removesuffix("/api/v1/")
+    assert (await client.get(f"{base}/healthz")).json() == {"status": "ok"}
+    assert (await client.get(f"{base}/readyz")).status_code == 200
+    await register(client)
+    metrics = (await client.get(f"{base}/metrics")).text
+    assert 'iot_commands_total{command="register",outcome="201"}' in metrics
+    assert "iot_http_request_duration_seconds_bucket" in metrics
