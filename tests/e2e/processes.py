@@ -1,0 +1,87 @@
+"""Helpers to run components as real processes in tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+from iot.settings import Settings
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def component_env(settings: Settings, port: int, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        IOT_NAMESPACE=settings.namespace,
+        IOT_HTTP_PORT=str(port),
+        IOT_LOG_LEVEL="WARNING",
+        IOT_API_TOKENS=",".join(f"{t}={r}" for t, r in settings.api_tokens.items()),
+        **extra,
+    )
+    return env
+
+
+class Component:
+    """One `iot run ...` child process with its HTTP port."""
+
+    def __init__(self, settings: Settings, *args: str, **env: str) -> None:
+        self.port = free_port()
+        self.args = args
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "iot.cli", "run", *args],
+            env=component_env(settings, self.port, **env),
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.args} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.args} not ready after {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+@contextmanager
+def running(settings: Settings, *args: str, **env: str) -> Iterator[Component]:
+    component = Component(settings, *args, **env)
+    try:
+        yield component
+    finally:
+        component.stop()
