@@ -145,7 +145,9 @@ class Idempotency:
             )
         return _replay(found)
 
-    def answer(self, status: int, shape: Callable[[Device, str | None], dict[str, Any]]) -> Answer | None:
+    def answer(
+        self, status: int, shape: Callable[[Device, str | None], dict[str, Any]]
+    ) -> Answer | None:
         if self.key is None:
             return None
         return lambda device, secret: self.record(status, shape(device, secret))
@@ -170,9 +172,7 @@ def _problem_for(error: DomainError) -> Problem:
     return Problem(422, "Unprocessable Content", error.reason)
 
 
-def create_app(
-    service: CommandService, authorizer: Authorizer, ready: ReadyCheck
-) -> Starlette:
+def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyCheck) -> Starlette:
     adapter = _StoreAdapter(service.store)
 
     async def execute(

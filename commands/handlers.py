@@ -15,10 +15,10 @@ from typing import Any, Protocol
 
 from eventsourcing.persistence import IntegrityError
 
+from commands.store import IdempotencyRecord
 from domain.credentials import hash_secret
 from domain.device import Device
 from domain.errors import DomainError
-from commands.store import IdempotencyRecord
 
 MAX_ATTEMPTS = 100
 
@@ -82,7 +82,9 @@ class Credentials:
         return secret, hash_secret(secret, self.new_salt())
 
 
-def _check_replayed(store: Store, answer: Answer | None, device: Device, secret: str | None) -> None:
+def _check_replayed(
+    store: Store, answer: Answer | None, device: Device, secret: str | None
+) -> None:
     if answer is None:
         return
     probe = answer(device, secret)
@@ -96,7 +98,7 @@ def register(
     *,
     device_id: str,
     name: str,
-    type: str,  # noqa: A002
+    type: str,
     labels: dict[str, str],
     credentials: Credentials,
     at: datetime,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -29,7 +30,9 @@ def new_device_id() -> str:
 
 
 def production_credentials() -> Credentials:
-    return Credentials(new_secret=lambda: secrets.token_urlsafe(32), new_salt=lambda: os.urandom(16))
+    return Credentials(
+        new_secret=lambda: secrets.token_urlsafe(32), new_salt=lambda: os.urandom(16)
+    )
 
 
 def store_ping(store: DeviceStore) -> bool:
@@ -48,10 +51,8 @@ async def _purge_idempotency(store: DeviceStore, stop: asyncio.Event) -> None:
                 log.info("purged expired idempotency keys", extra={"removed": removed})
         except Exception as e:
             log.warning("idempotency purge failed", extra={"error": repr(e)})
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=3600)
-        except TimeoutError:
-            pass
 
 
 async def run_commands(settings: Settings) -> None:
@@ -118,4 +119,3 @@ async def run_relay(settings: Settings) -> None:
         await server
         await nc.drain()
         store.close()
-

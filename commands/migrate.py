@@ -24,8 +24,13 @@ def ensure_database(settings: Settings) -> bool:
     """Create the database if it is missing; return True if it was created."""
     pg = settings.postgres
     with psycopg.connect(
-        host=pg.host, port=pg.port, user=pg.user, password=pg.password,
-        dbname="postgres", autocommit=True, connect_timeout=5,
+        host=pg.host,
+        port=pg.port,
+        user=pg.user,
+        password=pg.password,
+        dbname="postgres",
+        autocommit=True,
+        connect_timeout=5,
     ) as conn:
         exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (pg.dbname,))
         if exists.fetchone():
@@ -40,8 +45,13 @@ def ensure_database(settings: Settings) -> bool:
 def migrate_postgres(settings: Settings) -> None:
     pg = settings.postgres
     with psycopg.connect(
-        host=pg.host, port=pg.port, user=pg.user, password=pg.password,
-        dbname=pg.dbname, autocommit=True, connect_timeout=5,
+        host=pg.host,
+        port=pg.port,
+        user=pg.user,
+        password=pg.password,
+        dbname=pg.dbname,
+        autocommit=True,
+        connect_timeout=5,
     ) as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
         try:
@@ -76,7 +86,9 @@ async def migrate_streams(settings: Settings, replicas: int = 1) -> list[str]:
 
 async def migrate_influx(settings: Settings) -> None:
     async with httpx.AsyncClient(base_url=settings.influx_url, timeout=10) as client:
-        response = await client.post("/query", data={"q": f'CREATE DATABASE "{settings.influx_db}"'})
+        response = await client.post(
+            "/query", data={"q": f'CREATE DATABASE "{settings.influx_db}"'}
+        )
         response.raise_for_status()
         body = response.json()
         errors = [r["error"] for r in body.get("results", []) if "error" in r]

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
+from uuid import UUID
 
 import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application
@@ -106,7 +107,7 @@ def _row(record: IdempotencyRecord) -> tuple[Any, ...]:
     )
 
 
-class DeviceStore(Application):
+class DeviceStore(Application[UUID]):
     """The Device event store (an eventsourcing Application on PostgreSQL)."""
 
     name = APPLICATION_NAME
@@ -119,7 +120,7 @@ class DeviceStore(Application):
 
     def get(self, device_id: str) -> Device | None:
         try:
-            device = self.repository.get(device_uuid(device_id))
+            device: Device = self.repository.get(device_uuid(device_id))
         except AggregateNotFoundError:
             return None
         assert isinstance(device, Device)

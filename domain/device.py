@@ -67,7 +67,7 @@ class Device(Aggregate):
         cls,
         device_id: str,
         name: str,
-        type: str,  # noqa: A002 - the contract's field name
+        type: str,
         labels: dict[str, str],
         secret_hash: str,
         at: datetime,
@@ -92,7 +92,7 @@ class Device(Aggregate):
         self,
         device_id: str,
         name: str,
-        type: str,  # noqa: A002
+        type: str,
         labels: dict[str, str],
         secret_hash: str,
         timestamp: datetime,

@@ -79,34 +79,37 @@ class UnpublishableEvent(Exception):
     """A stored event has no published form (a schema gap: fail loudly, never skip)."""
 
 
-def to_published(event: Any, position: int) -> PublishedEvent:
+def to_published(stored: object, position: int) -> PublishedEvent:
     """Map one stored Device event to its published form."""
+    if not isinstance(stored, Device.Event):
+        raise UnpublishableEvent(f"not a Device event: {type(stored).__qualname__}")
+    event: Any = stored  # the library builds the event classes at run time
     common: dict[str, Any] = {
         "device_id": event.device_id,
         "version": event.originator_version,
         "at": event.timestamp,
         "position": position,
     }
-    match event:
-        case Device.Registered():
+    match type(event).__qualname__:
+        case "Device.Registered":
             return DeviceRegistered(
                 **common, name=event.name, type=event.type, labels=dict(event.labels)
             )
-        case Device.Configured():
+        case "Device.Configured":
             return DeviceConfigured(
                 **common, config=dict(event.config), config_version=event.config_version
             )
-        case Device.Suspended():
+        case "Device.Suspended":
             return DeviceSuspended(**common, reason=event.reason)
-        case Device.Resumed():
+        case "Device.Resumed":
             return DeviceResumed(**common, status=event.status)
-        case Device.Decommissioned():
+        case "Device.Decommissioned":
             return DeviceDecommissioned(**common, reason=event.reason)
-        case Device.SecretRotated():
+        case "Device.SecretRotated":
             return DeviceSecretRotated(**common)
-        case Device.Connected():
+        case "Device.Connected":
             return DeviceConnected(**common)
-        case Device.Disconnected():
+        case "Device.Disconnected":
             return DeviceDisconnected(**common)
     raise UnpublishableEvent(f"no published form for {type(event).__qualname__}")
 
@@ -116,4 +119,5 @@ def encode_event(event: PublishedEvent) -> bytes:
 
 
 def decode_event(data: bytes) -> PublishedEvent:
-    return _decoder.decode(data)
+    decoded: PublishedEvent = _decoder.decode(data)
+    return decoded

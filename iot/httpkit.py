@@ -60,12 +60,12 @@ class Problem(Exception):
         return doc
 
     def response(self, instance: str = "") -> Response:
-        return Response(
-            _encode(self.body(instance)), self.status, self.headers, media_type=PROBLEM
-        )
+        return Response(_encode(self.body(instance)), self.status, self.headers, media_type=PROBLEM)
 
 
-def json_response(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+def json_response(
+    body: Any, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
     return Response(_encode(body), status, dict(headers or {}), media_type="application/json")
 
 

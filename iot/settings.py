@@ -55,7 +55,9 @@ class Settings:
 def parse_postgres_url(url: str, variable: str = "IOT_DATABASE_URL") -> PostgresParams:
     parts = urlsplit(url)
     if parts.scheme not in ("postgresql", "postgres") or not parts.hostname:
-        raise SettingsError(f"{variable} must look like postgresql://user@host:5432/db, got {url!r}")
+        raise SettingsError(
+            f"{variable} must look like postgresql://user@host:5432/db, got {url!r}"
+        )
     dbname = parts.path.lstrip("/")
     if not dbname:
         raise SettingsError(f"{variable} must name a database, got {url!r}")
@@ -134,7 +136,9 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         raise SettingsError(f"IOT_INFLUX_DB must match [A-Za-z0-9_]{{1,64}}, got {influx_db!r}")
     log_level = (env.get("IOT_LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise SettingsError(f"IOT_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
+        raise SettingsError(
+            f"IOT_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
+        )
     return Settings(
         database_url=database_url,
         nats_url=_url(env, "IOT_NATS_URL", "nats://127.0.0.1:4222", ("nats", "tls")),

@@ -50,36 +50,51 @@ class Streams:
         return self._subject("deadletter.>")
 
     def configs(self, replicas: int = 1) -> list[StreamConfig]:
-        common = {"storage": StorageType.FILE, "num_replicas": replicas}
         return [
-            StreamConfig(
-                name=self.events,
-                subjects=[self.events_wildcard],
-                retention=RetentionPolicy.LIMITS,
-                discard=DiscardPolicy.OLD,
-                max_age=0,
+            _config(
+                self.events,
+                self.events_wildcard,
+                "Device domain events, one message per stored event, commit order",
+                max_age=0.0,
                 duplicate_window=float(DAY),
-                description="Device domain events, one message per stored event, commit order",
-                **common,
+                replicas=replicas,
             ),
-            StreamConfig(
-                name=self.ingest,
-                subjects=[self.ingest_wildcard],
-                retention=RetentionPolicy.LIMITS,
-                discard=DiscardPolicy.OLD,
+            _config(
+                self.ingest,
+                self.ingest_wildcard,
+                "Device telemetry, status, reported state and acks from the bridge",
                 max_age=float(30 * DAY),
                 duplicate_window=120.0,
-                description="Device telemetry, status, reported state and acks from the bridge",
-                **common,
+                replicas=replicas,
             ),
-            StreamConfig(
-                name=self.deadletter,
-                subjects=[self.deadletter_wildcard],
-                retention=RetentionPolicy.LIMITS,
-                discard=DiscardPolicy.OLD,
+            _config(
+                self.deadletter,
+                self.deadletter_wildcard,
+                "Rejected input: reason, topic and original bytes",
                 max_age=float(14 * DAY),
                 duplicate_window=120.0,
-                description="Rejected input: reason, topic and original bytes",
-                **common,
+                replicas=replicas,
             ),
         ]
+
+
+def _config(
+    name: str,
+    subject: str,
+    description: str,
+    *,
+    max_age: float,
+    duplicate_window: float,
+    replicas: int,
+) -> StreamConfig:
+    return StreamConfig(
+        name=name,
+        subjects=[subject],
+        description=description,
+        retention=RetentionPolicy.LIMITS,
+        discard=DiscardPolicy.OLD,
+        storage=StorageType.FILE,
+        num_replicas=replicas,
+        max_age=max_age,
+        duplicate_window=duplicate_window,
+    )

@@ -4,6 +4,7 @@ schema, JetStream stream prefix) on the shared services; they never wipe shared 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -55,10 +56,8 @@ def drop_namespace(settings: Settings) -> None:
         try:
             streams = Streams(settings.namespace)
             for name in (streams.events, streams.ingest, streams.deadletter):
-                try:
+                with contextlib.suppress(Exception):  # absent already
                     await nc.jsm().delete_stream(name)
-                except Exception:  # noqa: S110 - absent already
-                    pass
         finally:
             await nc.close()
 

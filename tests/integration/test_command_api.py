@@ -22,9 +22,8 @@ from tests.conftest import TOKENS
 pytestmark = pytest.mark.integration
 
 VIEWER, OPERATOR, ADMIN = (
-    {"Authorization": f"Bearer {t}"} for t in ("viewer-token-0123456789",
-                                                "operator-token-012345678",
-                                                "admin-token-0123456789ab")
+    {"Authorization": f"Bearer {t}"}
+    for t in ("viewer-token-0123456789", "operator-token-012345678", "admin-token-0123456789ab")
 )
 
 
@@ -64,7 +63,9 @@ async def client(service: CommandService) -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-async def register(client: httpx.AsyncClient, device_id: str = "dev-1", **extra: Any) -> httpx.Response:
+async def register(
+    client: httpx.AsyncClient, device_id: str = "dev-1", **extra: Any
+) -> httpx.Response:
     body = {"device_id": device_id, "name": "Boiler", "type": "thermostat", **extra}
     response = await client.post("/devices", json=body, headers=OPERATOR)
     return response
@@ -132,7 +133,9 @@ async def test_each_route_refuses_missing_bad_and_insufficient_tokens(
     assert_problem(wrong, 401)
     below = [VIEWER] if needed == "operator" else [VIEWER, OPERATOR]
     for headers in below:
-        forbidden = assert_problem(await client.request(method, path, json={}, headers=headers), 403)
+        forbidden = assert_problem(
+            await client.request(method, path, json={}, headers=headers), 403
+        )
         assert needed in forbidden["detail"]
 
 
@@ -196,7 +199,9 @@ async def test_configure_with_current_version_applies_and_stale_version_is_412(
 ) -> None:
     await register(client)
     ok = await client.patch(
-        "/devices/dev-1/config", json={"config": {"rate": 5}}, headers={**OPERATOR, "If-Match": '"1"'}
+        "/devices/dev-1/config",
+        json={"config": {"rate": 5}},
+        headers={**OPERATOR, "If-Match": '"1"'},
     )
     assert ok.status_code == 200
     assert ok.json()["config"] == {"rate": 5}
@@ -204,7 +209,9 @@ async def test_configure_with_current_version_applies_and_stale_version_is_412(
     assert ok.headers["etag"] == '"2"'
     stale = assert_problem(
         await client.patch(
-            "/devices/dev-1/config", json={"config": {"rate": 6}}, headers={**OPERATOR, "If-Match": '"1"'}
+            "/devices/dev-1/config",
+            json={"config": {"rate": 6}},
+            headers={**OPERATOR, "If-Match": '"1"'},
         ),
         412,
     )
@@ -330,7 +337,9 @@ async def test_keys_are_scoped_to_the_token(client: httpx.AsyncClient) -> None:
 
 async def test_malformed_json_is_400(client: httpx.AsyncClient) -> None:
     response = await client.post(
-        "/devices", content=b'{"name": "x"', headers={**OPERATOR, "Content-Type": "application/json"}
+        "/devices",
+        content=b'{"name": "x"',
+        headers={**OPERATOR, "Content-Type": "application/json"},
     )
     assert_problem(response, 400)
 
