@@ -51,7 +51,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     component = args.component if args.command == "run" else args.command
     logs.configure(component, settings.log_level)
     if args.command == "run":
-        _run_component(args.component, settings)
+        try:
+            _run_component(args.component, settings)
+        except Exception as e:  # a dependency that never came up: one line, not a traceback
+            print(f"iot run {args.component}: cannot start: {e}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "migrate":
         from commands.migrate import migrate
