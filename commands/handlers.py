@@ -19,6 +19,7 @@ from commands.store import IdempotencyRecord
 from domain.credentials import hash_secret
 from domain.device import Device
 from domain.errors import DomainError
+from iot import metrics
 
 MAX_ATTEMPTS = 100
 
@@ -148,10 +149,10 @@ def change(
                 raise VersionMismatch(
                     expected_version, current.version if current else expected_version
                 ) from None
-            from iot import metrics
 
             metrics.COMMAND_CONFLICT_RETRIES.inc()
-            sleep(random.uniform(0, min(0.05, 0.001 * attempt)))
+            if attempt < max_attempts:
+                sleep(random.uniform(0, min(0.05, 0.001 * attempt)))
             continue
         return Outcome(device, position, secret)
     raise TooMuchContention(f"gave up after {max_attempts} conflicting attempts; retry later")

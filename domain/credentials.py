@@ -7,11 +7,13 @@ defends against; a modest count keeps registration cheap on a Raspberry Pi.
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 
 ALGORITHM = "pbkdf2_sha256"
 ITERATIONS = 1_000
+MAX_ITERATIONS = 1_000_000
 
 
 def _b64(raw: bytes) -> str:
@@ -29,9 +31,11 @@ def hash_secret(secret: str, salt: bytes, iterations: int = ITERATIONS) -> str:
 def verify_secret(secret: str, encoded: str) -> bool:
     try:
         algorithm, iterations, salt, expected = encoded.split("$")
-    except ValueError:
+        rounds = int(iterations)
+        raw_salt = base64.b64decode(salt, validate=True)
+    except (ValueError, binascii.Error):
         return False
-    if algorithm != ALGORITHM:
+    if algorithm != ALGORITHM or not 1 <= rounds <= MAX_ITERATIONS:
         return False
-    digest = hashlib.pbkdf2_hmac("sha256", secret.encode(), base64.b64decode(salt), int(iterations))
+    digest = hashlib.pbkdf2_hmac("sha256", secret.encode(), raw_salt, rounds)
     return hmac.compare_digest(_b64(digest), expected)

@@ -38,7 +38,7 @@ def device_uuid(device_id: str) -> uuid.UUID:
 
 
 def check_device_id(device_id: str) -> None:
-    if not DEVICE_ID.match(device_id):
+    if not DEVICE_ID.fullmatch(device_id):
         raise InvalidCommand(f"device_id must match {DEVICE_ID.pattern}")
 
 
@@ -46,7 +46,7 @@ def check_labels(labels: dict[str, str]) -> None:
     if len(labels) > MAX_LABELS:
         raise InvalidCommand(f"at most {MAX_LABELS} labels")
     for key, value in labels.items():
-        if not LABEL_KEY.match(key):
+        if not LABEL_KEY.fullmatch(key):
             raise InvalidCommand(f"label key {key!r} must match {LABEL_KEY.pattern}")
         if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE:
             raise InvalidCommand(f"label {key!r} must be a string of at most {MAX_LABEL_VALUE}")

@@ -62,9 +62,11 @@ def parse_postgres_url(url: str, variable: str = "IOT_DATABASE_URL") -> Postgres
     if not dbname:
         raise SettingsError(f"{variable} must name a database, got {url!r}")
     try:
-        port = parts.port or 5432
+        port = 5432 if parts.port is None else parts.port
     except ValueError as e:
         raise SettingsError(f"{variable} has an invalid port: {url!r}") from e
+    if port == 0:
+        raise SettingsError(f"{variable} has an invalid port: {url!r}")
     return PostgresParams(
         host=parts.hostname,
         port=port,
@@ -95,9 +97,11 @@ def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ..
     if parts.scheme not in schemes or not parts.hostname:
         raise SettingsError(f"{name} must be a {'/'.join(schemes)}:// URL, got {value!r}")
     try:
-        _ = parts.port
+        port = parts.port
     except ValueError as e:
         raise SettingsError(f"{name} has an invalid port: {value!r}") from e
+    if port == 0:
+        raise SettingsError(f"{name} has an invalid port: {value!r}")
     return value
 
 
@@ -118,7 +122,7 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
     """Read settings from the environment; raise SettingsError naming the bad variable."""
     env = os.environ if env is None else env
     namespace = env.get("IOT_NAMESPACE", "")
-    if namespace and not _NAMESPACE.match(namespace):
+    if namespace and not _NAMESPACE.fullmatch(namespace):
         raise SettingsError(
             f"IOT_NAMESPACE must match {_NAMESPACE.pattern} (it names a schema and stream prefix), "
             f"got {namespace!r}"
@@ -132,7 +136,7 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
             "(roles: viewer, operator, admin)"
         )
     influx_db = env.get("IOT_INFLUX_DB") or "iot"
-    if not re.match(r"^[A-Za-z0-9_]{1,64}$", influx_db):
+    if not re.fullmatch(r"[A-Za-z0-9_]{1,64}", influx_db):
         raise SettingsError(f"IOT_INFLUX_DB must match [A-Za-z0-9_]{{1,64}}, got {influx_db!r}")
     log_level = (env.get("IOT_LOG_LEVEL") or "INFO").upper()
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -1,0 +1,1 @@
+"""MQTT <-> JetStream bridge (issue 3)."""

@@ -1,0 +1,1 @@
+"""Read-only gateway for dashboards (issue 3)."""

@@ -1,0 +1,1 @@
+"""Read side: projections of the log into InfluxDB and Redis (issue 3)."""
