@@ -58,7 +58,7 @@ async def _purge_idempotency(store: DeviceStore, stop: asyncio.Event) -> None:
 async def run_commands(settings: Settings) -> None:
     stop = stop_on_signals()
     store = await retry_start("event store", lambda: open_store(settings))
-    executor = ThreadPoolExecutor(settings.db_pool_size, thread_name_prefix="store")
+    executor = ThreadPoolExecutor(settings.store_threads, thread_name_prefix="store")
     service = CommandService(
         store=store,
         executor=executor,

@@ -114,37 +114,32 @@ class Relay:
                 if listener.done():  # the lock session died: so did the lock
                     listener.result()
                     return
+                # Any commit the select below cannot see notifies after this clear.
+                self._wakeup.clear()
                 batch = await asyncio.to_thread(
                     self.store.recorder.select_notifications,
                     self.state.position + 1,
                     self.batch_size,
                 )
-                if not batch:
-                    self._wakeup.clear()
-                    # re-check after clearing, then sleep until NOTIFY (or a safety timeout)
-                    if await asyncio.to_thread(self._has_more):
-                        continue
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wait(stop), timeout=5.0)
-                    continue
                 try:
-                    await self._publish(batch)
+                    if batch:
+                        await self._publish(batch)
                 except FenceError as e:
                     log.warning("relay fence failed; re-reading position", extra={"error": str(e)})
                     await self._recover(stop)
+                    continue
                 except (NatsError, TimeoutError) as e:
                     log.warning("publishing failed; re-reading position", extra={"error": repr(e)})
                     await _sleep_or_stop(stop, 1.0)
                     await self._recover(stop)
+                    continue
+                if len(batch) < self.batch_size:  # caught up: sleep until NOTIFY (or 5 s)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wait(stop), timeout=5.0)
         finally:
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await listener
-
-    def _has_more(self) -> bool:
-        latest = self.store.max_position()
-        metrics.RELAY_STORE_POSITION.set(latest)
-        return latest > self.state.position
 
     async def _listen(self, conn: psycopg.AsyncConnection[Any]) -> None:
         while True:

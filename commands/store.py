@@ -43,6 +43,9 @@ class IdempotentRecorder(PostgresApplicationRecorder):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # The library names the NOTIFY channel after the table alone; with one schema per
+        # instance that would wake every instance's relay for every instance's commits.
+        self.channel_name = f"{self.datastore.schema}_{self.events_table_name}"
         table = Identifier(self.datastore.schema, IDEMPOTENCY_TABLE)
         self.sql_create_statements.append(
             SQL(
@@ -149,7 +152,7 @@ def store_env(settings: Settings, *, create_tables: bool = False) -> dict[str, s
         "POSTGRES_SCHEMA": settings.pg_schema,
         "POSTGRES_POOL_SIZE": str(settings.db_pool_size),
         "POSTGRES_MAX_OVERFLOW": "4",
-        "POSTGRES_PRE_PING": "y",
+        "POSTGRES_PRE_PING": "n",  # a dead connection fails its statement and is retried
         "POSTGRES_CONNECT_TIMEOUT": "5",
         "POSTGRES_LOCK_TIMEOUT": "10",
         "CREATE_TABLE": "y" if create_tables else "n",

@@ -22,7 +22,6 @@ COMMAND_CONFLICT_RETRIES = Counter(
 )
 RELAY_PUBLISHED = Counter("iot_relay_published_total", "Domain events published to JetStream")
 RELAY_POSITION = Gauge("iot_relay_position", "Last event-store position published to JetStream")
-RELAY_STORE_POSITION = Gauge("iot_relay_store_position", "Last position seen in the event store")
 RELAY_LEADER = Gauge("iot_relay_leader", "1 while this relay holds the publishing lock")
 RELAY_LAG = Histogram(
     "iot_relay_lag_seconds",

@@ -39,6 +39,7 @@ class Settings:
     http_host: str = "127.0.0.1"
     log_level: str = "INFO"
     db_pool_size: int = 16
+    store_threads: int = 4
 
     @property
     def postgres(self) -> PostgresParams:
@@ -156,4 +157,5 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         http_host=env.get("IOT_HTTP_HOST") or "127.0.0.1",
         log_level=log_level,
         db_pool_size=_int(env, "IOT_DB_POOL_SIZE", 16, 1, 200) or 16,
+        store_threads=_int(env, "IOT_STORE_THREADS", 4, 1, 64) or 4,
     )
