@@ -19,7 +19,7 @@ from starlette.routing import Route
 
 from commands import handlers
 from commands.handlers import Answer, Credentials, Outcome
-from commands.store import DeviceStore, IdempotencyRecord
+from commands.store import DeviceStore, GroupCommitter, IdempotencyRecord
 from domain.device import DEVICE_ID, LABEL_KEY, MAX_NAME, MAX_TYPE, Device
 from domain.errors import DomainError, IllegalTransition, InvalidCommand
 from iot import metrics
@@ -59,6 +59,7 @@ class CommandService:
     """What the API needs: the store, a thread pool for it, a clock and id/secret sources."""
 
     store: DeviceStore
+    committer: GroupCommitter
     executor: Executor
     credentials: Credentials
     new_device_id: Callable[[], str]
@@ -71,14 +72,15 @@ class CommandService:
 class _StoreAdapter:
     """Adapts the DeviceStore to the handlers' Store port."""
 
-    def __init__(self, store: DeviceStore) -> None:
+    def __init__(self, store: DeviceStore, committer: GroupCommitter) -> None:
         self._store = store
+        self._committer = committer
 
     def get(self, device_id: str) -> Device | None:
         return self._store.get(device_id)
 
     def save_device(self, device: Device, idempotency: IdempotencyRecord | None = None) -> int:
-        return self._store.save_device(device, idempotency)
+        return self._committer.save_device(device, idempotency)
 
     def find_idempotency(self, principal: str, key: str) -> IdempotencyRecord | None:
         return self._store.idem.get_idempotency(principal, key)
@@ -173,7 +175,7 @@ def _problem_for(error: DomainError) -> Problem:
 
 
 def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyCheck) -> Starlette:
-    adapter = _StoreAdapter(service.store)
+    adapter = _StoreAdapter(service.store, service.committer)
 
     async def execute(
         request: Request,

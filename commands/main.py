@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from commands.api import CommandService, create_app
 from commands.handlers import Credentials
 from commands.relay import Relay
-from commands.store import DeviceStore, idempotency_cutoff, open_store
+from commands.store import DeviceStore, GroupCommitter, idempotency_cutoff, open_store
 from iot.httpkit import Authorizer, serve
 from iot.runtime import connect_nats, retry_async, retry_start, stop_on_signals
 from iot.settings import Settings
@@ -59,8 +59,10 @@ async def run_commands(settings: Settings) -> None:
     stop = stop_on_signals()
     store = await retry_start("event store", lambda: open_store(settings))
     executor = ThreadPoolExecutor(settings.store_threads, thread_name_prefix="store")
+    committer = GroupCommitter(store)
     service = CommandService(
         store=store,
+        committer=committer,
         executor=executor,
         credentials=production_credentials(),
         new_device_id=new_device_id,
@@ -83,6 +85,7 @@ async def run_commands(settings: Settings) -> None:
         stop.set()
         await purger
         executor.shutdown(wait=True)
+        committer.close()
         store.close()
 
 

@@ -39,7 +39,8 @@ class Settings:
     http_host: str = "127.0.0.1"
     log_level: str = "INFO"
     db_pool_size: int = 16
-    store_threads: int = 4
+    store_threads: int = 32
+    aggregate_cache: int = 4096
 
     @property
     def postgres(self) -> PostgresParams:
@@ -157,5 +158,6 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         http_host=env.get("IOT_HTTP_HOST") or "127.0.0.1",
         log_level=log_level,
         db_pool_size=_int(env, "IOT_DB_POOL_SIZE", 16, 1, 200) or 16,
-        store_threads=_int(env, "IOT_STORE_THREADS", 4, 1, 64) or 4,
+        store_threads=_int(env, "IOT_STORE_THREADS", 32, 1, 256) or 32,
+        aggregate_cache=_int(env, "IOT_AGGREGATE_CACHE", 4096, 0, 1_000_000) or 0,
     )

@@ -14,7 +14,7 @@ import pytest
 
 from commands.api import CommandService, create_app
 from commands.handlers import Credentials
-from commands.store import DeviceStore
+from commands.store import DeviceStore, GroupCommitter
 from domain.credentials import verify_secret
 from iot.httpkit import Authorizer
 from tests.conftest import TOKENS
@@ -40,8 +40,10 @@ class FixedClock:
 def service(store: DeviceStore) -> Iterator[CommandService]:
     counter = itertools.count(1)
     executor = ThreadPoolExecutor(16)
+    committer = GroupCommitter(store)
     yield CommandService(
         store=store,
+        committer=committer,
         executor=executor,
         credentials=Credentials(
             new_secret=lambda: f"secret-{next(counter)}", new_salt=lambda: b"0123456789abcdef"
@@ -50,6 +52,7 @@ def service(store: DeviceStore) -> Iterator[CommandService]:
         clock=FixedClock(),
     )
     executor.shutdown()
+    committer.close()
 
 
 @pytest.fixture
