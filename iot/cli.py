@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from iot import logs
 from iot.settings import Settings, SettingsError, load
 
-COMPONENTS = ("commands", "relay")
+COMPONENTS = ("commands", "relay", "bridge", "gateway", "projector")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run one component")
     run.add_argument("component", choices=COMPONENTS)
+    run.add_argument("name", nargs="?", help="the projection, for `run projector NAME`")
 
     migrate = sub.add_parser(
         "migrate", help="create or upgrade the schema, the JetStream streams, the InfluxDB database"
@@ -30,8 +31,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_component(component: str, settings: Settings) -> None:
-    if component == "commands":
+def _run_component(component: str, name: str | None, settings: Settings) -> None:
+    if component == "projector":
+        from projections.main import run_projector
+
+        asyncio.run(run_projector(name or "", settings))
+    elif component == "bridge":
+        from bridges.main import run as run_bridge
+
+        asyncio.run(run_bridge(settings))
+    elif component == "gateway":
+        from gateway.main import run as run_gateway
+
+        asyncio.run(run_gateway(settings))
+    elif component == "commands":
         from commands.main import run_commands
 
         asyncio.run(run_commands(settings))
@@ -42,9 +55,16 @@ def _run_component(component: str, settings: Settings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "run" and args.component == "projector":
+        from projections.main import PROJECTORS
+
+        if args.name not in PROJECTORS:
+            parser.error(f"run projector NAME: NAME is one of {', '.join(PROJECTORS)}")
     try:
-        settings = load(require_tokens=args.command == "run" and args.component == "commands")
+        needs_tokens = args.command == "run" and args.component in ("commands", "gateway")
+        settings = load(require_tokens=needs_tokens)
     except SettingsError as e:
         print(f"iot: {e}", file=sys.stderr)
         return 2
@@ -52,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(component, settings.log_level)
     if args.command == "run":
         try:
-            _run_component(args.component, settings)
+            _run_component(args.component, args.name, settings)
         except Exception as e:  # a dependency that never came up: one line, not a traceback
             print(f"iot run {args.component}: cannot start: {e}", file=sys.stderr)
             return 1

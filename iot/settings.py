@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
@@ -41,6 +42,18 @@ class Settings:
     db_pool_size: int = 16
     store_threads: int = 32
     aggregate_cache: int = 4096
+    mqtt_client_id: str = ""
+    mqtt_username: str = ""
+    mqtt_password: str = ""
+    bridge_inflight: int = 1000
+    rate_limit_per_minute: int = 600
+
+    @property
+    def mqtt(self) -> tuple[str, int, bool]:
+        """Host, port and TLS of IOT_MQTT_URL."""
+        parts = urlsplit(self.mqtt_url)
+        tls = parts.scheme == "mqtts"
+        return parts.hostname or "127.0.0.1", parts.port or (8883 if tls else 1883), tls
 
     @property
     def postgres(self) -> PostgresParams:
@@ -160,4 +173,9 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         db_pool_size=_int(env, "IOT_DB_POOL_SIZE", 16, 1, 200) or 16,
         store_threads=_int(env, "IOT_STORE_THREADS", 32, 1, 256) or 32,
         aggregate_cache=_int(env, "IOT_AGGREGATE_CACHE", 4096, 0, 1_000_000) or 0,
+        mqtt_client_id=env.get("IOT_MQTT_CLIENT_ID") or f"iot-bridge-{socket.gethostname()}",
+        mqtt_username=env.get("IOT_MQTT_USERNAME", ""),
+        mqtt_password=env.get("IOT_MQTT_PASSWORD", ""),
+        bridge_inflight=_int(env, "IOT_BRIDGE_INFLIGHT", 1000, 1, 65535) or 1000,
+        rate_limit_per_minute=_int(env, "IOT_RATE_LIMIT_PER_MINUTE", 600, 1, 10_000_000) or 600,
     )

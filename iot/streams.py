@@ -37,6 +37,21 @@ class Streams:
     def event_subject(self, device_id: str) -> str:
         return self._subject(f"events.{device_id}")
 
+    def ingest_subject(self, kind: str, device_id: str) -> str:
+        """`ingest.<kind>.<device_id>`, kind one of telemetry, status, reported, ack."""
+        return self._subject(f"ingest.{kind}.{device_id}")
+
+    def ingest_kind_wildcard(self, kind: str) -> str:
+        return self._subject(f"ingest.{kind}.*")
+
+    def deadletter_subject(self, reason: str) -> str:
+        """`deadletter.<reason>`; headers carry the reason, topic and detail, data the bytes."""
+        return self._subject(f"deadletter.{reason}")
+
+    def consumer(self, name: str) -> str:
+        """A durable consumer name, unique per namespace."""
+        return f"{self.namespace}_{name}" if self.namespace else name
+
     @property
     def events_wildcard(self) -> str:
         return self._subject("events.>")

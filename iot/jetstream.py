@@ -1,0 +1,136 @@
+"""A durable JetStream pull consumer that hands batches to a handler and acks after it.
+
+The handler's contract: return only once the batch's effects are durable (written and
+checkpointed). Each message is then acknowledged; a message the handler marks as `retry` is
+nak'ed with a delay (redelivered later), one marked `poison` is terminated (never redelivered;
+the handler must have dead-lettered it). If the handler raises, nothing is acknowledged and
+the batch is redelivered after `ack_wait`; the loop backs off and goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+from prometheus_client import Counter, Gauge
+
+log = logging.getLogger(__name__)
+
+CONSUMED = Counter(
+    "iot_consumer_messages_total", "Messages handled by a consumer", ["consumer", "outcome"]
+)
+PENDING = Gauge("iot_consumer_pending", "Messages in the stream not yet delivered", ["consumer"])
+ACK_PENDING = Gauge("iot_consumer_ack_pending", "Messages delivered, not yet acked", ["consumer"])
+BATCH_FAILURES = Counter(
+    "iot_consumer_batch_failures_total", "Batches whose handler raised", ["consumer"]
+)
+
+
+@dataclass
+class Outcome:
+    """What the handler decided for messages that are not plainly done."""
+
+    retry: set[int] = field(default_factory=set)  # indexes into the batch: nak with delay
+    poison: set[int] = field(default_factory=set)  # indexes: terminate (already dead-lettered)
+
+
+Handler = Callable[[Sequence[Msg]], Awaitable[Outcome | None]]
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    stream: str
+    durable: str
+    filter_subject: str
+    batch: int = 500
+    ack_wait: float = 30.0
+    max_ack_pending: int = 20_000
+    retry_delay: float = 1.0
+
+
+async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
+    config = ConsumerConfig(
+        durable_name=spec.durable,
+        deliver_policy=DeliverPolicy.ALL,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=spec.ack_wait,
+        max_ack_pending=spec.max_ack_pending,
+        filter_subject=spec.filter_subject,
+        max_deliver=-1,
+    )
+    await js.add_consumer(spec.stream, config)
+
+
+async def consume(
+    js: JetStreamContext, spec: ConsumerSpec, handler: Handler, stop: asyncio.Event
+) -> None:
+    """Fetch, handle, ack until `stop` is set; survive NATS outages and handler failures."""
+    sub = None
+    backoff = 0.5
+    while not stop.is_set():
+        try:
+            if sub is None:
+                await ensure_consumer(js, spec)
+                sub = await js.pull_subscribe_bind(spec.durable, spec.stream)
+            try:
+                msgs = await sub.fetch(spec.batch, timeout=1.0)
+            except NatsTimeoutError:
+                continue
+            try:
+                outcome = await handler(msgs) or Outcome()
+            except Exception:
+                BATCH_FAILURES.labels(spec.durable).inc()
+                log.exception(
+                    "consumer handler failed; batch will be redelivered",
+                    extra={"consumer": spec.durable, "size": len(msgs)},
+                )
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            await _settle(spec, msgs, outcome)
+        except (TimeoutError, NatsError, OSError) as e:
+            log.warning(
+                "consumer lost NATS; retrying", extra={"consumer": spec.durable, "error": repr(e)}
+            )
+            sub = None
+            await _sleep_or_stop(stop, backoff)
+            backoff = min(backoff * 2, 10.0)
+
+
+async def _settle(spec: ConsumerSpec, msgs: Sequence[Msg], outcome: Outcome) -> None:
+    done = 0
+    for i, msg in enumerate(msgs):
+        if i in outcome.poison:
+            await msg.term()
+            CONSUMED.labels(spec.durable, "poison").inc()
+        elif i in outcome.retry:
+            await msg.nak(delay=spec.retry_delay)
+            CONSUMED.labels(spec.durable, "retry").inc()
+        else:
+            await msg.ack()
+            done += 1
+    CONSUMED.labels(spec.durable, "done").inc(done)
+
+
+async def report_lag(js: JetStreamContext, spec: ConsumerSpec, stop: asyncio.Event) -> None:
+    """Publish the consumer's pending and ack-pending counts as gauges, every 5 s."""
+    while not stop.is_set():
+        with contextlib.suppress(Exception):
+            info = await js.consumer_info(spec.stream, spec.durable)
+            PENDING.labels(spec.durable).set(info.num_pending or 0)
+            ACK_PENDING.labels(spec.durable).set(info.num_ack_pending or 0)
+        await _sleep_or_stop(stop, 5.0)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

@@ -1,0 +1,63 @@
+"""The Redis layout of the device views: the contract between the `views` projector (the only
+writer) and the gateway (a reader). Every key starts with the namespace's view prefix.
+
+Per device, hash `{p}:device:{id}`:
+  `version`      last applied domain-event version (int as text)
+  `doc`          JSON of the domain part, in the contract's shape:
+                 {"device_id", "name", "type", "labels", "status", "registered_at",
+                  "updated_at", "desired": {"version": config_version, "config": {...}}}
+  `online`       "1" or "0"; `online_at` epoch ms of the status message that set it
+  `last_seen`    epoch ms: the latest device time (or server time) of any device message
+  `m:{metric}`   JSON {"ts": epoch ms, "value": v}: the metric's latest value by device time
+  `reported`     JSON of the last reported state; `reported_at` epoch ms (issue 4)
+Indexes (maintained with the hash in the same script):
+  `{p}:devices`              sorted set of every device id, all scores 0 (lexicographic
+                             order: cursor pagination with ZRANGEBYLEX)
+  `{p}:status:{status}`      set of device ids in that lifecycle status
+  `{p}:label:{key}={value}`  set of device ids carrying that label
+  `{p}:online`               set of online device ids
+  `{p}:readings:{minute}`    HyperLogLog of reading ids (`<stream seq>:<index>`) received in
+                             that epoch minute (idempotent under redelivery), expiring after 3 min
+  `{p}:changes`              pub/sub channel: a device id per change (for the SSE stream)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ViewKeys:
+    prefix: str
+
+    @classmethod
+    def for_namespace(cls, namespace: str, generation: str = "live") -> ViewKeys:
+        return cls(f"{namespace or 'iot'}:views:{generation}")
+
+    def device(self, device_id: str) -> str:
+        return f"{self.prefix}:device:{device_id}"
+
+    @property
+    def devices(self) -> str:
+        return f"{self.prefix}:devices"
+
+    def status(self, status: str) -> str:
+        return f"{self.prefix}:status:{status}"
+
+    def label(self, key: str, value: str) -> str:
+        return f"{self.prefix}:label:{key}={value}"
+
+    @property
+    def online(self) -> str:
+        return f"{self.prefix}:online"
+
+    def readings(self, minute: int) -> str:
+        return f"{self.prefix}:readings:{minute}"
+
+    @property
+    def changes(self) -> str:
+        return f"{self.prefix}:changes"
+
+
+STATUSES = ("provisioned", "active", "suspended", "decommissioned")
+METRIC_FIELD = "m:"

@@ -1,0 +1,17 @@
+"""`iot run projector NAME`: dispatch to one projection's composition root."""
+
+from __future__ import annotations
+
+import importlib
+
+from iot.settings import Settings
+
+PROJECTORS = {
+    "timeseries": "projections.timeseries",
+    "views": "projections.views",
+}
+
+
+async def run_projector(name: str, settings: Settings) -> None:
+    module = importlib.import_module(PROJECTORS[name])
+    await module.run(settings)
