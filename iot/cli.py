@@ -28,6 +28,17 @@ def _parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="the whole system on one machine, supervised")
     up.add_argument("--no-migrate", action="store_true", help="skip `iot migrate` at start")
+    up.add_argument("--simulate", type=int, default=0, metavar="N", help="add N simulated devices")
+    up.add_argument("--rate", type=float, default=0.0, help="their messages/s in all (N/5)")
+
+    sim = sub.add_parser("simulate", help="a simulated device fleet speaking the MQTT contract")
+    sim.add_argument("--devices", type=int, default=10)
+    sim.add_argument("--rate", type=float, default=2.0, help="telemetry messages per second in all")
+    sim.add_argument("--prefix", default="sim", help="device ids are PREFIX-0000, PREFIX-0001, ...")
+    sim.add_argument(
+        "--api", default="http://127.0.0.1:8080", help="command API to register the devices with"
+    )
+    sim.add_argument("--no-register", action="store_true", help="devices exist already")
     return parser
 
 
@@ -91,8 +102,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "up":
         from iot.supervisor import up
 
-        return asyncio.run(up(settings, migrate_first=not args.no_migrate))
+        rate = args.rate or args.simulate / 5
+        return asyncio.run(
+            up(settings, migrate_first=not args.no_migrate, simulate=args.simulate, rate=rate)
+        )
+    if args.command == "simulate":
+        return asyncio.run(_simulate(args, settings))
     return 2
+
+
+async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from iot.runtime import stop_on_signals
+    from iot.simulator import simulate
+
+    token = next(
+        (t for t, role in settings.api_tokens.items() if role in ("operator", "admin")), None
+    )
+    if not args.no_register and token is None:
+        print(
+            "iot simulate: IOT_API_TOKENS needs an operator token to register devices "
+            "(or pass --no-register)",
+            file=sys.stderr,
+        )
+        return 2
+    host, port, _ = settings.mqtt
+    await simulate(
+        devices=args.devices,
+        rate=args.rate,
+        mqtt_host=host,
+        mqtt_port=port,
+        api_url=None if args.no_register else args.api,
+        token=token,
+        prefix=args.prefix,
+        stop=stop_on_signals(),
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -8,33 +8,43 @@ import os
 import secrets
 import signal
 import sys
+import time
 from dataclasses import dataclass
+
+import httpx
 
 from iot.runtime import stop_on_signals
 from iot.settings import Settings
+
+IOT = (sys.executable, "-m", "iot.cli")
 
 
 @dataclass(frozen=True)
 class Child:
     name: str
     argv: tuple[str, ...]
-    port: int
+    port: int | None
 
 
-def children() -> list[Child]:
-    iot = (sys.executable, "-m", "iot.cli")
+def components() -> list[Child]:
     return [
-        Child("commands", (*iot, "run", "commands"), 8080),
-        Child("relay", (*iot, "run", "relay"), 8084),
+        Child("commands", (*IOT, "run", "commands"), 8080),
+        Child("bridge", (*IOT, "run", "bridge"), 8081),
+        Child("gateway", (*IOT, "run", "gateway"), 8082),
+        Child("relay", (*IOT, "run", "relay"), 8084),
+        Child("timeseries", (*IOT, "run", "projector", "timeseries"), 8090),
+        Child("views", (*IOT, "run", "projector", "views"), 8091),
     ]
 
 
 async def _supervise(child: Child, env: dict[str, str], stop: asyncio.Event) -> None:
     backoff = 0.5
     while not stop.is_set():
-        proc = await asyncio.create_subprocess_exec(
-            *child.argv, env={**env, "IOT_HTTP_PORT": str(child.port)}
-        )
+        child_env = dict(env)
+        if child.port is not None:
+            child_env["IOT_HTTP_PORT"] = str(child.port)
+        started = time.monotonic()
+        proc = await asyncio.create_subprocess_exec(*child.argv, env=child_env)
         waiter = asyncio.create_task(proc.wait())
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -48,13 +58,28 @@ async def _supervise(child: Child, env: dict[str, str], stop: asyncio.Event) -> 
                     proc.kill()
                     await waiter
             return
+        if time.monotonic() - started > 30:
+            backoff = 0.5  # it ran a while: a fresh failure, not a crash loop
         print(f"iot up: {child.name} exited with {proc.returncode}; restarting", file=sys.stderr)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=backoff)
         backoff = min(backoff * 2, 10.0)
 
 
-async def up(settings: Settings, *, migrate_first: bool = True) -> int:
+async def _wait_ready(url: str, stop: asyncio.Event, within: float = 60.0) -> bool:
+    deadline = time.monotonic() + within
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        while not stop.is_set() and time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(url)).status_code == 200:
+                    return True
+            await asyncio.sleep(0.2)
+    return False
+
+
+async def up(
+    settings: Settings, *, migrate_first: bool = True, simulate: int = 0, rate: float = 1.0
+) -> int:
     env = dict(os.environ)
     token = None
     if not settings.api_tokens:
@@ -66,12 +91,26 @@ async def up(settings: Settings, *, migrate_first: bool = True) -> int:
         for step in await migrate(settings):
             print(f"iot up: {step}")
     stop = stop_on_signals()
-    kids = children()
+    kids = components()
     tasks = [asyncio.create_task(_supervise(child, env, stop)) for child in kids]
+    if simulate:
+        if await _wait_ready("http://127.0.0.1:8080/readyz", stop):
+            sim = Child(
+                "simulator",
+                (*IOT, "simulate", "--devices", str(simulate), "--rate", str(rate)),
+                None,
+            )
+            tasks.append(asyncio.create_task(_supervise(sim, env, stop)))
+        else:
+            print("iot up: the command API never became ready; no simulated fleet", file=sys.stderr)
     print("iot up: running; Ctrl-C stops everything")
     for child in kids:
-        print(f"  {child.name:<10} http://127.0.0.1:{child.port}/healthz")
-    print("  command API: http://127.0.0.1:8080/api/v1")
+        print(f"  {child.name:<11} http://127.0.0.1:{child.port}/readyz")
+    print("  command API   http://127.0.0.1:8080/api/v1")
+    print("  dashboards    http://127.0.0.1:8082/  (API: http://127.0.0.1:8082/api/v1)")
+    print(f"  MQTT          {settings.mqtt_url}")
+    if simulate:
+        print(f"  simulated     {simulate} devices, {rate:g} messages/s")
     if token:
         print(f"  admin token (generated; set IOT_API_TOKENS to choose your own): {token}")
     await stop.wait()
