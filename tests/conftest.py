@@ -31,12 +31,13 @@ def unique_namespace() -> str:
 def settings_for(namespace: str) -> Settings:
     env = dict(os.environ)
     env["IOT_NAMESPACE"] = namespace
+    env["IOT_INFLUX_DB"] = namespace
     env["IOT_API_TOKENS"] = ",".join(f"{t}={r}" for t, r in TOKENS.items())
     return load(env)
 
 
 def drop_namespace(settings: Settings) -> None:
-    """Remove what a test namespace created: its schema and its streams."""
+    """Remove what a test namespace created: schema, streams, InfluxDB database, Redis keys."""
     import nats
     import psycopg
     from psycopg import sql
@@ -62,6 +63,20 @@ def drop_namespace(settings: Settings) -> None:
             await nc.close()
 
     asyncio.run(drop_streams())
+
+    import httpx
+    import redis
+
+    httpx.post(
+        f"{settings.influx_url}/query", data={"q": f'DROP DATABASE "{settings.influx_db}"'}
+    ).raise_for_status()
+    client = redis.Redis.from_url(settings.redis_url)
+    try:
+        keys = list(client.scan_iter(match=f"{settings.namespace}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+    finally:
+        client.close()
 
 
 @pytest.fixture
