@@ -1,9 +1,62 @@
-"""Composition root of `iot run gateway` (being built for issue 3)."""
+"""Composition root of `iot run gateway`: the read-only API for dashboards (port 8082)."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+
+import httpx
+from redis.asyncio import Redis
+
+from gateway.api import Gateway, create_app
+from gateway.influx import InfluxQL
+from gateway.ratelimit import RateLimiter, rate_limit_prefix
+from gateway.views import ViewReader
+from iot.httpkit import Authorizer, serve
+from iot.runtime import stop_on_signals
 from iot.settings import Settings
+from iot.views import ViewKeys
+
+log = logging.getLogger(__name__)
+GATEWAY_PORT = 8082
+
+
+def build_gateway(settings: Settings, redis: Redis, http: httpx.AsyncClient) -> Gateway:
+    return Gateway(
+        views=ViewReader(redis, ViewKeys.for_namespace(settings.namespace)),
+        influx=InfluxQL(http, settings.influx_url, settings.influx_db),
+        authorizer=Authorizer(settings.api_tokens),
+        limiter=RateLimiter(
+            redis, rate_limit_prefix(settings.namespace), settings.rate_limit_per_minute
+        ),
+        redis=redis,
+    )
+
+
+async def readiness(gateway: Gateway) -> Mapping[str, bool]:
+    try:
+        redis_ok = bool(await gateway.redis.ping())
+    except Exception:
+        redis_ok = False
+    return {"redis": redis_ok, "influxdb": await gateway.influx.ping()}
 
 
 async def run(settings: Settings) -> None:
-    raise RuntimeError("this component is not built yet (issue 3)")
+    stop = stop_on_signals()
+    redis = Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_timeout=5, health_check_interval=30
+    )
+    http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0))
+    gateway = build_gateway(settings, redis, http)
+
+    async def ready() -> Mapping[str, bool]:
+        return await readiness(gateway)
+
+    app = create_app(gateway, ready)
+    port = settings.port_for(GATEWAY_PORT)
+    log.info("gateway listening", extra={"port": port})
+    try:
+        await serve(app, settings.http_host, port, stop)
+    finally:
+        await http.aclose()
+        await redis.aclose()

@@ -1,0 +1,336 @@
+"""Read-only gateway API (port 8082, prefix /api/v1): views from Redis, telemetry from InfluxDB."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import msgspec
+import redis.exceptions
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from domain.device import DEVICE_ID, LABEL_KEY
+from gateway import metrics
+from gateway.dashboard import DASHBOARD_HTML
+from gateway.influx import InfluxQL, InfluxQueryError, InfluxUnavailable
+from gateway.openapi import openapi_document
+from gateway.ratelimit import RateLimiter, Verdict
+from gateway.telemetry import (
+    AGGS,
+    MAX_POINTS,
+    METRIC,
+    TelemetryQuery,
+    TooManyPoints,
+    build_influxql,
+    format_duration,
+    parse_duration,
+    parse_time,
+    rfc3339,
+    series_from_rows,
+    suggest_every,
+)
+from gateway.views import ViewReader, decode_cursor
+from iot.httpkit import Authorizer, Problem, ReadyCheck, build_app
+from iot.views import STATUSES
+
+log = logging.getLogger(__name__)
+PREFIX = "/api/v1"
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+DEFAULT_RANGE_MS = 3_600_000
+KEEPALIVE_S = 15.0
+_encode = msgspec.json.Encoder().encode
+
+Handler = Callable[[Request], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """What the API reads from: views, telemetry, tokens, the rate limiter and a clock."""
+
+    views: ViewReader
+    influx: InfluxQL
+    authorizer: Authorizer
+    limiter: RateLimiter
+    redis: Redis
+    clock: Callable[[], float] = time.time
+    max_points: int = MAX_POINTS
+
+
+def invalid(field: str, message: str) -> Problem:
+    return Problem(
+        422,
+        "Unprocessable Content",
+        f"{field}: {message}",
+        errors=[{"field": field, "message": message}],
+    )
+
+
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match semantics (weak comparison, `*` matches anything)."""
+    for raw in header.split(","):
+        candidate = raw.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == etag:
+            return True
+    return False
+
+
+def conditional(request: Request, body: Any, headers: dict[str, str]) -> Response:
+    """A JSON answer with an ETag; 304 without a body when If-None-Match matches it."""
+    raw = _encode(body)
+    etag = etag_of(raw)
+    headers = {**headers, "ETag": etag, "Cache-Control": "private, no-cache"}
+    if etag_matches(request.headers.get("if-none-match", ""), etag):
+        return Response(status_code=304, headers=headers)
+    return Response(raw, 200, headers, media_type="application/json")
+
+
+def rate_headers(verdict: Verdict) -> dict[str, str]:
+    return {"RateLimit-Limit": str(verdict.limit), "RateLimit-Remaining": str(verdict.remaining)}
+
+
+def too_many_points(
+    query: TelemetryQuery, metrics_count: int, max_points: int, estimated: int | None = None
+) -> Problem:
+    metrics.TELEMETRY_REFUSED.inc()
+    every = suggest_every(query.start_ms, query.end_ms, metrics_count, max_points)
+    extra: dict[str, Any] = {"max_points": max_points, "suggested_every": every}
+    if estimated is not None:
+        extra["estimated_points"] = estimated
+    return Problem(
+        400,
+        "Bad Request",
+        f"the answer would have more than {max_points} points",
+        hint=(
+            f"downsample with every={every}&agg=mean (the smallest interval that fits), "
+            "narrow the time range, or name fewer metrics"
+        ),
+        **extra,
+    )
+
+
+def parse_limit(raw: str | None) -> int:
+    if raw is None or raw == "":
+        return DEFAULT_LIMIT
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise invalid("limit", f"an integer from 1 to {MAX_LIMIT}")
+    return int(raw)
+
+
+def parse_labels(raw: list[str]) -> list[tuple[str, str]]:
+    labels: list[tuple[str, str]] = []
+    for item in raw:
+        key, sep, value = item.partition(":")
+        if not sep or not LABEL_KEY.fullmatch(key) or len(value) > 256:
+            raise invalid("label", f"key:value with a key matching {LABEL_KEY.pattern}")
+        labels.append((key, value))
+    return labels
+
+
+def parse_metrics(raw: list[str]) -> tuple[str, ...]:
+    names: list[str] = []
+    for item in raw:
+        for name in item.split(","):
+            if not METRIC.fullmatch(name):
+                raise invalid("metric", f"metric names match {METRIC.pattern}, got {name[:80]!r}")
+            if name not in names:
+                names.append(name)
+    return tuple(names)
+
+
+def telemetry_query(device_id: str, request: Request, now_ms: int) -> TelemetryQuery:
+    params = request.query_params
+    metric_names = parse_metrics(params.getlist("metric"))
+    try:
+        end = parse_time(params["to"]) if params.get("to") else now_ms
+    except ValueError as e:
+        raise invalid("to", str(e)) from e
+    try:
+        start = parse_time(params["from"]) if params.get("from") else end - DEFAULT_RANGE_MS
+    except ValueError as e:
+        raise invalid("from", str(e)) from e
+    if start >= end:
+        raise invalid("from", "must be before `to`")
+    every_ms: int | None = None
+    agg = params.get("agg") or None
+    if params.get("every"):
+        try:
+            every_ms = parse_duration(params["every"])
+        except ValueError as e:
+            raise invalid("every", str(e)) from e
+        agg = agg or "mean"
+    elif agg is not None:
+        raise invalid("agg", "needs `every`")
+    if agg is not None and agg not in AGGS:
+        raise invalid("agg", f"one of {', '.join(AGGS)}")
+    return TelemetryQuery(device_id, start, end, metric_names, every_ms, agg)
+
+
+def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
+    def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def wrapped(request: Request) -> Response:
+            principal = gateway.authorizer.authorize(request, "viewer")
+            try:
+                verdict = await gateway.limiter.hit(principal)
+                if not verdict.allowed:
+                    metrics.RATE_LIMITED.inc()
+                    problem = Problem(
+                        429,
+                        "Too Many Requests",
+                        f"at most {verdict.limit} requests a minute per token",
+                    )
+                    problem.headers.update(rate_headers(verdict))
+                    problem.headers["Retry-After"] = str(verdict.retry_after_s)
+                    raise problem
+                body = await handler(request)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                log.warning("Redis unavailable", extra={"error": repr(e)})
+                problem = Problem(503, "Service Unavailable", "the views store is unreachable")
+                problem.headers["Retry-After"] = "1"
+                raise problem from e
+            if isinstance(body, Response):
+                body.headers.update(rate_headers(verdict))
+                return body
+            return conditional(request, body, rate_headers(verdict))
+
+        return wrapped
+
+    def device_id_of(request: Request) -> str:
+        device_id: str = request.path_params["device_id"]
+        if not DEVICE_ID.fullmatch(device_id):
+            raise Problem(404, "Not Found", "no such device")
+        return device_id
+
+    async def list_devices(request: Request) -> Any:
+        params = request.query_params
+        status = params.get("status") or None
+        if status is not None and status not in STATUSES:
+            raise invalid("status", f"one of {', '.join(STATUSES)}")
+        labels = parse_labels(params.getlist("label"))
+        limit = parse_limit(params.get("limit"))
+        after = None
+        if params.get("cursor"):
+            try:
+                after = decode_cursor(params["cursor"])
+            except ValueError as e:
+                raise invalid("cursor", str(e)) from e
+        page = await gateway.views.page(status=status, labels=labels, after=after, limit=limit)
+        return {"items": page.items, "next_cursor": page.next_cursor}
+
+    async def get_device(request: Request) -> Any:
+        device_id = device_id_of(request)
+        view = await gateway.views.device(device_id)
+        if view is None:
+            raise Problem(404, "Not Found", f"no device {device_id}")
+        return view
+
+    async def telemetry(request: Request) -> Any:
+        device_id = device_id_of(request)
+        query = telemetry_query(device_id, request, int(gateway.clock() * 1000))
+        if not await gateway.views.exists(device_id):
+            raise Problem(404, "Not Found", f"no device {device_id}")
+        limit = gateway.max_points
+        if query.downsampled:
+            known = len(query.metrics) or len(await gateway.views.metric_names(device_id))
+            estimated = query.estimated_points(known)
+            if estimated > limit:
+                raise too_many_points(query, max(known, 1), limit, estimated)
+        statement = build_influxql(query, limit)
+        started = time.perf_counter()
+        try:
+            found, partial = await gateway.influx.query(statement)
+        except InfluxUnavailable as e:
+            log.warning("InfluxDB unavailable", extra={"error": str(e)})
+            problem = Problem(503, "Service Unavailable", "the time-series store is unreachable")
+            problem.headers["Retry-After"] = "1"
+            raise problem from e
+        except InfluxQueryError as e:
+            if "unsupported" in str(e):
+                raise invalid("agg", f"{query.agg} does not apply to a non-numeric metric") from e
+            log.warning("InfluxQL error", extra={"error": str(e), "statement": statement})
+            raise Problem(502, "Bad Gateway", "the time-series store refused the query") from e
+        finally:
+            metrics.INFLUX_QUERY.observe(time.perf_counter() - started)
+        columns = found[0].columns if found else ["time"]
+        rows = found[0].values if found else []
+        if partial:
+            raise too_many_points(query, len(query.metrics) or len(columns) - 1, limit)
+        try:
+            series = series_from_rows(query, columns, rows, limit)
+        except TooManyPoints:
+            raise too_many_points(query, len(query.metrics) or len(columns) - 1, limit) from None
+        return {
+            "device_id": device_id,
+            "from": rfc3339(query.start_ms),
+            "to": rfc3339(query.end_ms),
+            "every": format_duration(query.every_ms) if query.every_ms else None,
+            "agg": query.agg,
+            "series": series,
+        }
+
+    async def fleet(_: Request) -> Any:
+        return await gateway.views.fleet(gateway.clock())
+
+    async def stream(_: Request) -> Response:
+        async def events() -> AsyncIterator[bytes]:
+            pubsub = gateway.redis.pubsub()
+            try:
+                await pubsub.subscribe(gateway.views.keys.changes)
+                yield b": connected\n\n"
+                last_sent = time.monotonic()
+                while True:
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=KEEPALIVE_S
+                    )
+                    if message is None:  # a timeout, or a subscription confirmation
+                        if time.monotonic() - last_sent >= KEEPALIVE_S:
+                            yield b": keepalive\n\n"
+                            last_sent = time.monotonic()
+                        continue
+                    last_sent = time.monotonic()
+                    data = message["data"]
+                    device_id = data if isinstance(data, str) else bytes(data).decode()
+                    yield b"event: change\ndata: " + _encode({"device_id": device_id}) + b"\n\n"
+            finally:
+                with anyio.CancelScope(shield=True):  # also when the client went away
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    document = openapi_document()
+
+    async def openapi(request: Request) -> Response:
+        return conditional(request, document, {})
+
+    async def dashboard(_: Request) -> Response:
+        return HTMLResponse(DASHBOARD_HTML)
+
+    device = PREFIX + "/devices/{device_id}"
+    routes = [
+        Route(PREFIX + "/devices", endpoint(list_devices), methods=["GET"]),
+        Route(device, endpoint(get_device), methods=["GET"]),
+        Route(device + "/telemetry", endpoint(telemetry), methods=["GET"]),
+        Route(PREFIX + "/fleet", endpoint(fleet), methods=["GET"]),
+        Route(PREFIX + "/stream", endpoint(stream), methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route(PREFIX + "/openapi.json", openapi, methods=["GET"]),
+        Route("/", dashboard, methods=["GET"]),
+    ]
+    return build_app(routes, ready)

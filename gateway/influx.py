@@ -1,0 +1,82 @@
+"""A small async InfluxQL client for InfluxDB's v1 HTTP API (GET /query, /ping); read only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import msgspec
+
+
+class InfluxError(Exception):
+    """InfluxDB is unreachable or answered with an error."""
+
+
+class InfluxUnavailable(InfluxError):
+    """InfluxDB could not be reached or failed (5xx)."""
+
+
+class InfluxQueryError(InfluxError):
+    """InfluxDB refused the statement (e.g. an aggregate of a non-numeric field)."""
+
+
+class Series(msgspec.Struct):
+    name: str = ""
+    columns: list[str] = []
+    values: list[list[Any]] = []
+
+
+class _Result(msgspec.Struct):
+    statement_id: int = 0
+    series: list[Series] = []
+    error: str | None = None
+    partial: bool = False
+
+
+class _Answer(msgspec.Struct):
+    results: list[_Result] = []
+    error: str | None = None
+
+
+_decode = msgspec.json.Decoder(_Answer).decode
+
+
+class InfluxQL:
+    """Runs one read statement at a time against one database; times come back as epoch ms."""
+
+    def __init__(self, client: httpx.AsyncClient, url: str, db: str) -> None:
+        self._client = client
+        self._url = url.rstrip("/")
+        self._db = db
+
+    async def query(self, statement: str) -> tuple[list[Series], bool]:
+        """The series of one statement and whether InfluxDB cut the answer short (partial)."""
+        try:
+            response = await self._client.get(
+                self._url + "/query", params={"db": self._db, "q": statement, "epoch": "ms"}
+            )
+        except httpx.HTTPError as e:
+            raise InfluxUnavailable(f"InfluxDB unreachable: {e!r}") from e
+        if response.status_code >= 500:
+            raise InfluxUnavailable(f"InfluxDB answered {response.status_code}")
+        try:
+            answer = _decode(response.content)
+        except msgspec.DecodeError as e:
+            raise InfluxUnavailable(f"InfluxDB answered {response.status_code}: {e}") from e
+        if answer.error:
+            raise InfluxQueryError(answer.error)
+        if response.status_code >= 400:
+            raise InfluxQueryError(f"InfluxDB answered {response.status_code}")
+        if not answer.results:
+            return [], False
+        result = answer.results[0]
+        if result.error:
+            raise InfluxQueryError(result.error)
+        return result.series, result.partial
+
+    async def ping(self) -> bool:
+        try:
+            response = await self._client.get(self._url + "/ping")
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 204

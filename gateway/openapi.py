@@ -1,0 +1,326 @@
+"""The OpenAPI 3 description of the read-only gateway, written by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.telemetry import AGGS, MAX_POINTS
+
+_PROBLEM = {"$ref": "#/components/responses/Problem"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _ok(schema: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
+        "content": {"application/json": {"schema": _ref(schema)}},
+    }
+
+
+def _common(extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        "304": {"description": "Not modified: `If-None-Match` matched the current ETag"},
+        "401": _PROBLEM,
+        "403": _PROBLEM,
+        "422": _PROBLEM,
+        "429": {"$ref": "#/components/responses/TooManyRequests"},
+        "503": _PROBLEM,
+    }
+    responses.update(extra or {})
+    return responses
+
+
+def _query(name: str, description: str, schema: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "in": "query", "description": description, "schema": schema, **extra}
+
+
+_IF_NONE_MATCH = {
+    "name": "If-None-Match",
+    "in": "header",
+    "required": False,
+    "description": "An ETag from an earlier answer: 304 without a body if it still matches",
+    "schema": {"type": "string"},
+}
+_DEVICE_ID = {
+    "name": "device_id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+}
+_NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+
+
+def openapi_document() -> dict[str, Any]:
+    statuses = ["provisioned", "active", "suspended", "decommissioned"]
+    schemas: dict[str, Any] = {
+        "DeviceSummary": {
+            "type": "object",
+            "required": ["device_id", "name", "type", "labels", "status", "online", "last_seen"],
+            "properties": {
+                "device_id": {"type": "string"},
+                "name": {"type": "string"},
+                "type": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "status": {"type": "string", "enum": statuses},
+                "online": {"type": "boolean"},
+                "last_seen": _NULLABLE_TIME,
+            },
+        },
+        "DevicePage": {
+            "type": "object",
+            "required": ["items", "next_cursor"],
+            "properties": {
+                "items": {"type": "array", "items": _ref("DeviceSummary")},
+                "next_cursor": {
+                    "type": ["string", "null"],
+                    "description": "Pass as `cursor` for the next page; null on the last page",
+                },
+            },
+        },
+        "Device": {
+            "type": "object",
+            "properties": {
+                "device_id": {"type": "string"},
+                "name": {"type": "string"},
+                "type": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "status": {"type": "string", "enum": statuses},
+                "registered_at": {"type": "string", "format": "date-time"},
+                "updated_at": {"type": "string", "format": "date-time"},
+                "version": {"type": ["integer", "null"], "description": "Last applied event"},
+                "desired": {
+                    "type": "object",
+                    "properties": {
+                        "version": {"type": "integer"},
+                        "config": {"type": "object"},
+                    },
+                },
+                "reported": {"type": ["object", "null"]},
+                "delta": {
+                    "type": "object",
+                    "description": "Desired values missing from reported or different from it "
+                    "(nested objects compared key by key)",
+                },
+                "online": {"type": "boolean"},
+                "last_seen": _NULLABLE_TIME,
+                "metrics": {
+                    "type": "object",
+                    "description": "Latest value of each metric by device time",
+                    "additionalProperties": {
+                        "type": "object",
+                        "properties": {
+                            "value": {"type": ["number", "boolean", "string"]},
+                            "ts": {"type": "string", "format": "date-time"},
+                        },
+                    },
+                },
+                "pending_commands": {"type": "array", "items": {"type": "object"}},
+            },
+        },
+        "Telemetry": {
+            "type": "object",
+            "required": ["device_id", "from", "to", "every", "agg", "series"],
+            "properties": {
+                "device_id": {"type": "string"},
+                "from": {"type": "string", "format": "date-time"},
+                "to": {"type": "string", "format": "date-time"},
+                "every": {"type": ["string", "null"]},
+                "agg": {"type": ["string", "null"], "enum": [*AGGS, None]},
+                "series": {
+                    "type": "object",
+                    "description": "Per metric, [epoch ms, value] pairs in time order; "
+                    "downsampled points carry the start of their interval",
+                    "additionalProperties": {
+                        "type": "array",
+                        "items": {
+                            "type": "array",
+                            "prefixItems": [
+                                {"type": "integer"},
+                                {"type": ["number", "boolean", "string"]},
+                            ],
+                        },
+                    },
+                },
+            },
+        },
+        "Fleet": {
+            "type": "object",
+            "required": ["devices", "by_status", "online", "readings_last_minute"],
+            "properties": {
+                "devices": {"type": "integer"},
+                "by_status": {
+                    "type": "object",
+                    "properties": {s: {"type": "integer"} for s in statuses},
+                },
+                "online": {"type": "integer"},
+                "readings_last_minute": {
+                    "type": "integer",
+                    "description": "Estimate: the current minute's distinct readings plus the "
+                    "previous minute's weighted by its share of the last 60 s (HyperLogLog, "
+                    "~0.81% standard error)",
+                },
+            },
+        },
+        "Problem": {
+            "type": "object",
+            "description": "RFC 9457 problem details",
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "instance": {"type": "string"},
+                "errors": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                    },
+                },
+                "hint": {"type": "string"},
+                "suggested_every": {"type": "string"},
+                "max_points": {"type": "integer"},
+            },
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "IoT read-only gateway",
+            "version": "1.0.0",
+            "description": "Views of the device fleet for dashboards. Bearer token with the "
+            "viewer role or above; answers carry an ETag and honour If-None-Match; each token "
+            "may make a limited number of requests a minute (429 with Retry-After beyond).",
+        },
+        "servers": [{"url": "/api/v1"}],
+        "security": [{"bearer": []}],
+        "paths": {
+            "/devices": {
+                "get": {
+                    "summary": "A page of devices in id order, filtered",
+                    "operationId": "listDevices",
+                    "parameters": [
+                        _query("status", "Lifecycle status", {"type": "string", "enum": statuses}),
+                        _query(
+                            "label",
+                            "`key:value`; repeat for several (all must match)",
+                            {"type": "array", "items": {"type": "string"}},
+                            style="form",
+                            explode=True,
+                        ),
+                        _query("cursor", "`next_cursor` of the previous page", {"type": "string"}),
+                        _query(
+                            "limit",
+                            "Page size",
+                            {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                        ),
+                        _IF_NONE_MATCH,
+                    ],
+                    "responses": _common({"200": _ok("DevicePage", "A page of devices")}),
+                }
+            },
+            "/devices/{device_id}": {
+                "get": {
+                    "summary": "The device view",
+                    "operationId": "getDevice",
+                    "parameters": [_DEVICE_ID, _IF_NONE_MATCH],
+                    "responses": _common({"200": _ok("Device", "The device"), "404": _PROBLEM}),
+                }
+            },
+            "/devices/{device_id}/telemetry": {
+                "get": {
+                    "summary": "A device's time series, raw or downsampled",
+                    "operationId": "getTelemetry",
+                    "description": f"At most {MAX_POINTS} points: a larger answer is refused with "
+                    "400 and a `hint` naming the smallest `every` that fits. The range is "
+                    "[from, to).",
+                    "parameters": [
+                        _DEVICE_ID,
+                        _query(
+                            "metric",
+                            "Metric name(s), repeated or comma-separated; all when absent",
+                            {"type": "array", "items": {"type": "string"}},
+                            style="form",
+                            explode=True,
+                        ),
+                        _query(
+                            "from",
+                            "RFC 3339 or epoch ms; default `to` minus one hour",
+                            {"type": "string"},
+                        ),
+                        _query("to", "RFC 3339 or epoch ms; default now", {"type": "string"}),
+                        _query(
+                            "every",
+                            "Downsampling interval, e.g. 10s, 1m, 1h",
+                            {"type": "string", "pattern": "^[1-9][0-9]*(ms|s|m|h|d|w)$"},
+                        ),
+                        _query(
+                            "agg",
+                            "Aggregate per interval (needs `every`; default mean)",
+                            {"type": "string", "enum": list(AGGS)},
+                        ),
+                        _IF_NONE_MATCH,
+                    ],
+                    "responses": _common(
+                        {
+                            "200": _ok("Telemetry", "The series"),
+                            "400": _PROBLEM,
+                            "404": _PROBLEM,
+                            "502": _PROBLEM,
+                        }
+                    ),
+                }
+            },
+            "/fleet": {
+                "get": {
+                    "summary": "Fleet counts",
+                    "operationId": "getFleet",
+                    "parameters": [_IF_NONE_MATCH],
+                    "responses": _common({"200": _ok("Fleet", "Counts")}),
+                }
+            },
+            "/stream": {
+                "get": {
+                    "summary": "Server-Sent Events: `change` with {device_id} per view change",
+                    "operationId": "streamChanges",
+                    "responses": {
+                        "200": {
+                            "description": "An endless event stream (keep-alive comments "
+                            "every 15 s)",
+                            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                        },
+                        "401": _PROBLEM,
+                        "403": _PROBLEM,
+                        "429": {"$ref": "#/components/responses/TooManyRequests"},
+                    },
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "headers": {
+                "ETag": {"description": "Entity tag of the body", "schema": {"type": "string"}}
+            },
+            "responses": {
+                "Problem": {
+                    "description": "An error",
+                    "content": {"application/problem+json": {"schema": _ref("Problem")}},
+                },
+                "TooManyRequests": {
+                    "description": "The token's requests this minute exceed the limit",
+                    "headers": {
+                        "Retry-After": {
+                            "description": "Seconds until the next window",
+                            "schema": {"type": "integer"},
+                        }
+                    },
+                    "content": {"application/problem+json": {"schema": _ref("Problem")}},
+                },
+            },
+            "schemas": schemas,
+        },
+    }

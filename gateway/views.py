@@ -1,0 +1,276 @@
+"""Reading the device views from Redis (layout fixed in `iot.views`) into the contract's shapes."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import msgspec
+from redis.asyncio import Redis
+
+from domain.device import DEVICE_ID
+from gateway.telemetry import rfc3339
+from iot.views import METRIC_FIELD, STATUSES, ViewKeys
+
+_decode = msgspec.json.decode
+# Below this many candidates, a filtered page intersects the sets; above, it scans the index.
+INTERSECT_MAX = 2_000
+SCAN_CHUNK = 500
+
+
+def encode_cursor(device_id: str) -> str:
+    """An opaque cursor: URL-safe base64 of the last device id of a page, unpadded."""
+    return base64.urlsafe_b64encode(device_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The device id a cursor continues after; ValueError if it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        device_id = raw.decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError) as e:
+        raise ValueError("not a cursor returned by this API") from e
+    if not DEVICE_ID.fullmatch(device_id):
+        raise ValueError("not a cursor returned by this API")
+    return device_id
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality that tells booleans from numbers (true != 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b
+    return type(a) is type(b) and bool(a == b)
+
+
+def delta(desired: Mapping[str, Any], reported: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Desired values the device has not reported (yet): missing keys or different values.
+
+    Nested objects are compared key by key, like AWS IoT's shadow delta.
+    """
+    reported = reported or {}
+    out: dict[str, Any] = {}
+    for key, want in desired.items():
+        if key not in reported:
+            out[key] = want
+            continue
+        have = reported[key]
+        if isinstance(want, dict) and isinstance(have, dict):
+            inner = delta(want, have)
+            if inner:
+                out[key] = inner
+        elif not _same(want, have):
+            out[key] = want
+    return out
+
+
+def _ms(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return int(value) if math.isfinite(value) else None
+
+
+def _json(raw: str | None) -> Any:
+    if raw is None:
+        return None
+    try:
+        return _decode(raw)
+    except msgspec.DecodeError:
+        return None
+
+
+def summary(doc: Mapping[str, Any], online: str | None, last_seen: str | None) -> dict[str, Any]:
+    """A device list entry."""
+    seen = _ms(last_seen)
+    return {
+        "device_id": doc.get("device_id"),
+        "name": doc.get("name"),
+        "type": doc.get("type"),
+        "labels": doc.get("labels") or {},
+        "status": doc.get("status"),
+        "online": online == "1",
+        "last_seen": rfc3339(seen) if seen is not None else None,
+    }
+
+
+def device_view(fields: Mapping[str, str]) -> dict[str, Any] | None:
+    """The device view from the device's hash; None if the device has no view."""
+    doc = _json(fields.get("doc"))
+    if not isinstance(doc, dict):
+        return None
+    desired = doc.get("desired") or {"version": 0, "config": {}}
+    config = desired.get("config") or {}
+    reported = _json(fields.get("reported"))
+    if not isinstance(reported, dict):
+        reported = None
+    metrics: dict[str, Any] = {}
+    for field in sorted(fields):
+        if not field.startswith(METRIC_FIELD):
+            continue
+        latest = _json(fields[field])
+        if isinstance(latest, dict) and "value" in latest:
+            ts = _ms(str(latest.get("ts")))
+            metrics[field[len(METRIC_FIELD) :]] = {
+                "value": latest["value"],
+                "ts": rfc3339(ts) if ts is not None else None,
+            }
+    seen = _ms(fields.get("last_seen"))
+    return {
+        "device_id": doc.get("device_id"),
+        "name": doc.get("name"),
+        "type": doc.get("type"),
+        "labels": doc.get("labels") or {},
+        "status": doc.get("status"),
+        "registered_at": doc.get("registered_at"),
+        "updated_at": doc.get("updated_at"),
+        "version": _ms(fields.get("version")),
+        "desired": {"version": desired.get("version", 0), "config": config},
+        "reported": reported,
+        "delta": delta(config, reported),
+        "online": fields.get("online") == "1",
+        "last_seen": rfc3339(seen) if seen is not None else None,
+        "metrics": metrics,
+        "pending_commands": [],
+    }
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+class ViewReader:
+    """Read-only access to one namespace's device views."""
+
+    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+        self._redis = redis
+        self.keys = keys
+
+    async def device(self, device_id: str) -> dict[str, Any] | None:
+        fields = cast(dict[str, str], await self._redis.hgetall(self.keys.device(device_id)))
+        return device_view(fields) if fields else None
+
+    async def metric_names(self, device_id: str) -> list[str]:
+        fields = cast(list[str], await self._redis.hkeys(self.keys.device(device_id)))
+        return [f[len(METRIC_FIELD) :] for f in fields if f.startswith(METRIC_FIELD)]
+
+    async def exists(self, device_id: str) -> bool:
+        found: bool = await self._redis.hexists(self.keys.device(device_id), "doc")
+        return found
+
+    async def page(
+        self,
+        *,
+        status: str | None,
+        labels: Sequence[tuple[str, str]],
+        after: str | None,
+        limit: int,
+    ) -> Page:
+        """Devices in id order after `after`, matching every filter."""
+        filters = [self.keys.status(status)] if status else []
+        filters += [self.keys.label(k, v) for k, v in labels]
+        if filters:
+            ids = await self._filtered_ids(filters, after, limit + 1)
+        else:
+            start = f"({after}" if after else "-"
+            ids = cast(
+                list[str],
+                await self._redis.zrangebylex(self.keys.devices, start, "+", 0, limit + 1),
+            )
+        entries = await self._summaries(ids[: limit + 1])
+        more = len(ids) > limit
+        items = entries[:limit]
+        next_cursor = encode_cursor(ids[limit - 1]) if more and limit > 0 else None
+        return Page(items, next_cursor)
+
+    async def _filtered_ids(self, filters: list[str], after: str | None, want: int) -> list[str]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for key in filters:
+                pipe.scard(key)
+            sizes: list[int] = await pipe.execute()
+        if min(sizes) == 0:
+            return []
+        if min(sizes) <= INTERSECT_MAX:
+            members = cast(set[str], await self._redis.sinter(filters))
+            ordered = sorted(m for m in members if after is None or m > after)
+            return ordered[:want]
+        # Large sets: walk the lexicographic index from the cursor, keeping members of all.
+        found: list[str] = []
+        start = f"({after}" if after else "-"
+        while len(found) < want:
+            chunk = cast(
+                list[str],
+                await self._redis.zrangebylex(self.keys.devices, start, "+", 0, SCAN_CHUNK),
+            )
+            if not chunk:
+                break
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key in filters:
+                    pipe.smismember(key, chunk)
+                flags: list[list[int]] = await pipe.execute()
+            for i, device_id in enumerate(chunk):
+                if all(f[i] for f in flags):
+                    found.append(device_id)
+            start = f"({chunk[-1]}"
+        return found[:want]
+
+    async def _summaries(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+        if not ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for device_id in ids:
+                pipe.hmget(self.keys.device(device_id), ["doc", "online", "last_seen"])
+            rows: list[list[str | None]] = await pipe.execute()
+        out: list[dict[str, Any]] = []
+        for device_id, (doc_raw, online, last_seen) in zip(ids, rows, strict=True):
+            doc = _json(doc_raw)
+            if not isinstance(doc, dict):  # indexed but its hash not written yet: skip
+                continue
+            doc.setdefault("device_id", device_id)
+            out.append(summary(doc, online, last_seen))
+        return out
+
+    async def fleet(self, now_s: float) -> dict[str, Any]:
+        """Counts by status, total, online, and readings in the last minute (estimate)."""
+        minute = int(now_s // 60)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for status in STATUSES:
+                pipe.scard(self.keys.status(status))
+            pipe.zcard(self.keys.devices)
+            pipe.scard(self.keys.online)
+            pipe.pfcount(self.keys.readings(minute))
+            pipe.pfcount(self.keys.readings(minute - 1))
+            answers: list[int] = await pipe.execute()
+        by_status = dict(zip(STATUSES, answers[: len(STATUSES)], strict=True))
+        total, online, current, previous = answers[len(STATUSES) :]
+        return {
+            "devices": total,
+            "by_status": by_status,
+            "online": online,
+            "readings_last_minute": readings_last_minute(current, previous, now_s),
+        }
+
+
+def readings_last_minute(current: int, previous: int, now_s: float) -> int:
+    """Sliding-window estimate over the per-minute HyperLogLogs.
+
+    The current minute's count plus the previous minute's, weighted by the part of it that
+    still lies within the last 60 s (readings assumed evenly spread within a minute); each
+    HyperLogLog count has a standard error of 0.81%.
+    """
+    elapsed = (now_s % 60) / 60
+    return round(current + previous * (1 - elapsed))

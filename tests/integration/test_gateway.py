@@ -1,0 +1,695 @@
+"""The read-only gateway on real Redis and InfluxDB: views written in the documented layout."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+
+import gateway.views
+from gateway.api import Gateway, create_app
+from gateway.main import build_gateway, readiness
+from gateway.ratelimit import RateLimiter, rate_limit_prefix
+from iot.httpkit import serve
+from iot.settings import Settings
+from iot.views import ViewKeys
+from tests.conftest import settings_for, unique_namespace
+from tests.e2e.processes import free_port
+
+pytestmark = pytest.mark.integration
+
+VIEWER, OPERATOR, ADMIN = (
+    {"Authorization": f"Bearer {t}"}
+    for t in ("viewer-token-0123456789", "operator-token-012345678", "admin-token-0123456789ab")
+)
+T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z, a whole minute
+SECOND = 1_000
+MINUTE = 60 * SECOND
+HOUR = 60 * MINUTE
+NOW_MS = T0 + 2 * HOUR + 30 * SECOND  # half-way through a minute
+NOW_S = NOW_MS / 1000
+
+
+def clock() -> float:
+    return NOW_S
+
+
+# --- fixtures -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def settings() -> Iterator[Settings]:
+    """A fresh namespace with its own InfluxDB database; its keys and database dropped after."""
+    namespace = unique_namespace()
+    settings = dataclasses.replace(settings_for(namespace), influx_db=namespace)
+    httpx.post(f"{settings.influx_url}/query", data={"q": f'CREATE DATABASE "{namespace}"'})
+    yield settings
+    httpx.post(f"{settings.influx_url}/query", data={"q": f'DROP DATABASE "{namespace}"'})
+    sync = SyncRedis.from_url(settings.redis_url)
+    try:
+        for key in sync.scan_iter(match=f"{namespace}:*", count=1000):
+            sync.delete(key)
+    finally:
+        sync.close()
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = Redis.from_url(settings.redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def influx_http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        yield client
+
+
+@pytest.fixture
+def keys(settings: Settings) -> ViewKeys:
+    return ViewKeys.for_namespace(settings.namespace)
+
+
+def make_gateway(
+    settings: Settings, redis: Redis, http: httpx.AsyncClient, limit: int = 10_000
+) -> Gateway:
+    built = build_gateway(settings, redis, http)
+    limiter = RateLimiter(redis, rate_limit_prefix(settings.namespace), limit, clock=clock)
+    return dataclasses.replace(built, limiter=limiter, clock=clock)
+
+
+@contextlib.asynccontextmanager
+async def client_for(gw: Gateway) -> AsyncIterator[httpx.AsyncClient]:
+    async def ready() -> dict[str, bool]:
+        return dict(await readiness(gw))
+
+    transport = httpx.ASGITransport(app=create_app(gw, ready))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield client
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, redis: Redis, influx_http: httpx.AsyncClient
+) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(make_gateway(settings, redis, influx_http)) as c:
+        yield c
+
+
+# --- writing fixture data in the documented layouts -----------------------------------------------
+
+
+async def put_device(
+    redis: Redis,
+    keys: ViewKeys,
+    device_id: str,
+    *,
+    name: str = "Sensor",
+    type_: str = "thermometer",
+    labels: dict[str, str] | None = None,
+    status: str = "active",
+    online: bool = False,
+    last_seen: int | None = None,
+    metrics: dict[str, tuple[int, Any]] | None = None,
+    config: dict[str, Any] | None = None,
+    config_version: int = 0,
+    reported: dict[str, Any] | None = None,
+    version: int = 1,
+) -> None:
+    """A device's view exactly as `iot.views` documents it: the hash and every index."""
+    labels = labels or {}
+    doc = {
+        "device_id": device_id,
+        "name": name,
+        "type": type_,
+        "labels": labels,
+        "status": status,
+        "registered_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-01T00:05:00Z",
+        "desired": {"version": config_version, "config": config or {}},
+    }
+    fields: dict[str, str] = {
+        "version": str(version),
+        "doc": json.dumps(doc),
+        "online": "1" if online else "0",
+    }
+    if last_seen is not None:
+        fields["last_seen"] = str(last_seen)
+    for metric, (ts, value) in (metrics or {}).items():
+        fields[f"m:{metric}"] = json.dumps({"ts": ts, "value": value})
+    if reported is not None:
+        fields["reported"] = json.dumps(reported)
+        fields["reported_at"] = str(T0)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hset(keys.device(device_id), mapping=dict[Any, Any](fields))
+        pipe.zadd(keys.devices, {device_id: 0})
+        pipe.sadd(keys.status(status), device_id)
+        for k, v in labels.items():
+            pipe.sadd(keys.label(k, v), device_id)
+        if online:
+            pipe.sadd(keys.online, device_id)
+        await pipe.execute()
+
+
+async def write_points(http: httpx.AsyncClient, settings: Settings, lines: list[str]) -> None:
+    response = await http.post(
+        f"{settings.influx_url}/write",
+        params={"db": settings.influx_db, "precision": "ms"},
+        content="\n".join(lines).encode(),
+    )
+    assert response.status_code == 204, response.text
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    return body
+
+
+# --- device list ----------------------------------------------------------------------------------
+
+
+async def test_device_list_pages_through_every_device_in_id_order(
+    client: httpx.AsyncClient, redis: Redis, keys: ViewKeys
+) -> None:
+    ids = [f"dev-{i}" for i in (5, 1, 7, 3, 2, 6, 4)]
+    for device_id in ids:
+        await put_device(redis, keys, device_id)
+    seen: list[str] = []
+    sizes: list[int] = []
+    cursor: str | None = None
+    while True:
+        params = {"limit": "3", **({"cursor": cursor} if cursor else {})}
+        response = await client.get("/api/v1/devices", params=params, headers=VIEWER)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        sizes.append(len(page["items"]))
+        seen += [item["device_id"] for item in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == sorted(ids)
+    assert sizes == [3, 3, 1]
+
+
+async def test_device_list_entries_carry_the_contract_fields(
+    client: httpx.AsyncClient, redis: Redis, keys: ViewKeys
+) -> None:
+    await put_device(
+        redis,
+        keys,
+        "boiler-1",
+        name="Boiler",
+        type_="thermostat",
+        labels={"site": "north"},
+        online=True,
+        last_seen=T0 + 1500,
+    )
+    response = await client.get("/api/v1/devices", headers=VIEWER)
+    assert response.json() == {
+        "items": [
+            {
+                "device_id": "boiler-1",
+                "name": "Boiler",
+                "type": "thermostat",
+                "labels": {"site": "north"},
+                "status": "active",
+                "online": True,
+                "last_seen": "2026-01-01T00:00:01.500Z",
+            }
+        ],
+        "next_cursor": None,
+    }
+
+
+@pytest.mark.parametrize("strategy", ["intersect", "scan"])
+async def test_device_list_filters_combine_as_an_intersection_across_pages(
+    client: httpx.AsyncClient,
+    redis: Redis,
+    keys: ViewKeys,
+    monkeypatch: pytest.MonkeyPatch,
+    strategy: str,
+) -> None:
+    if strategy == "scan":
+        monkeypatch.setattr(gateway.views, "INTERSECT_MAX", 0)
+        monkeypatch.setattr(gateway.views, "SCAN_CHUNK", 2)
+    for i in range(12):
+        await put_device(
+            redis,
+            keys,
+            f"dev-{i:02d}",
+            status="suspended" if i % 3 == 0 else "active",
+            labels={"site": "north" if i % 2 == 0 else "south", "floor": str(i % 4)},
+        )
+    expected = [f"dev-{i:02d}" for i in range(12) if i % 3 != 0 and i % 2 == 0 and i % 4 == 2]
+    assert expected == ["dev-02", "dev-10"]
+
+    async def all_pages(params: list[tuple[str, str]]) -> list[str]:
+        found: list[str] = []
+        cursor: str | None = None
+        while True:
+            query = httpx.QueryParams([*params, ("limit", "1")])
+            if cursor:
+                query = query.add("cursor", cursor)
+            response = await client.get("/api/v1/devices", params=query, headers=VIEWER)
+            assert response.status_code == 200, response.text
+            found += [d["device_id"] for d in response.json()["items"]]
+            cursor = response.json()["next_cursor"]
+            if cursor is None:
+                return found
+
+    both = [("status", "active"), ("label", "site:north"), ("label", "floor:2")]
+    assert await all_pages(both) == expected
+    north = [f"dev-{i:02d}" for i in range(0, 12, 2)]
+    assert await all_pages([("label", "site:north")]) == north
+    assert await all_pages([("status", "decommissioned")]) == []
+    assert await all_pages([("label", "site:nowhere"), ("status", "active")]) == []
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"limit": "501"}, "limit"),
+        ({"limit": "0"}, "limit"),
+        ({"cursor": "not a cursor!"}, "cursor"),
+        ({"status": "sleeping"}, "status"),
+        ({"label": "no-colon"}, "label"),
+    ],
+)
+async def test_bad_list_parameters_are_422_naming_the_field(
+    client: httpx.AsyncClient, params: dict[str, str], field: str
+) -> None:
+    response = await client.get("/api/v1/devices", params=params, headers=VIEWER)
+    body = assert_problem(response, 422)
+    assert body["errors"][0]["field"] == field
+
+
+# --- device view ----------------------------------------------------------------------------------
+
+
+async def test_device_view_shows_desired_reported_delta_and_latest_metrics(
+    client: httpx.AsyncClient, redis: Redis, keys: ViewKeys
+) -> None:
+    await put_device(
+        redis,
+        keys,
+        "boiler-1",
+        name="Boiler",
+        labels={"site": "north"},
+        online=True,
+        last_seen=T0 + 2000,
+        metrics={"temperature": (T0 + 1000, 21.5), "mode": (T0 + 2000, "eco")},
+        config={"setpoint": 22, "fan": "auto"},
+        config_version=2,
+        reported={"setpoint": 20, "fan": "auto"},
+        version=4,
+    )
+    response = await client.get("/api/v1/devices/boiler-1", headers=VIEWER)
+    assert response.status_code == 200, response.text
+    view = response.json()
+    assert view == {
+        "device_id": "boiler-1",
+        "name": "Boiler",
+        "type": "thermometer",
+        "labels": {"site": "north"},
+        "status": "active",
+        "registered_at": "2026-01-01T00:00:00Z",
+        "updated_at": "2026-01-01T00:05:00Z",
+        "version": 4,
+        "desired": {"version": 2, "config": {"setpoint": 22, "fan": "auto"}},
+        "reported": {"setpoint": 20, "fan": "auto"},
+        "delta": {"setpoint": 22},
+        "online": True,
+        "last_seen": "2026-01-01T00:00:02.000Z",
+        "metrics": {
+            "mode": {"value": "eco", "ts": "2026-01-01T00:00:02.000Z"},
+            "temperature": {"value": 21.5, "ts": "2026-01-01T00:00:01.000Z"},
+        },
+        "pending_commands": [],
+    }
+
+
+async def test_device_never_reported_has_null_reported_and_full_delta(
+    client: httpx.AsyncClient, redis: Redis, keys: ViewKeys
+) -> None:
+    await put_device(redis, keys, "fresh", status="provisioned", config={"a": 1})
+    view = (await client.get("/api/v1/devices/fresh", headers=VIEWER)).json()
+    assert view["reported"] is None
+    assert view["delta"] == {"a": 1}
+    assert view["online"] is False
+    assert view["last_seen"] is None
+    assert view["metrics"] == {}
+
+
+@pytest.mark.parametrize("device_id", ["ghost", "bad.id"])
+async def test_unknown_device_is_a_404_problem(client: httpx.AsyncClient, device_id: str) -> None:
+    assert_problem(await client.get(f"/api/v1/devices/{device_id}", headers=VIEWER), 404)
+    response = await client.get(f"/api/v1/devices/{device_id}/telemetry", headers=VIEWER)
+    assert_problem(response, 404)
+
+
+# --- ETag, auth, rate limit -----------------------------------------------------------------------
+
+
+async def test_unchanged_view_answers_304_to_its_etag_and_changed_view_a_new_body(
+    client: httpx.AsyncClient, redis: Redis, keys: ViewKeys
+) -> None:
+    await put_device(redis, keys, "dev-1", online=False)
+    first = await client.get("/api/v1/devices/dev-1", headers=VIEWER)
+    etag = first.headers["etag"]
+    again = await client.get("/api/v1/devices/dev-1", headers={**VIEWER, "If-None-Match": etag})
+    assert again.status_code == 304
+    assert again.content == b""
+    assert again.headers["etag"] == etag
+    await put_device(redis, keys, "dev-1", online=True)
+    changed = await client.get("/api/v1/devices/dev-1", headers={**VIEWER, "If-None-Match": etag})
+    assert changed.status_code == 200
+    assert changed.headers["etag"] != etag
+    assert changed.json()["online"] is True
+    for path in ("/api/v1/devices", "/api/v1/fleet"):
+        listed = await client.get(path, headers=VIEWER)
+        cached = await client.get(path, headers={**VIEWER, "If-None-Match": listed.headers["etag"]})
+        assert cached.status_code == 304
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"Authorization": "Bearer wrong-token-000000000"}, {"Authorization": "Basic abc"}],
+)
+async def test_requests_without_a_valid_token_are_401(
+    client: httpx.AsyncClient, headers: dict[str, str]
+) -> None:
+    for path in ("/api/v1/devices", "/api/v1/devices/x", "/api/v1/fleet", "/api/v1/stream"):
+        response = await client.get(path, headers=headers)
+        assert_problem(response, 401)
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_every_role_may_read(client: httpx.AsyncClient) -> None:
+    for headers in (VIEWER, OPERATOR, ADMIN):
+        assert (await client.get("/api/v1/fleet", headers=headers)).status_code == 200
+
+
+async def test_requests_beyond_the_limit_get_429_with_retry_after_per_token(
+    settings: Settings, redis: Redis, influx_http: httpx.AsyncClient
+) -> None:
+    async with client_for(make_gateway(settings, redis, influx_http, limit=3)) as client:
+        for _ in range(3):
+            ok = await client.get("/api/v1/fleet", headers=VIEWER)
+            assert ok.status_code == 200
+        assert ok.headers["ratelimit-remaining"] == "0"
+        refused = await client.get("/api/v1/devices", headers=VIEWER)
+        body = assert_problem(refused, 429)
+        assert refused.headers["retry-after"] == "30"  # the clock is half-way through a minute
+        assert "3" in body["detail"]
+        other = await client.get("/api/v1/fleet", headers=OPERATOR)
+        assert other.status_code == 200
+        exposition = (await client.get("/metrics")).text
+        assert "iot_gateway_rate_limited_total" in exposition
+
+
+# --- telemetry ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def sensor(
+    settings: Settings, redis: Redis, keys: ViewKeys, influx_http: httpx.AsyncClient
+) -> str:
+    """Device `s-1` with two minutes of per-second `temp` = i, plus `mode` and `ok` fields."""
+    await put_device(redis, keys, "s-1", metrics={"temp": (T0, 0.0)})
+    await put_device(redis, keys, "s-2")
+    lines = [f"telemetry,device_id=s-1 temp={float(i)} {T0 + i * SECOND}" for i in range(120)]
+    lines += [
+        f'telemetry,device_id=s-1 mode="eco",ok=true {T0 + 500}',
+        f'telemetry,device_id=s-1 mode="boost",ok=false {T0 + 70_500}',
+        f"telemetry,device_id=s-2 temp=999.0 {T0 + 5 * SECOND}",
+    ]
+    await write_points(influx_http, settings, lines)
+    return "s-1"
+
+
+async def get_telemetry(client: httpx.AsyncClient, **params: Any) -> httpx.Response:
+    return await client.get("/api/v1/devices/s-1/telemetry", params=params, headers=VIEWER)
+
+
+async def test_raw_telemetry_returns_the_points_written_in_the_half_open_range(
+    client: httpx.AsyncClient, sensor: str
+) -> None:
+    response = await get_telemetry(
+        client, metric="temp", **{"from": "2026-01-01T00:00:00Z", "to": str(T0 + 5 * SECOND)}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "device_id": "s-1",
+        "from": "2026-01-01T00:00:00.000Z",
+        "to": "2026-01-01T00:00:05.000Z",
+        "every": None,
+        "agg": None,
+        "series": {"temp": [[T0 + i * SECOND, float(i)] for i in range(5)]},
+    }
+
+
+async def test_raw_telemetry_without_metric_returns_every_field_of_that_device_only(
+    client: httpx.AsyncClient, sensor: str
+) -> None:
+    response = await get_telemetry(client, **{"from": str(T0), "to": str(T0 + 2 * SECOND)})
+    assert response.json()["series"] == {
+        "temp": [[T0, 0.0], [T0 + SECOND, 1.0]],
+        "mode": [[T0 + 500, "eco"]],
+        "ok": [[T0 + 500, True]],
+    }
+
+
+@pytest.mark.parametrize(
+    ("agg", "expected"),
+    [("mean", [29.5, 89.5]), ("min", [0.0, 60.0]), ("max", [59.0, 119.0]), ("count", [60, 60])],
+)
+async def test_downsampled_telemetry_aggregates_each_interval(
+    client: httpx.AsyncClient, sensor: str, agg: str, expected: list[float]
+) -> None:
+    response = await get_telemetry(
+        client, metric="temp", every="1m", agg=agg, **{"from": str(T0), "to": str(T0 + HOUR)}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["every"], body["agg"]) == ("1m", agg)
+    assert body["series"] == {"temp": [[T0, expected[0]], [T0 + MINUTE, expected[1]]]}
+
+
+async def test_downsampled_last_of_every_field_includes_strings_and_booleans(
+    client: httpx.AsyncClient, sensor: str
+) -> None:
+    response = await get_telemetry(
+        client, every="1m", agg="last", **{"from": str(T0), "to": str(T0 + 2 * MINUTE)}
+    )
+    assert response.json()["series"] == {
+        "temp": [[T0, 59.0], [T0 + MINUTE, 119.0]],
+        "mode": [[T0, "eco"], [T0 + MINUTE, "boost"]],
+        "ok": [[T0, True], [T0 + MINUTE, False]],
+    }
+
+
+async def test_telemetry_defaults_to_the_last_hour(
+    client: httpx.AsyncClient, settings: Settings, sensor: str, influx_http: httpx.AsyncClient
+) -> None:
+    inside, before = NOW_MS - 10 * MINUTE, NOW_MS - HOUR - SECOND
+    await write_points(
+        influx_http,
+        settings,
+        [
+            f"telemetry,device_id=s-1 late=1.0 {inside}",
+            f"telemetry,device_id=s-1 late=2.0 {before}",
+        ],
+    )
+    response = await get_telemetry(client, metric="late")
+    body = response.json()
+    assert body["series"] == {"late": [[inside, 1.0]]}
+    assert body["to"] == "2026-01-01T02:00:30.000Z"
+    assert body["from"] == "2026-01-01T01:00:30.000Z"
+
+
+async def test_a_downsampled_query_over_10000_points_is_refused_with_the_fitting_every(
+    client: httpx.AsyncClient, sensor: str
+) -> None:
+    day = {"from": "2026-01-01T00:00:00Z", "to": "2026-01-02T00:00:00Z"}
+    response = await get_telemetry(client, metric="temp", every="1s", agg="mean", **day)
+    body = assert_problem(response, 400)
+    assert body["suggested_every"] == "10s"
+    assert "every=10s" in body["hint"]
+    assert body["max_points"] == 10_000
+    assert body["estimated_points"] == 86_400
+    fits = await get_telemetry(client, metric="temp", every="10s", agg="mean", **day)
+    assert fits.status_code == 200, fits.text
+    assert len(fits.json()["series"]["temp"]) == 12
+
+
+async def test_a_raw_query_over_10000_points_is_refused_with_a_hint(
+    client: httpx.AsyncClient, settings: Settings, redis: Redis, keys: ViewKeys,
+    influx_http: httpx.AsyncClient,
+) -> None:  # fmt: skip
+    await put_device(redis, keys, "busy")
+    lines = [f"telemetry,device_id=busy v={i}.0 {T0 + i * 100}" for i in range(10_001)]
+    await write_points(influx_http, settings, lines)
+    window = {"from": str(T0), "to": str(T0 + HOUR)}
+    url = "/api/v1/devices/busy/telemetry"
+    refused = await client.get(url, params={"metric": "v", **window}, headers=VIEWER)
+    body = assert_problem(refused, 400)
+    assert body["suggested_every"] == "1s"
+    assert "every=1s" in body["hint"]
+    exactly = {"from": str(T0), "to": str(T0 + 10_000 * 100)}  # 10,000 points: allowed
+    allowed = await client.get(url, params={"metric": "v", **exactly}, headers=VIEWER)
+    assert allowed.status_code == 200, allowed.text
+    assert len(allowed.json()["series"]["v"]) == 10_000
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"metric": 'temp" FROM x --'}, "metric"),
+        ({"agg": "mean"}, "agg"),
+        ({"every": "1m", "agg": "sum"}, "agg"),
+        ({"every": "fast"}, "every"),
+        ({"from": "yesterday"}, "from"),
+        ({"from": str(T0 + 10), "to": str(T0)}, "from"),
+        ({"metric": "mode", "every": "1m", "agg": "mean", "from": str(T0)}, "agg"),
+    ],
+)
+async def test_bad_telemetry_parameters_are_422_naming_the_field(
+    client: httpx.AsyncClient, sensor: str, params: dict[str, str], field: str
+) -> None:
+    body = assert_problem(await get_telemetry(client, **params), 422)
+    assert body["errors"][0]["field"] == field
+
+
+# --- fleet, openapi, readiness, stream ------------------------------------------------------------
+
+
+async def test_fleet_counts_statuses_online_devices_and_recent_readings(
+    client: httpx.AsyncClient, redis: Redis, keys: ViewKeys
+) -> None:
+    for i, status in enumerate(["active", "active", "active", "suspended", "provisioned"]):
+        await put_device(redis, keys, f"d{i}", status=status, online=i < 2)
+    minute = int(NOW_S // 60)
+    await redis.pfadd(keys.readings(minute), *[f"7:{i}" for i in range(10)])
+    await redis.pfadd(keys.readings(minute - 1), *[f"6:{i}" for i in range(40)])
+    await redis.pfadd(keys.readings(minute - 2), *[f"5:{i}" for i in range(99)])
+    response = await client.get("/api/v1/fleet", headers=VIEWER)
+    assert response.json() == {
+        "devices": 5,
+        "by_status": {"provisioned": 1, "active": 3, "suspended": 1, "decommissioned": 0},
+        "online": 2,
+        "readings_last_minute": 10 + 20,  # half of the previous minute is within the last 60 s
+    }
+
+
+async def test_openapi_document_parses_and_describes_every_endpoint(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.get("/openapi.json")
+    assert response.status_code == 200
+    document = response.json()
+    assert document["openapi"].startswith("3.")
+    assert set(document["paths"]) == {
+        "/devices",
+        "/devices/{device_id}",
+        "/devices/{device_id}/telemetry",
+        "/fleet",
+        "/stream",
+    }
+    assert document["servers"] == [{"url": "/api/v1"}]
+    assert (await client.get("/api/v1/openapi.json")).json() == document
+    cached = await client.get("/openapi.json", headers={"If-None-Match": response.headers["etag"]})
+    assert cached.status_code == 304
+
+
+async def test_ready_when_redis_and_influxdb_answer(client: httpx.AsyncClient) -> None:
+    response = await client.get("/readyz")
+    assert response.json() == {"ready": True, "checks": {"redis": True, "influxdb": True}}
+
+
+async def test_not_ready_when_influxdb_is_unreachable(
+    settings: Settings, redis: Redis, influx_http: httpx.AsyncClient
+) -> None:
+    dead = dataclasses.replace(settings, influx_url=f"http://127.0.0.1:{free_port()}")
+    async with client_for(make_gateway(dead, redis, influx_http)) as client:
+        response = await client.get("/readyz")
+        assert response.status_code == 503
+        assert response.json()["checks"] == {"redis": True, "influxdb": False}
+
+
+async def test_dashboard_page_is_served(client: httpx.AsyncClient) -> None:
+    response = await client.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert 'const api = "/api/v1"' in response.text
+
+
+async def test_stream_sends_an_event_per_view_change(
+    settings: Settings, redis: Redis, keys: ViewKeys, influx_http: httpx.AsyncClient
+) -> None:
+    gw = make_gateway(settings, redis, influx_http)
+
+    async def ready() -> dict[str, bool]:
+        return {}
+
+    stop = asyncio.Event()
+    port = free_port()
+    server = asyncio.create_task(serve(create_app(gw, ready), "127.0.0.1", port, stop))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            for _ in range(100):  # wait until the server listens
+                with contextlib.suppress(httpx.ConnectError):
+                    await http.get("/healthz")
+                    break
+                await asyncio.sleep(0.05)
+            async with http.stream("GET", "/api/v1/stream", headers=VIEWER) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                lines = (line async for line in response.aiter_lines() if line)
+                assert await anext(lines) == ": connected"
+                await redis.publish(keys.changes, "dev-9")
+                received = [await anext(lines) for _ in range(2)]
+        assert received == ["event: change", 'data: {"device_id":"dev-9"}']
+        for _ in range(200):  # the client went away: the server drops its subscription
+            numsub = await redis.pubsub_numsub(keys.changes)
+            if numsub[0][1] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert numsub[0][1] == 0
+    finally:
+        stop.set()
+        await server
+
+
+async def test_unreachable_redis_is_503_with_retry_after(
+    settings: Settings, influx_http: httpx.AsyncClient
+) -> None:
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", decode_responses=True)
+    try:
+        async with client_for(make_gateway(settings, dead, influx_http)) as client:
+            response = await client.get("/api/v1/fleet", headers=VIEWER)
+            assert_problem(response, 503)
+            assert response.headers["retry-after"] == "1"
+    finally:
+        await dead.aclose()
+
+
+async def test_unreachable_influxdb_makes_telemetry_503(
+    settings: Settings, redis: Redis, keys: ViewKeys, influx_http: httpx.AsyncClient
+) -> None:
+    await put_device(redis, keys, "s-1")
+    dead = dataclasses.replace(settings, influx_url=f"http://127.0.0.1:{free_port()}")
+    async with client_for(make_gateway(dead, redis, influx_http)) as client:
+        response = await client.get("/api/v1/devices/s-1/telemetry", headers=VIEWER)
+        assert_problem(response, 503)
