@@ -1,0 +1,169 @@
+"""MQTT adapter: paho-mqtt 2.x with manual acknowledgements, its network loop in its own thread.
+
+Why paho directly rather than aiomqtt: aiomqtt 2.x acknowledges on receipt and drops on a full
+queue; paho gives native manual acks (`manual_ack_set`) and its threaded loop reconnects by
+itself with exponential backoff, keeping the persistent session's properties. Messages are
+converted to `Inbound` at this edge and handed to asyncio through a deque plus one wake-up per
+burst (`call_soon_threadsafe`), so the event loop pays no per-message cross-thread call.
+
+The bound on what is in flight is MQTT 5's Receive Maximum: the broker sends no more than that
+many unacknowledged QoS 1 messages, so neither this adapter nor the pipeline buffers more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from bridges import metrics
+
+log = logging.getLogger(__name__)
+
+SHARE_GROUP = "iot-bridge"
+TOPICS = ("telemetry", "status", "reported", "commands/ack")
+SESSION_EXPIRY = 24 * 3600  # seconds the broker keeps our session (and queues for it) offline
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """One received MQTT message (payload None: a connection change marker)."""
+
+    generation: int  # connection number: packet ids are only meaningful within one
+    topic: str
+    payload: bytes | None
+    packet_id: int
+    qos: int
+    dup: bool
+    received_at_ns: int
+
+
+def subscriptions(group: str = SHARE_GROUP) -> list[tuple[str, int]]:
+    return [(f"$share/{group}/devices/+/{suffix}", 1) for suffix in TOPICS]
+
+
+class MqttSource:
+    """A persistent-session, manually acknowledging MQTT 5 subscriber."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        receive_maximum: int,
+        *,
+        username: str = "",
+        password: str = "",
+        tls: bool = False,
+        keepalive: int = 30,
+    ) -> None:
+        self.inbox: deque[Inbound] = deque()
+        self.wakeup = asyncio.Event()
+        self.connected = False
+        self.generation = 0
+        self._loop = asyncio.get_running_loop()
+        self._scheduled = False
+        self._stopping = False
+        self._host = host
+        self._port = port
+        self._keepalive = keepalive
+        self._receive_maximum = receive_maximum
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=True,
+        )
+        client.manual_ack_set(True)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if username:
+            client.username_pw_set(username, password or None)
+        if tls:
+            client.tls_set()
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        self.client = client
+
+    def start(self) -> None:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = SESSION_EXPIRY
+        props.ReceiveMaximum = self._receive_maximum
+        self.client.connect_async(
+            self._host, self._port, self._keepalive, clean_start=False, properties=props
+        )
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        """Disconnect (the session and its unacknowledged messages stay with the broker)."""
+        self._stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected = False
+        metrics.MQTT_CONNECTED.set(0)
+
+    def ack(self, packet_id: int, qos: int) -> None:
+        self.client.ack(packet_id, qos)
+
+    # --- paho's network thread -------------------------------------------------------------
+    def _push(self, item: Inbound) -> None:
+        self.inbox.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self._scheduled = False
+        self.wakeup.set()
+
+    def _on_connect(
+        self, client: paho.Client, _: Any, flags: Any, reason: Any, properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("MQTT connection refused", extra={"reason": str(reason)})
+            return
+        self.generation += 1
+        self.connected = True
+        metrics.MQTT_CONNECTED.set(1)
+        log.info(
+            "MQTT connected",
+            extra={"session_present": bool(flags.session_present), "gen": self.generation},
+        )
+        client.subscribe(subscriptions())
+        self._push(Inbound(self.generation, "", None, 0, 0, False, time.time_ns()))
+
+    def _on_disconnect(
+        self, _client: paho.Client, _: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
+        if self.connected and not self._stopping:
+            log.warning("MQTT disconnected", extra={"reason": str(reason)})
+        self.connected = False
+        metrics.MQTT_CONNECTED.set(0)
+        self.generation += 1  # anything still in flight belongs to a dead connection
+        self._push(Inbound(self.generation, "", None, 0, 0, False, time.time_ns()))
+
+    def _on_message(self, _client: paho.Client, _: Any, message: paho.MQTTMessage) -> None:
+        payload = message.payload
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = message._topic.decode("utf-8", "replace")
+        self._push(
+            Inbound(
+                self.generation,
+                topic,
+                payload if isinstance(payload, bytes) else bytes(payload),
+                message.mid,
+                message.qos,
+                bool(message.dup),
+                time.time_ns(),
+            )
+        )
