@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--no-migrate", action="store_true", help="skip `iot migrate` at start")
     up.add_argument("--simulate", type=int, default=0, metavar="N", help="add N simulated devices")
     up.add_argument("--rate", type=float, default=0.0, help="their messages/s in all (N/5)")
+    up.add_argument(
+        "--external-broker",
+        action="store_true",
+        help="use the Mosquitto at IOT_MQTT_URL instead of starting one with the shipped settings",
+    )
 
     sim = sub.add_parser("simulate", help="a simulated device fleet speaking the MQTT contract")
     sim.add_argument("--devices", type=int, default=10)
@@ -104,7 +109,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         rate = args.rate or args.simulate / 5
         return asyncio.run(
-            up(settings, migrate_first=not args.no_migrate, simulate=args.simulate, rate=rate)
+            up(
+                settings,
+                migrate_first=not args.no_migrate,
+                simulate=args.simulate,
+                rate=rate,
+                own_broker=not args.external_broker,
+            )
         )
     if args.command == "simulate":
         return asyncio.run(_simulate(args, settings))

@@ -7,12 +7,15 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
+from iot.broker import PrivateBroker
 from iot.runtime import stop_on_signals
 from iot.settings import Settings
 
@@ -77,10 +80,38 @@ async def _wait_ready(url: str, stop: asyncio.Event, within: float = 60.0) -> bo
     return False
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _start_broker(settings: Settings) -> tuple[PrivateBroker, str]:
+    """Our own Mosquitto with the shipped settings (deep queues, persistence) under `.iot/`."""
+    _, wanted, _ = settings.mqtt
+    port = wanted if _port_free(wanted) else next(p for p in range(1884, 1984) if _port_free(p))
+    broker = PrivateBroker(Path(".iot") / "mosquitto", port)
+    broker.start()
+    return broker, broker.url
+
+
 async def up(
-    settings: Settings, *, migrate_first: bool = True, simulate: int = 0, rate: float = 1.0
+    settings: Settings,
+    *,
+    migrate_first: bool = True,
+    simulate: int = 0,
+    rate: float = 1.0,
+    own_broker: bool = True,
 ) -> int:
     env = dict(os.environ)
+    broker = None
+    mqtt_url = settings.mqtt_url
+    if own_broker:
+        broker, mqtt_url = _start_broker(settings)
+        env["IOT_MQTT_URL"] = mqtt_url
     token = None
     if not settings.api_tokens:
         token = secrets.token_urlsafe(24)
@@ -108,11 +139,13 @@ async def up(
         print(f"  {child.name:<11} http://127.0.0.1:{child.port}/readyz")
     print("  command API   http://127.0.0.1:8080/api/v1")
     print("  dashboards    http://127.0.0.1:8082/  (API: http://127.0.0.1:8082/api/v1)")
-    print(f"  MQTT          {settings.mqtt_url}")
+    print(f"  MQTT          {mqtt_url}" + ("  (iot up's own Mosquitto)" if broker else ""))
     if simulate:
         print(f"  simulated     {simulate} devices, {rate:g} messages/s")
     if token:
         print(f"  admin token (generated; set IOT_API_TOKENS to choose your own): {token}")
     await stop.wait()
     await asyncio.gather(*tasks)
+    if broker is not None:
+        broker.stop()
     return 0

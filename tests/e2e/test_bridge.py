@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridges.broker import PrivateBroker
 from commands.migrate import migrate_streams
 from domain.ingest import Telemetry, decode_ingest
+from iot.broker import PrivateBroker
 from iot.settings import Settings
 from iot.streams import Streams
 from tests.e2e.processes import Component, free_port

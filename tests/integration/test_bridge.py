@@ -19,12 +19,12 @@ from nats.aio.client import Client as NATS
 from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import REGISTRY
 
-from bridges.broker import PrivateBroker
 from bridges.mqtt import MqttSource
 from bridges.pipeline import Pipeline, pump
 from bridges.publisher import Publisher
 from domain.ingest import IngestMessage, Telemetry, decode_ingest
 from domain.published import DeviceDecommissioned, DeviceRegistered, encode_event
+from iot.broker import PrivateBroker
 from iot.settings import Settings
 from iot.streams import Streams
 from tests.e2e.processes import free_port, running

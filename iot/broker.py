@@ -1,4 +1,4 @@
-"""The Mosquitto configuration of this project (`bridges/mosquitto.conf`) and a private broker
+"""The Mosquitto configuration of this project (`iot/mosquitto.conf`) and a private broker
 for tests and one-machine runs."""
 
 from __future__ import annotations
