@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Gauge
@@ -82,7 +81,7 @@ async def consume(
                 sub = await js.pull_subscribe_bind(spec.durable, spec.stream)
             try:
                 msgs = await sub.fetch(spec.batch, timeout=1.0)
-            except NatsTimeoutError:
+            except TimeoutError:  # nats-py raises the builtin or its own subclass of it
                 continue
             try:
                 outcome = await handler(msgs) or Outcome()

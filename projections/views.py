@@ -1,0 +1,302 @@
+"""`iot run projector views`: domain events and device messages -> the Redis device views.
+
+Two durable pull consumers in one process: the EVENTS stream (doc, status and label indexes,
+device list; one compare-and-set script per event on the device version, so several instances
+keep per-device order) and the INGEST stream (latest value of each metric by device time, last
+seen, online, reported state, readings per minute; one script per batch, commutative and
+idempotent). The layout is `iot.views`; the gateway reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from redis.exceptions import NoScriptError
+from starlette.routing import BaseRoute
+
+from domain.ingest import CommandAck, decode_ingest
+from domain.published import PublishedEvent, decode_event
+from iot.httpkit import build_app, serve
+from iot.jetstream import ConsumerSpec, Outcome, consume, report_lag
+from iot.runtime import connect_nats, retry_async, stop_on_signals
+from iot.settings import Settings
+from iot.streams import Streams
+from iot.views import ViewKeys
+from projections import views_scripts
+from projections.views_plan import (
+    EventPlan,
+    IngestPlan,
+    MissingRegistration,
+    decode_doc,
+    plan_event,
+)
+
+log = logging.getLogger(__name__)
+VIEWS_PORT = 8083
+EVENTS_CONSUMER = "views_events"
+INGEST_CONSUMER = "views_ingest"
+ACK_WAIT_S = 10.0  # a batch takes milliseconds; a killed instance's batch moves on after this
+
+MESSAGES = Counter(
+    "iot_views_messages_total",
+    "Messages handled by the views projection, by input and outcome",
+    ["input", "outcome"],
+)
+SCRIPT_LATENCY = Histogram(
+    "iot_views_redis_seconds",
+    "Round trip of one batch's Redis scripts (pipelined)",
+    ["input"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+CHANGES = Counter(
+    "iot_views_changes_total", "Change notifications published on the changes channel"
+)
+
+
+def _projection_lag() -> Gauge:
+    """The lag gauge shared by the projections (another one may have registered it already)."""
+    existing = REGISTRY._names_to_collectors.get("iot_projection_lag_seconds")
+    if isinstance(existing, Gauge):
+        return existing
+    return Gauge(
+        "iot_projection_lag_seconds",
+        "Now minus the event time (or bridge receipt) of the newest message a projection applied",
+        ["projection"],
+    )
+
+
+LAG = _projection_lag().labels(projection="views")
+
+
+class Scripts:
+    """EVALSHA with a reload on NOSCRIPT (a restarted or flushed Redis)."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+        self.sha = {
+            "event": _sha1(views_scripts.EVENT),
+            "ingest": _sha1(views_scripts.INGEST),
+        }
+
+    async def load(self) -> None:
+        await self.redis.script_load(views_scripts.EVENT)
+        await self.redis.script_load(views_scripts.INGEST)
+
+    async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Run commands (`("event"|"ingest", keys, args)` or plain ones) in one round trip."""
+        for attempt in (1, 2):
+            pipe = self.redis.pipeline(transaction=False)
+            for command in commands:
+                if command[0] in self.sha:
+                    name, keys, args = command
+                    pipe.execute_command("EVALSHA", self.sha[name], len(keys), *keys, *args)
+                else:
+                    pipe.execute_command(*command)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+            if attempt == 1 and any(isinstance(r, NoScriptError) for r in results):
+                await self.load()
+                continue  # every effect is idempotent: running the batch again is safe
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results
+        raise AssertionError("unreachable")
+
+
+def _sha1(source: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+
+
+class ViewsProjector:
+    """The two handlers; each returns only once its batch is applied in Redis."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        js: JetStreamContext | None,
+        namespace: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.redis = redis
+        self.js = js
+        self.keys = ViewKeys.for_namespace(namespace)
+        self.streams = Streams(namespace)
+        self.scripts = Scripts(redis)
+        self.clock = clock
+
+    async def handle_events(self, msgs: Sequence[Msg]) -> Outcome:
+        outcome = Outcome()
+        by_device: dict[str, list[tuple[int, PublishedEvent]]] = defaultdict(list)
+        for i, msg in enumerate(msgs):
+            try:
+                event = decode_event(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                await self._dead_letter(msg, "undecodable_event", str(e))
+                outcome.poison.add(i)
+                continue
+            by_device[event.device_id].append((i, event))
+        if not by_device:
+            return outcome
+        devices = list(by_device)
+        start = time.perf_counter()
+        stored = await self.scripts.pipeline(
+            [("HMGET", self.keys.device(d), "version", "doc") for d in devices]
+        )
+        plans: list[tuple[int, EventPlan]] = []
+        for device_id, (raw_version, raw_doc) in zip(devices, stored, strict=True):
+            version = int(raw_version or 0)
+            doc = decode_doc(raw_doc)
+            for i, event in sorted(by_device[device_id], key=lambda x: x[1].version):
+                if event.version <= version:
+                    MESSAGES.labels("events", "skipped").inc()
+                elif event.version > version + 1:
+                    outcome.retry.add(i)  # a gap: its predecessor is elsewhere or later
+                    MESSAGES.labels("events", "retried").inc()
+                else:
+                    try:
+                        plan, doc = plan_event(self.keys, event, doc)
+                    except MissingRegistration as e:
+                        await self._dead_letter(msgs[i], "missing_registration", str(e))
+                        outcome.poison.add(i)
+                        continue
+                    plans.append((i, plan))
+                    version = event.version
+        if not plans:
+            return outcome
+        results = await self.scripts.pipeline(
+            [("event", *plan.script_args(self.keys)) for _, plan in plans]
+        )
+        SCRIPT_LATENCY.labels("events").observe(time.perf_counter() - start)
+        newest = None
+        for (i, plan), result in zip(plans, results, strict=True):
+            if result == 1:
+                MESSAGES.labels("events", "applied").inc()
+                CHANGES.inc()
+                newest = plan.at if newest is None or plan.at > newest else newest
+            elif result == 0:
+                MESSAGES.labels("events", "skipped").inc()
+            else:
+                outcome.retry.add(i)
+                MESSAGES.labels("events", "retried").inc()
+        if newest is not None:
+            LAG.set(max(0.0, self.clock() - newest.timestamp()))
+        return outcome
+
+    async def handle_ingest(self, msgs: Sequence[Msg]) -> Outcome:
+        outcome = Outcome()
+        plan = IngestPlan()
+        applied = ignored = 0
+        for i, msg in enumerate(msgs):
+            try:
+                message = decode_ingest(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                await self._dead_letter(msg, "undecodable_ingest", str(e))
+                outcome.poison.add(i)
+                continue
+            if isinstance(message, CommandAck):
+                ignored += 1  # pending commands are issue 4
+                continue
+            plan.add(msg.metadata.sequence.stream, message)
+            applied += 1
+        if plan.devices or plan.readings:
+            now_ms = int(self.clock() * 1000)
+            keys, args = plan.script_args(self.keys, now_ms)
+            start = time.perf_counter()
+            (changed,) = await self.scripts.pipeline([("ingest", keys, args)])
+            CHANGES.inc(changed)
+            SCRIPT_LATENCY.labels("ingest").observe(time.perf_counter() - start)
+        MESSAGES.labels("ingest", "applied").inc(applied)
+        MESSAGES.labels("ingest", "ignored").inc(ignored)
+        if plan.newest is not None:
+            LAG.set(max(0.0, self.clock() - plan.newest / 1000))
+        return outcome
+
+    async def _dead_letter(self, msg: Msg, reason: str, detail: str) -> None:
+        """Keep an input we cannot apply on the dead-letter stream, with its reason."""
+        log.error("views: message dead-lettered", extra={"reason": reason, "detail": detail})
+        MESSAGES.labels(_input_of(msg.subject), "poison").inc()
+        if self.js is None:
+            raise RuntimeError(f"cannot dead-letter ({reason}): no JetStream")
+        headers = {
+            "Iot-Reason": reason,
+            "Iot-Topic": msg.subject,
+            "Iot-Detail": " ".join(detail.split())[:512],  # no line breaks in a header
+            "Iot-Source": "views",
+        }
+        with contextlib.suppress(Exception):  # a redelivered poison message is stored once
+            meta = msg.metadata
+            headers["Nats-Msg-Id"] = f"views:{meta.stream}:{meta.sequence.stream}"
+        await self.js.publish(self.streams.deadletter_subject(reason), msg.data, headers=headers)
+
+
+def _input_of(subject: str) -> str:
+    return "ingest" if ".ingest." in f".{subject}" else "events"
+
+
+def consumer_specs(namespace: str) -> tuple[ConsumerSpec, ConsumerSpec]:
+    streams = Streams(namespace)
+    events = ConsumerSpec(
+        stream=streams.events,
+        durable=streams.consumer(EVENTS_CONSUMER),
+        filter_subject=streams.events_wildcard,
+        batch=200,
+        ack_wait=ACK_WAIT_S,
+        retry_delay=0.2,
+    )
+    ingest = ConsumerSpec(
+        stream=streams.ingest,
+        durable=streams.consumer(INGEST_CONSUMER),
+        filter_subject=streams.ingest_wildcard,
+        batch=250,
+        ack_wait=ACK_WAIT_S,
+    )
+    return events, ingest
+
+
+async def run(settings: Settings) -> None:
+    stop = stop_on_signals()
+    redis = aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
+    await retry_async("Redis", redis.ping)
+    nc = await retry_async("NATS", lambda: connect_nats(settings.nats_url, "iot-views"))
+    js = nc.jetstream()
+    projector = ViewsProjector(redis, js, settings.namespace)
+    await projector.scripts.load()
+
+    async def ready() -> Mapping[str, bool]:
+        try:
+            redis_ok = bool(await redis.ping())
+        except Exception:
+            redis_ok = False
+        return {"nats": nc.is_connected, "redis": redis_ok}
+
+    events, ingest = consumer_specs(settings.namespace)
+    routes: list[BaseRoute] = []
+    port = settings.port_for(VIEWS_PORT)
+    log.info("views projector listening", extra={"port": port})
+    tasks = [
+        asyncio.create_task(consume(js, events, projector.handle_events, stop)),
+        asyncio.create_task(consume(js, ingest, projector.handle_ingest, stop)),
+        asyncio.create_task(report_lag(js, events, stop)),
+        asyncio.create_task(report_lag(js, ingest, stop)),
+    ]
+    try:
+        await serve(build_app(routes, ready), settings.http_host, port, stop)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await nc.drain()
+        await redis.aclose()

@@ -1,0 +1,127 @@
+"""Lua scripts of the `views` projection: each runs atomically in Redis (change + checkpoint)."""
+
+from __future__ import annotations
+
+# One domain event. The device's `version` is the checkpoint: the event applies only directly
+# after its predecessor (compare-and-set on version - 1); an older one is skipped, a newer one
+# (a gap: another instance holds its predecessor) is left for a retry.
+# KEYS: device hash, online set, then one key per index operation.
+# ARGV: version, doc, online flag ("1", "0" or ""), online_at (epoch ms), device id, changes
+#       channel, then one operation per extra key: zadd, sadd or srem (of the device id).
+# Returns 1 applied (and publishes the device id), 0 already applied, 2 gap (retry later).
+EVENT = """
+local h = KEYS[1]
+local v = tonumber(ARGV[1])
+local cur = tonumber(redis.call('HGET', h, 'version') or '0')
+if cur >= v then return 0 end
+if cur ~= v - 1 then return 2 end
+redis.call('HSET', h, 'version', ARGV[1], 'doc', ARGV[2])
+local id = ARGV[5]
+local flag = ARGV[3]
+if flag ~= '' then
+  local at = tonumber(ARGV[4])
+  local old_at = tonumber(redis.call('HGET', h, 'online_at') or '-1')
+  local old = redis.call('HGET', h, 'online') or ''
+  if at > old_at or (at == old_at and flag > old) then
+    redis.call('HSET', h, 'online', flag, 'online_at', ARGV[4])
+    if flag == '1' then redis.call('SADD', KEYS[2], id) else redis.call('SREM', KEYS[2], id) end
+  end
+end
+for i = 3, #KEYS do
+  local op = ARGV[i + 4]
+  if op == 'zadd' then redis.call('ZADD', KEYS[i], 0, id)
+  elseif op == 'sadd' then redis.call('SADD', KEYS[i], id)
+  else redis.call('SREM', KEYS[i], id) end
+end
+redis.call('PUBLISH', ARGV[6], id)
+return 1
+"""
+
+# One ingest batch, reduced per device to maxima (see views_plan.IngestPlan): every update is
+# "keep the larger" under a total order, so re-applying or reordering changes nothing.
+# KEYS: the online set.
+# ARGV: device key prefix, changes channel, the batch as JSON (numbers as text):
+#   [[[id, last_seen, status_at, flag, reported_at, reported, [field, ts, json, ...]], ...],
+#    [[readings key, expire at (epoch s), [reading id, ...]], ...]]   ("" = nothing)
+# Publishes each changed device id on the changes channel; returns how many changed.
+INGEST = """
+local function chunked(cmd, key, list)
+  local out = {}
+  for s = 1, #list, 1000 do
+    local part = redis.call(cmd, key, unpack(list, s, math.min(s + 999, #list)))
+    if type(part) == 'table' then
+      for _, x in ipairs(part) do out[#out + 1] = x end
+    end
+  end
+  return out
+end
+
+local batch = cjson.decode(ARGV[3])
+local changed = 0
+for _, d in ipairs(batch[1]) do
+  local id = d[1]
+  local h = ARGV[1] .. id
+  local seen, status_at, flag, reported_at, reported, metrics = d[2], d[3], d[4], d[5], d[6], d[7]
+  local ch = false
+  if #metrics > 0 then
+    local fields = {}
+    for k = 1, #metrics, 3 do fields[#fields + 1] = metrics[k] end
+    local olds = chunked('HMGET', h, fields)
+    local sets = {}
+    for k = 1, #fields do
+      local ts = tonumber(metrics[3 * k - 1])
+      local js = metrics[3 * k]
+      local old = olds[k]
+      local apply = true
+      if old then
+        local old_ts = tonumber(string.match(old, '^{"ts":(%-?%d+)'))
+        if old_ts then apply = ts > old_ts or (ts == old_ts and js > old) end
+      end
+      if apply then
+        sets[#sets + 1] = fields[k]
+        sets[#sets + 1] = js
+      end
+    end
+    if #sets > 0 then
+      chunked('HSET', h, sets)
+      ch = true
+    end
+  end
+  if seen ~= '' then
+    local old = tonumber(redis.call('HGET', h, 'last_seen') or '-1')
+    if tonumber(seen) > old then
+      redis.call('HSET', h, 'last_seen', seen)
+      ch = true
+    end
+  end
+  if status_at ~= '' then
+    local at = tonumber(status_at)
+    local old_at = tonumber(redis.call('HGET', h, 'online_at') or '-1')
+    local old = redis.call('HGET', h, 'online') or ''
+    if at > old_at or (at == old_at and flag > old) then
+      redis.call('HSET', h, 'online', flag, 'online_at', status_at)
+      if flag == '1' then redis.call('SADD', KEYS[1], id) else redis.call('SREM', KEYS[1], id) end
+      ch = true
+    end
+  end
+  if reported_at ~= '' then
+    local at = tonumber(reported_at)
+    local old_at = tonumber(redis.call('HGET', h, 'reported_at') or '-1')
+    local apply = at > old_at
+    if at == old_at then apply = reported > (redis.call('HGET', h, 'reported') or '') end
+    if apply then
+      redis.call('HSET', h, 'reported', reported, 'reported_at', reported_at)
+      ch = true
+    end
+  end
+  if ch then
+    changed = changed + 1
+    redis.call('PUBLISH', ARGV[2], id)
+  end
+end
+for _, r in ipairs(batch[2]) do
+  chunked('PFADD', r[1], r[3])
+  redis.call('EXPIREAT', r[1], r[2])
+end
+return changed
+"""

@@ -1,0 +1,500 @@
+"""The views projection on real Redis and NATS, in the layout of `iot.views` (the gateway's)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import nats
+import pytest
+import redis.asyncio as aioredis
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.client import JetStreamContext
+
+from domain.ingest import (
+    KINDS,
+    CommandAck,
+    IngestMessage,
+    Reading,
+    Reported,
+    Status,
+    Telemetry,
+    encode_ingest,
+)
+from domain.published import (
+    DeviceConfigured,
+    DeviceConnected,
+    DeviceDecommissioned,
+    DeviceRegistered,
+    DeviceResumed,
+    DeviceSuspended,
+    PublishedEvent,
+    encode_event,
+)
+from iot.jetstream import Outcome, consume
+from iot.settings import Settings
+from iot.streams import Streams
+from iot.views import ViewKeys
+from projections.views import ViewsProjector, consumer_specs
+
+pytestmark = pytest.mark.integration
+
+NOW_MS = int(time.time() * 1000)
+T0 = datetime.fromtimestamp(NOW_MS // 1000, UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+@dataclass
+class Env:
+    settings: Settings
+    redis: aioredis.Redis
+    nc: NATS
+    js: JetStreamContext
+    projector: ViewsProjector
+    keys: ViewKeys
+    streams: Streams
+    pulls: dict[str, Any]
+
+    async def publish_events(self, *events: PublishedEvent) -> None:
+        for event in events:
+            await self.js.publish(self.streams.event_subject(event.device_id), encode_event(event))
+
+    async def publish_ingest(self, *messages: IngestMessage | bytes, device: str = "d1") -> None:
+        for message in messages:
+            if isinstance(message, bytes):
+                subject, data = self.streams.ingest_subject("telemetry", device), message
+            else:
+                kind = KINDS[type(message)]
+                subject = self.streams.ingest_subject(kind, message.device_id)
+                data = encode_ingest(message)
+            await self.js.publish(subject, data)
+
+    async def pull(self, stream: str, subject: str, n: int) -> list[Msg]:
+        """The next `n` messages of a stream (without acknowledging them)."""
+        sub = self.pulls.get(stream)
+        if sub is None:
+            sub = self.pulls[stream] = await self.js.pull_subscribe(
+                subject, durable="test_" + stream.lower(), stream=stream
+            )
+        got: list[Msg] = []
+        while len(got) < n:
+            got += await sub.fetch(n - len(got), timeout=5)
+        return got
+
+    async def events(self, *events: PublishedEvent) -> tuple[Outcome, list[Msg]]:
+        """Publish events, pull them back in one batch, hand the batch to the projector."""
+        await self.publish_events(*events)
+        msgs = await self.pull(self.streams.events, self.streams.events_wildcard, len(events))
+        return await self.projector.handle_events(msgs), msgs
+
+    async def ingest(self, *messages: IngestMessage | bytes) -> tuple[Outcome, list[Msg]]:
+        await self.publish_ingest(*messages)
+        msgs = await self.pull(self.streams.ingest, self.streams.ingest_wildcard, len(messages))
+        return await self.projector.handle_ingest(msgs), msgs
+
+    async def hash(self, device_id: str) -> dict[str, str]:
+        raw = await self.redis.hgetall(self.keys.device(device_id))
+        return {text(k): text(v) for k, v in raw.items()}
+
+    async def doc(self, device_id: str) -> dict[str, Any]:
+        doc: dict[str, Any] = msgspec.json.decode((await self.hash(device_id))["doc"])
+        return doc
+
+    async def members(self, key: str) -> set[str]:
+        return {text(m) for m in await self.redis.smembers(key)}
+
+    async def dump(self) -> dict[bytes, bytes | None]:
+        """Every key of the views, as Redis serialises it (byte-identical or not)."""
+        return await dump_keys(self.redis, self.keys.prefix)
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def dump_keys(redis: aioredis.Redis, prefix: str) -> dict[bytes, bytes | None]:
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}:*", count=1000)]
+    return {k: await redis.dump(k) for k in sorted(keys)}
+
+
+async def delete_keys(redis: aioredis.Redis, pattern: str) -> None:
+    keys = [k async for k in redis.scan_iter(match=pattern, count=1000)]
+    for start in range(0, len(keys), 500):
+        await redis.delete(*keys[start : start + 500])
+
+
+@pytest.fixture
+async def env(migrated: Settings) -> AsyncIterator[Env]:
+    redis = aioredis.Redis.from_url(migrated.redis_url)
+    nc = await nats.connect(migrated.nats_url)
+    js = nc.jetstream()
+    projector = ViewsProjector(redis, js, migrated.namespace)
+    await projector.scripts.load()
+    try:
+        yield Env(
+            migrated,
+            redis,
+            nc,
+            js,
+            projector,
+            projector.keys,
+            Streams(migrated.namespace),
+            {},
+        )
+    finally:
+        await delete_keys(redis, f"{migrated.namespace}*:views:*")
+        await nc.close()
+        await redis.aclose()
+
+
+def registered(device_id: str = "d1", labels: dict[str, str] | None = None) -> DeviceRegistered:
+    return DeviceRegistered(
+        device_id=device_id,
+        version=1,
+        at=T0,
+        position=1,
+        name="Boiler",
+        type="thermostat",
+        labels={"site": "north", "floor": "2"} if labels is None else labels,
+    )
+
+
+def configured(version: int, config: dict[str, Any], device_id: str = "d1") -> DeviceConfigured:
+    return DeviceConfigured(
+        device_id=device_id,
+        version=version,
+        at=at(version),
+        position=version,
+        config=config,
+        config_version=version - 1,
+    )
+
+
+def telemetry(
+    received_at: int, *readings: tuple[int, dict[str, Any]], device: str = "d1"
+) -> Telemetry:
+    return Telemetry(
+        device_id=device,
+        received_at=received_at,
+        readings=[Reading(ts, values) for ts, values in readings],
+    )
+
+
+async def test_registration_builds_doc_device_list_status_and_label_sets(env: Env) -> None:
+    outcome, _ = await env.events(registered())
+    assert outcome == Outcome()
+    fields = await env.hash("d1")
+    assert fields["version"] == "1"
+    assert await env.doc("d1") == {
+        "device_id": "d1",
+        "name": "Boiler",
+        "type": "thermostat",
+        "labels": {"site": "north", "floor": "2"},
+        "status": "provisioned",
+        "registered_at": msgspec.json.decode(msgspec.json.encode(T0)),
+        "updated_at": msgspec.json.decode(msgspec.json.encode(T0)),
+        "desired": {"version": 0, "config": {}},
+    }
+    assert await env.redis.zrange(env.keys.devices, 0, -1) == [b"d1"]
+    assert await env.members(env.keys.status("provisioned")) == {"d1"}
+    assert await env.members(env.keys.label("site", "north")) == {"d1"}
+    assert await env.members(env.keys.label("floor", "2")) == {"d1"}
+
+
+async def test_lifecycle_events_update_doc_desired_state_and_status_sets(env: Env) -> None:
+    outcome, _ = await env.events(
+        registered(),
+        configured(2, {"setpoint": 21.5, "modes": [], "deep": {"x": 0.1234567890123456789}}),
+        DeviceSuspended(device_id="d1", version=3, at=at(3), position=3, reason="maint"),
+        DeviceResumed(device_id="d1", version=4, at=at(4), position=4, status="provisioned"),
+        DeviceConnected(device_id="d1", version=5, at=at(5), position=5),
+    )
+    assert outcome == Outcome()
+    doc = await env.doc("d1")
+    assert doc["status"] == "active"
+    assert doc["desired"] == {
+        "version": 1,
+        "config": {"setpoint": 21.5, "modes": [], "deep": {"x": 0.1234567890123456789}},
+    }
+    fields = await env.hash("d1")
+    assert (fields["version"], fields["online"]) == ("5", "1")
+    assert await env.members(env.keys.status("active")) == {"d1"}
+    for status in ("provisioned", "suspended"):
+        assert await env.members(env.keys.status(status)) == set()
+    assert await env.members(env.keys.online) == {"d1"}
+
+    await env.events(
+        DeviceDecommissioned(device_id="d1", version=6, at=at(6), position=6, reason="eol")
+    )
+    assert (await env.doc("d1"))["status"] == "decommissioned"
+    assert await env.members(env.keys.status("active")) == set()
+    assert await env.members(env.keys.status("decommissioned")) == {"d1"}
+    assert await env.members(env.keys.online) == set()
+    assert await env.redis.zrange(env.keys.devices, 0, -1) == [b"d1"]
+
+
+async def test_repeated_events_change_nothing(env: Env) -> None:
+    events = (registered(), configured(2, {"a": 1}), configured(3, {"a": 2}))
+    _, msgs = await env.events(*events)
+    before = await env.dump()
+    assert await env.projector.handle_events(msgs) == Outcome()  # the batch redelivered
+    outcome, _ = await env.events(*events)  # the same events published again
+    assert outcome == Outcome()
+    assert await env.dump() == before
+    assert (await env.hash("d1"))["version"] == "3"
+
+
+async def test_event_after_a_gap_is_retried_then_applied_once_its_predecessor_arrives(
+    env: Env,
+) -> None:
+    await env.events(registered())
+    outcome, later = await env.events(configured(3, {"a": 2}))
+    assert outcome.retry == {0}
+    assert (await env.hash("d1"))["version"] == "1"
+
+    await env.events(configured(2, {"a": 1}))
+    assert await env.projector.handle_events(later) == Outcome()
+    fields = await env.hash("d1")
+    assert fields["version"] == "3"
+    assert (await env.doc("d1"))["desired"] == {"version": 2, "config": {"a": 2}}
+
+
+async def test_events_of_one_batch_apply_in_version_order_whatever_their_order(env: Env) -> None:
+    outcome, _ = await env.events(configured(3, {"a": 2}), configured(2, {"a": 1}), registered())
+    assert outcome == Outcome()
+    assert (await env.hash("d1"))["version"] == "3"
+    assert (await env.doc("d1"))["desired"] == {"version": 2, "config": {"a": 2}}
+
+
+async def test_latest_metric_value_is_by_device_time_not_arrival_order(env: Env) -> None:
+    await env.ingest(telemetry(NOW_MS, (NOW_MS - 100, {"t": 3.0, "h": 40})))
+    await env.ingest(telemetry(NOW_MS + 1, (NOW_MS - 300, {"t": 1.0, "h": 41})))
+    await env.ingest(
+        telemetry(NOW_MS + 2, (NOW_MS - 200, {"t": 2.0}), (NOW_MS - 50, {"h": 42, "s": "ok"}))
+    )
+    fields = await env.hash("d1")
+    assert msgspec.json.decode(fields["m:t"]) == {"ts": NOW_MS - 100, "value": 3.0}
+    assert msgspec.json.decode(fields["m:h"]) == {"ts": NOW_MS - 50, "value": 42}
+    assert msgspec.json.decode(fields["m:s"]) == {"ts": NOW_MS - 50, "value": "ok"}
+    assert fields["last_seen"] == str(NOW_MS - 50)
+
+
+async def test_stale_or_repeated_status_changes_nothing(env: Env) -> None:
+    await env.ingest(Status(device_id="d1", received_at=NOW_MS, online=True))
+    fields = await env.hash("d1")
+    assert (fields["online"], fields["online_at"]) == ("1", str(NOW_MS))
+    assert await env.members(env.keys.online) == {"d1"}
+    before = await env.dump()
+
+    await env.ingest(Status(device_id="d1", received_at=NOW_MS, online=True))
+    await env.ingest(Status(device_id="d1", received_at=NOW_MS - 1000, online=False))
+    assert await env.dump() == before
+
+    await env.ingest(Status(device_id="d1", received_at=NOW_MS + 1000, online=False))
+    fields = await env.hash("d1")
+    assert (fields["online"], fields["online_at"]) == ("0", str(NOW_MS + 1000))
+    assert await env.members(env.keys.online) == set()
+
+
+async def test_connection_event_older_than_the_last_status_leaves_online_alone(env: Env) -> None:
+    await env.events(registered())
+    await env.ingest(Status(device_id="d1", received_at=NOW_MS + 10_000, online=False))
+    await env.events(DeviceConnected(device_id="d1", version=2, at=at(5), position=2))
+    fields = await env.hash("d1")
+    assert (fields["version"], fields["online"]) == ("2", "0")
+    assert (await env.doc("d1"))["status"] == "active"
+
+
+async def test_reported_state_keeps_the_newest(env: Env) -> None:
+    await env.ingest(Reported(device_id="d1", received_at=NOW_MS, state={"fw": "2.0"}))
+    await env.ingest(Reported(device_id="d1", received_at=NOW_MS - 5, state={"fw": "1.0"}))
+    fields = await env.hash("d1")
+    assert msgspec.json.decode(fields["reported"]) == {"fw": "2.0"}
+    assert fields["reported_at"] == str(NOW_MS)
+
+
+def mixed_batch() -> list[IngestMessage]:
+    out: list[IngestMessage] = []
+    for d in range(3):
+        device = f"d{d}"
+        for i in range(10):
+            ts = NOW_MS - 1000 + (i * 7919 % 10) * 10  # device times out of order
+            out.append(
+                telemetry(NOW_MS + i, (ts, {"t": i, "d": d}), (ts + 1, {"u": i}), device=device)
+            )
+        out.append(Status(device_id=device, received_at=NOW_MS + d, online=d != 1))
+        out.append(Reported(device_id=device, received_at=NOW_MS, state={"fw": d}))
+        out.append(CommandAck(device_id=device, received_at=NOW_MS, command_id="c", status="ok"))
+    return out
+
+
+async def test_redelivered_ingest_batch_leaves_every_key_byte_identical(env: Env) -> None:
+    batch = mixed_batch()
+    outcome, msgs = await env.ingest(*batch)
+    assert outcome == Outcome()
+    before = await env.dump()
+    assert await env.projector.handle_ingest(msgs) == Outcome()
+    assert await env.projector.handle_ingest(list(reversed(msgs))) == Outcome()
+    for msg in msgs[::3]:
+        await env.projector.handle_ingest([msg])
+    assert await env.dump() == before
+
+
+async def test_one_message_at_a_time_in_any_order_gives_the_same_views(env: Env) -> None:
+    _, msgs = await env.ingest(*mixed_batch())
+    other = ViewsProjector(env.redis, env.js, env.settings.namespace + "r")
+    for msg in reversed(msgs):
+        await other.handle_ingest([msg])
+    for d in ("d0", "d1", "d2"):
+        mine = await env.hash(d)
+        theirs = await env.redis.hgetall(other.keys.device(d))
+        assert mine == {text(k): text(v) for k, v in theirs.items()}
+        newest = max(range(10), key=lambda i: i * 7919 % 10)
+        assert mine["m:t"] == f'{{"ts":{NOW_MS - 1000 + 90},"value":{newest}}}'
+    assert await env.members(env.keys.online) == {"d0", "d2"}
+    assert {text(m) for m in await env.redis.smembers(other.keys.online)} == {"d0", "d2"}
+
+
+async def test_readings_are_counted_once_per_minute_of_receipt(env: Env) -> None:
+    _, msgs = await env.ingest(
+        telemetry(NOW_MS, (NOW_MS, {"a": 1}), (NOW_MS + 1, {"a": 2}), (NOW_MS + 2, {"a": 3})),
+        telemetry(NOW_MS, (NOW_MS + 3, {"a": 4}), (NOW_MS + 4, {"a": 5})),
+    )
+    await env.projector.handle_ingest(msgs)
+    key = env.keys.readings(NOW_MS // 60_000)
+    assert await env.redis.pfcount(key) == 5
+    ttl = await env.redis.ttl(key)
+    assert 0 < ttl <= 240
+
+
+async def test_each_changed_device_is_published_once_per_batch(env: Env) -> None:
+    pubsub = env.redis.pubsub()
+    await pubsub.subscribe(env.keys.changes)
+    await pubsub.get_message(timeout=5)  # the subscription confirmation
+    _, msgs = await env.ingest(
+        telemetry(NOW_MS, (NOW_MS, {"a": 1}), device="d1"),
+        telemetry(NOW_MS, (NOW_MS + 1, {"a": 2}), device="d1"),
+        telemetry(NOW_MS, (NOW_MS, {"a": 1}), device="d2"),
+    )
+    await env.projector.handle_ingest(msgs)  # a redelivery: nothing changes, nothing published
+    await env.redis.publish(env.keys.changes, "sentinel")
+    seen: list[str] = []
+    while not seen or seen[-1] != "sentinel":
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+        assert message is not None
+        seen.append(message["data"].decode())
+    assert sorted(seen[:-1]) == ["d1", "d2"]
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_each_applied_event_is_published_and_a_repeated_one_is_not(env: Env) -> None:
+    pubsub = env.redis.pubsub()
+    await pubsub.subscribe(env.keys.changes)
+    await pubsub.get_message(timeout=5)
+    _, msgs = await env.events(registered("e1"), configured(2, {"a": 1}, device_id="e1"))
+    await env.projector.handle_events(msgs)
+    await env.redis.publish(env.keys.changes, "sentinel")
+    seen: list[str] = []
+    while not seen or seen[-1] != "sentinel":
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+        assert message is not None
+        seen.append(message["data"].decode())
+    assert seen == ["e1", "e1", "sentinel"]
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+async def test_undecodable_input_is_dead_lettered_and_terminated(env: Env) -> None:
+    outcome, _ = await env.ingest(b"{not json", telemetry(NOW_MS, (NOW_MS, {"a": 1})))
+    assert outcome.poison == {0}
+    assert "m:a" in await env.hash("d1")
+    info = await env.js.stream_info(env.streams.deadletter)
+    assert info.state.messages == 1
+    dead = await env.js.get_msg(env.streams.deadletter, info.state.last_seq)
+    assert dead.data == b"{not json"
+    assert (dead.headers or {})["Iot-Reason"] == "undecodable_ingest"
+
+
+async def wait_for(check: Any, what: str, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached: {what}")
+        await asyncio.sleep(0.05)
+
+
+async def test_consumers_apply_published_input_with_gaps_and_redeliveries(env: Env) -> None:
+    stop = asyncio.Event()
+    events_spec, ingest_spec = consumer_specs(env.settings.namespace)
+    tasks = [
+        asyncio.create_task(consume(env.js, events_spec, env.projector.handle_events, stop)),
+        asyncio.create_task(consume(env.js, ingest_spec, env.projector.handle_ingest, stop)),
+    ]
+    try:
+        # Version 2 before its predecessor: retried until version 1 is there.
+        await env.publish_events(configured(2, {"a": 1}, device_id="x"))
+        await env.publish_ingest(telemetry(NOW_MS, (NOW_MS + 5, {"v": 5}), device="x"))
+        await asyncio.sleep(0.3)
+        await env.publish_events(registered("x"))
+        await env.publish_ingest(telemetry(NOW_MS, (NOW_MS + 1, {"v": 1}), device="x"))
+
+        async def done() -> bool:
+            fields = await env.hash("x")
+            return fields.get("version") == "2" and "m:v" in fields
+
+        await wait_for(done, "version 2 and the metric")
+        fields = await env.hash("x")
+        assert msgspec.json.decode(fields["m:v"]) == {"ts": NOW_MS + 5, "value": 5}
+        assert (await env.doc("x"))["desired"] == {"version": 1, "config": {"a": 1}}
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def test_batches_split_across_two_projectors_end_in_the_same_views(env: Env) -> None:
+    """Two instances sharing the durable consumers: each device still ends at its last event."""
+    stop = asyncio.Event()
+    events_spec, ingest_spec = consumer_specs(env.settings.namespace)
+    second = ViewsProjector(env.redis, env.js, env.settings.namespace)
+    tasks = [
+        asyncio.create_task(consume(env.js, spec, handler, stop))
+        for projector in (env.projector, second)
+        for spec, handler in (
+            (events_spec, projector.handle_events),
+            (ingest_spec, projector.handle_ingest),
+        )
+    ]
+    try:
+        for version in range(1, 6):
+            await env.publish_events(
+                *(
+                    registered(f"p{d}")
+                    if version == 1
+                    else configured(version, {"v": version}, f"p{d}")
+                    for d in range(10)
+                )
+            )
+
+        async def done() -> bool:
+            versions: Sequence[bytes | str | None] = [
+                await env.redis.hget(env.keys.device(f"p{d}"), "version") for d in range(10)
+            ]
+            return all(v == b"5" for v in versions)
+
+        await wait_for(done, "every device at version 5", seconds=60)
+        for d in range(10):
+            assert (await env.doc(f"p{d}"))["desired"] == {"version": 4, "config": {"v": 5}}
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    with contextlib.suppress(Exception):
+        await env.js.delete_consumer(env.streams.events, events_spec.durable)
