@@ -17,7 +17,7 @@ services:
 	bash .ci/services.sh
 
 up: install services
-	$(BIN)/iot up
+	$(BIN)/iot up --simulate 20
 
 test: install
 	$(BIN)/pytest
