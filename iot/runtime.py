@@ -73,3 +73,13 @@ async def connect_nats(url: str, name: str) -> NATS:
         reconnected_cb=reconnected,
         error_cb=error,
     )
+
+
+async def close_nats(nc: NATS) -> None:
+    """Flush what was published (acks included), then close; `drain` can hang on a pull
+    subscription until its 30 s timeout."""
+    try:
+        await nc.flush(timeout=2)
+    except Exception as e:
+        log.warning("NATS flush at shutdown failed", extra={"error": repr(e)})
+    await nc.close()

@@ -55,9 +55,12 @@ async def _supervise(child: Child, env: dict[str, str], stop: asyncio.Event) -> 
         if stop.is_set():
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(waiter, timeout=10)
-                except TimeoutError:
+                done, _ = await asyncio.wait({waiter}, timeout=10)
+                if not done:
+                    print(
+                        f"iot up: {child.name} ignored SIGTERM for 10 s; killing it",
+                        file=sys.stderr,
+                    )
                     proc.kill()
                     await waiter
             return

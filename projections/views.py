@@ -29,7 +29,7 @@ from domain.ingest import CommandAck, decode_ingest
 from domain.published import PublishedEvent, decode_event
 from iot.httpkit import build_app, serve
 from iot.jetstream import ConsumerSpec, Outcome, consume, report_lag
-from iot.runtime import connect_nats, retry_async, stop_on_signals
+from iot.runtime import close_nats, connect_nats, retry_async, stop_on_signals
 from iot.settings import Settings
 from iot.streams import Streams
 from iot.views import ViewKeys
@@ -298,5 +298,5 @@ async def run(settings: Settings) -> None:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
-            await nc.drain()
+            await close_nats(nc)
         await redis.aclose()
