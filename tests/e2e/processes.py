@@ -27,6 +27,7 @@ def component_env(settings: Settings, port: int, **extra: str) -> dict[str, str]
     env = dict(os.environ)
     env.update(
         IOT_NAMESPACE=settings.namespace,
+        IOT_INFLUX_DB=settings.influx_db,
         IOT_HTTP_PORT=str(port),
         IOT_LOG_LEVEL="WARNING",
         IOT_API_TOKENS=",".join(f"{t}={r}" for t, r in settings.api_tokens.items()),
