@@ -31,8 +31,8 @@ def component_env(settings: Settings, port: int, **extra: str) -> dict[str, str]
         IOT_HTTP_PORT=str(port),
         IOT_LOG_LEVEL="WARNING",
         IOT_API_TOKENS=",".join(f"{t}={r}" for t, r in settings.api_tokens.items()),
-        **extra,
     )
+    env.update(extra)
     return env
 
 
