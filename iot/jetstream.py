@@ -53,6 +53,7 @@ class ConsumerSpec:
     ack_wait: float = 30.0
     max_ack_pending: int = 20_000
     retry_delay: float = 1.0
+    fetch_wait: float = 0.05  # a fetch returns what arrived by then: latency, not batch size
 
 
 async def ensure_consumer(js: JetStreamContext, spec: ConsumerSpec) -> None:
@@ -80,7 +81,7 @@ async def consume(
                 await ensure_consumer(js, spec)
                 sub = await js.pull_subscribe_bind(spec.durable, spec.stream)
             try:
-                msgs = await sub.fetch(spec.batch, timeout=1.0)
+                msgs = await sub.fetch(spec.batch, timeout=spec.fetch_wait)
             except TimeoutError:  # nats-py raises the builtin or its own subclass of it
                 continue
             try:
