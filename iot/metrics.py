@@ -31,3 +31,8 @@ RELAY_LAG = Histogram(
 RELAY_RESYNCS = Counter(
     "iot_relay_resyncs_total", "Times the relay re-read its position from the stream"
 )
+PROJECTION_LAG = Gauge(
+    "iot_projection_lag_seconds",
+    "Now minus the event time (or bridge receipt) of the newest message a projection applied",
+    ["projection"],
+)

@@ -32,9 +32,10 @@ from typing import Protocol
 import msgspec
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 
 from domain.ingest import Telemetry, decode_ingest
+from iot import metrics
 from iot.jetstream import ConsumerSpec, Outcome, consume, ensure_consumer, report_lag
 from iot.settings import Settings
 from iot.streams import Streams
@@ -70,19 +71,7 @@ RETRIES = Counter(
 )
 
 
-def _projection_lag_gauge() -> Gauge:
-    """`iot_projection_lag_seconds{projection}`, shared by every projection in one registry."""
-    existing = REGISTRY._names_to_collectors.get("iot_projection_lag_seconds")
-    if isinstance(existing, Gauge):
-        return existing
-    return Gauge(
-        "iot_projection_lag_seconds",
-        "Now minus the bridge's receive time of the newest reading a projection applied",
-        ["projection"],
-    )
-
-
-PROJECTION_LAG = _projection_lag_gauge().labels(PROJECTION)
+PROJECTION_LAG = metrics.PROJECTION_LAG.labels(PROJECTION)
 
 
 class LineWriter(Protocol):

@@ -21,12 +21,13 @@ import msgspec
 import redis.asyncio as aioredis
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
 from redis.exceptions import NoScriptError
 from starlette.routing import BaseRoute
 
 from domain.ingest import CommandAck, decode_ingest
 from domain.published import PublishedEvent, decode_event
+from iot import metrics
 from iot.httpkit import build_app, serve
 from iot.jetstream import ConsumerSpec, Outcome, consume, report_lag
 from iot.runtime import close_nats, connect_nats, retry_async, stop_on_signals
@@ -64,19 +65,7 @@ CHANGES = Counter(
 )
 
 
-def _projection_lag() -> Gauge:
-    """The lag gauge shared by the projections (another one may have registered it already)."""
-    existing = REGISTRY._names_to_collectors.get("iot_projection_lag_seconds")
-    if isinstance(existing, Gauge):
-        return existing
-    return Gauge(
-        "iot_projection_lag_seconds",
-        "Now minus the event time (or bridge receipt) of the newest message a projection applied",
-        ["projection"],
-    )
-
-
-LAG = _projection_lag().labels(projection="views")
+LAG = metrics.PROJECTION_LAG.labels(projection="views")
 
 
 class Scripts:
