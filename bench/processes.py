@@ -10,8 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -80,22 +79,11 @@ class Component:
             return "(no log)"
         return "\n".join(text[-lines:])
 
-    @contextmanager
-    def paused(self) -> Iterator[None]:
-        """SIGSTOP the process for the block, SIGCONT after it."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            self.proc.send_signal(signal.SIGCONT)
-
     def stop(self, grace: float = 10.0) -> int | None:
         """SIGTERM, then SIGKILL after `grace` seconds; return the exit code."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)  # in case it was paused
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(grace)

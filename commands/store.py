@@ -17,7 +17,7 @@ from uuid import UUID
 
 import psycopg
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.persistence import IntegrityError
 from eventsourcing.postgres import PostgresApplicationRecorder
 from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
@@ -175,18 +175,6 @@ def open_store(settings: Settings, *, create_tables: bool = False) -> DeviceStor
 
 def idempotency_cutoff(now: datetime, ttl: timedelta = timedelta(hours=24)) -> datetime:
     return now - ttl
-
-
-__all__ = [
-    "DeviceStore",
-    "IdempotencyRecord",
-    "IdempotentRecorder",
-    "IntegrityError",
-    "StoredEvent",
-    "idempotency_cutoff",
-    "open_store",
-    "store_env",
-]
 
 
 @dataclass
