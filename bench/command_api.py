@@ -29,7 +29,7 @@ from psycopg import sql
 
 from bench.loadclient import make_client
 from bench.phases import PhaseResult, open_loop, raw_saves, saturate
-from bench.processes import Component, Components
+from bench.processes import Component, Components, progress
 from bench.registry import register
 from bench.relaylag import LagProbe
 from bench.report import Report
@@ -77,10 +77,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="directory for py-spy profiles of the servers during the first saturation",
     )
-
-
-def progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
 @dataclass

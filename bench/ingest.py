@@ -54,7 +54,7 @@ from bench.ingest_probe import (
     pids_named,
     wait_visible,
 )
-from bench.processes import Component, Components, iot_command
+from bench.processes import Component, Components, progress
 from bench.registry import register
 from bench.report import Report
 from bench.system import free_port, machine, unique_namespace
@@ -125,28 +125,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def progress(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-class Child(Component):
-    """`iot run ARGS...` (e.g. `projector timeseries`): Component runs a single name only."""
-
-    def __init__(self, label: str, argv: list[str], env: dict[str, str], port: int) -> None:
-        super().__init__(label, env, port)
-        self.argv = argv
-
-    def start(self) -> None:
-        with self.log.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [*iot_command(), "run", *self.argv],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-
-
 @dataclass
 class Step:
     load: Load
@@ -192,7 +170,7 @@ class Context:
     feeders: Feeders
     vis: Visibility
     meter: GroupMeter
-    children: dict[str, Child]
+    children: dict[str, Component]
     tag: str
     nc: Any
     nats: PrivateNats | None
@@ -415,7 +393,7 @@ HEALTH_COUNTERS = (
 )
 
 
-async def _health_notes(report: Report, children: dict[str, Child]) -> None:
+async def _health_notes(report: Report, children: dict[str, Component]) -> None:
     """Non-zero retry/failure counters of every child's /metrics, as notes."""
     import httpx
 
@@ -804,9 +782,11 @@ async def _with_system(
         await register_devices(nc, Streams(namespace), devices)
         child_env = {k: env[k] for k in env if k.startswith("IOT_")}
         children = {
-            "bridge": Child("bridge", ["bridge"], child_env, free_port()),
-            "timeseries": Child("timeseries", ["projector", "timeseries"], child_env, free_port()),
-            "views": Child("views", ["projector", "views"], child_env, free_port()),
+            "bridge": Component("bridge", child_env, free_port()),
+            "timeseries": Component(
+                "timeseries", child_env, free_port(), ["projector", "timeseries"]
+            ),
+            "views": Component("views", child_env, free_port(), ["projector", "views"]),
         }
         with Components(*children.values()):
             await asyncio.gather(*(c.wait_ready() for c in children.values()))

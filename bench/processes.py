@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -27,10 +27,13 @@ def iot_command() -> list[str]:
 
 
 class Component:
-    """One `iot run NAME` child process on its own HTTP port; its output goes to a log file."""
+    """One `iot run ARGS...` child process on its own HTTP port; its output goes to a log file."""
 
-    def __init__(self, name: str, env: Mapping[str, str], port: int) -> None:
+    def __init__(
+        self, name: str, env: Mapping[str, str], port: int, argv: Sequence[str] = ()
+    ) -> None:
         self.name = name
+        self.argv = list(argv) or [name]  # e.g. ["projector", "timeseries"]
         self.port = port
         self.env = {**os.environ, **env, "IOT_HTTP_PORT": str(port)}
         self.log = Path(tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".log")[1])
@@ -48,7 +51,7 @@ class Component:
     def start(self) -> None:
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [*iot_command(), "run", self.name],
+                [*iot_command(), "run", *self.argv],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -118,3 +121,8 @@ class Components:
         else:
             for component in self.components:
                 print(f"bench: log of iot run {component.name}: {component.log}", file=sys.stderr)
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (the figures go to stdout)."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
