@@ -9,12 +9,12 @@ import logging
 import httpx
 import nats
 import psycopg
-from nats.js.errors import NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 from psycopg import sql
 
 from commands.store import open_store
 from iot.settings import Settings
-from iot.streams import Streams
+from iot.streams import Streams, kv_configs
 
 log = logging.getLogger(__name__)
 MIGRATION_LOCK = 0x107_0001
@@ -69,7 +69,8 @@ async def migrate_streams(settings: Settings, replicas: int = 1) -> list[str]:
     try:
         jsm = nc.jsm()
         done = []
-        for config in Streams(settings.namespace).configs(replicas):
+        streams = Streams(settings.namespace)
+        for config in streams.configs(replicas):
             assert config.name is not None
             try:
                 await jsm.stream_info(config.name)
@@ -79,6 +80,14 @@ async def migrate_streams(settings: Settings, replicas: int = 1) -> list[str]:
             else:
                 await jsm.update_stream(config)
                 done.append(f"updated {config.name}")
+        js = nc.jetstream()
+        for kv in kv_configs(streams, replicas):
+            try:
+                await js.key_value(kv.bucket)
+                done.append(f"kv {kv.bucket} exists")
+            except BucketNotFoundError:
+                await js.create_key_value(kv)
+                done.append(f"created kv {kv.bucket}")
         return done
     finally:
         await nc.close()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -23,6 +23,23 @@ MAX_LABELS = 64
 MAX_LABEL_VALUE = 256
 MAX_NAME = 200
 MAX_TYPE = 64
+COMMAND_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MIN_TTL_S = 1
+MAX_TTL_S = 7 * 24 * 3600
+MAX_PENDING_COMMANDS = 100
+RECENT_COMMANDS = 20
+
+
+class CommandState(StrEnum):
+    REQUESTED = "requested"
+    SENT = "sent"
+    ACKNOWLEDGED = "acknowledged"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    CANCELLED = "cancelled"
+
+
+PENDING = (CommandState.REQUESTED.value, CommandState.SENT.value)
 
 
 class Status(StrEnum):
@@ -111,6 +128,9 @@ class Device(Aggregate):
         self.last_connected_at: datetime | None = None
         self.last_disconnected_at: datetime | None = None
         self.suspended_reason: str | None = None
+        # command_id -> {"name", "args", "expires_at", "state", "requested_at"}; every pending
+        # command plus the last RECENT_COMMANDS finished ones, in request order.
+        self.commands: dict[str, dict[str, Any]] = {}
 
     def trigger_event(self, event_class: Any, **kwargs: Any) -> None:
         kwargs.setdefault("device_id", self.device_id)
@@ -131,6 +151,7 @@ class Device(Aggregate):
         if self.status == Status.SUSPENDED:
             raise IllegalTransition(f"device {self.device_id} is already suspended")
         self._suspended(reason=reason, timestamp=at)
+        self._cancel_pending("device suspended", at)
 
     def resume(self, at: datetime) -> None:
         self._refuse_if_decommissioned("resume")
@@ -142,6 +163,7 @@ class Device(Aggregate):
     def decommission(self, reason: str, at: datetime) -> None:
         self._refuse_if_decommissioned("decommission")
         self._decommissioned(reason=reason, timestamp=at)
+        self._cancel_pending("device decommissioned", at)
 
     def rotate_secret(self, secret_hash: str, at: datetime) -> None:
         self._refuse_if_decommissioned("rotate the secret")
@@ -165,6 +187,78 @@ class Device(Aggregate):
 
     def _is_stale(self, at: datetime) -> bool:
         return self.connectivity_at is not None and at <= self.connectivity_at
+
+    # -- commands to the device: requested -> sent -> acknowledged | failed | expired | cancelled
+
+    def request_command(
+        self, command_id: str, name: str, args: dict[str, Any], ttl_s: int, at: datetime
+    ) -> datetime:
+        """Record a command for the device; return when it expires."""
+        if self.status in (Status.SUSPENDED, Status.DECOMMISSIONED):
+            raise IllegalTransition(
+                f"cannot send a command: device {self.device_id} is {self.status}"
+            )
+        if not COMMAND_NAME.fullmatch(name):
+            raise InvalidCommand(f"command name must match {COMMAND_NAME.pattern}")
+        if not isinstance(ttl_s, int) or not MIN_TTL_S <= ttl_s <= MAX_TTL_S:
+            raise InvalidCommand(f"ttl_s must be an integer from {MIN_TTL_S} to {MAX_TTL_S}")
+        if command_id in self.commands:
+            raise IllegalTransition(f"command {command_id} exists already")
+        if len(self.pending_commands()) >= MAX_PENDING_COMMANDS:
+            raise IllegalTransition(
+                f"device {self.device_id} has {MAX_PENDING_COMMANDS} pending commands; "
+                "wait for them to be acknowledged or to expire"
+            )
+        expires_at = at + timedelta(seconds=ttl_s)
+        self._command_requested(
+            command_id=command_id, name=name, args=dict(args), expires_at=expires_at, timestamp=at
+        )
+        return expires_at
+
+    def pending_commands(self) -> list[str]:
+        """Ids of the commands not finished yet, in request order."""
+        return [cid for cid, c in self.commands.items() if c["state"] in PENDING]
+
+    def mark_command_sent(self, command_id: str, at: datetime) -> bool:
+        """Record that the bridge handed the command to the broker; only a requested one moves."""
+        command = self.commands.get(command_id)
+        if command is None or command["state"] != CommandState.REQUESTED:
+            return False
+        self._command_sent(command_id=command_id, timestamp=at)
+        return True
+
+    def acknowledge_command(
+        self, command_id: str, ok: bool, result: dict[str, Any], at: datetime
+    ) -> bool:
+        """Record the device's ack; an unknown, finished or repeated one changes nothing."""
+        command = self.commands.get(command_id)
+        if command is None or command["state"] not in PENDING:
+            return False
+        if ok:
+            self._command_acknowledged(command_id=command_id, result=dict(result), timestamp=at)
+        else:
+            self._command_failed(command_id=command_id, result=dict(result), timestamp=at)
+        return True
+
+    def expire_command(self, command_id: str, at: datetime) -> bool:
+        """Expire a pending command whose time is up; anything else changes nothing."""
+        command = self.commands.get(command_id)
+        if command is None or command["state"] not in PENDING or at < command["expires_at"]:
+            return False
+        self._command_expired(command_id=command_id, timestamp=at)
+        return True
+
+    def cancel_command(self, command_id: str, reason: str, at: datetime) -> None:
+        command = self.commands.get(command_id)
+        if command is None:
+            raise InvalidCommand(f"device {self.device_id} has no command {command_id}")
+        if command["state"] not in PENDING:
+            raise IllegalTransition(f"command {command_id} is {command['state']} already")
+        self._command_cancelled(command_id=command_id, reason=reason, timestamp=at)
+
+    def _cancel_pending(self, reason: str, at: datetime) -> None:
+        for command_id in self.pending_commands():
+            self._command_cancelled(command_id=command_id, reason=reason, timestamp=at)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -191,6 +285,54 @@ class Device(Aggregate):
     @event("SecretRotated")
     def _secret_rotated(self, secret_hash: str, timestamp: datetime) -> None:
         self.secret_hash = secret_hash
+
+    @event("CommandRequested")
+    def _command_requested(
+        self,
+        command_id: str,
+        name: str,
+        args: dict[str, Any],
+        expires_at: datetime,
+        timestamp: datetime,
+    ) -> None:
+        self.commands[command_id] = {
+            "name": name,
+            "args": args,
+            "expires_at": expires_at,
+            "state": CommandState.REQUESTED.value,
+            "requested_at": timestamp,
+        }
+
+    @event("CommandSent")
+    def _command_sent(self, command_id: str, timestamp: datetime) -> None:
+        self.commands[command_id]["state"] = CommandState.SENT.value
+
+    @event("CommandAcknowledged")
+    def _command_acknowledged(
+        self, command_id: str, result: dict[str, Any], timestamp: datetime
+    ) -> None:
+        self._finish(command_id, CommandState.ACKNOWLEDGED)
+
+    @event("CommandFailed")
+    def _command_failed(self, command_id: str, result: dict[str, Any], timestamp: datetime) -> None:
+        self._finish(command_id, CommandState.FAILED)
+
+    @event("CommandExpired")
+    def _command_expired(self, command_id: str, timestamp: datetime) -> None:
+        self._finish(command_id, CommandState.EXPIRED)
+
+    @event("CommandCancelled")
+    def _command_cancelled(self, command_id: str, reason: str, timestamp: datetime) -> None:
+        self._finish(command_id, CommandState.CANCELLED)
+
+    def _finish(self, command_id: str, state: CommandState) -> None:
+        """Move a command to a final state and forget the oldest finished beyond the recent few."""
+        command = self.commands.pop(command_id)
+        command["state"] = state.value
+        self.commands[command_id] = command
+        finished = [cid for cid, c in self.commands.items() if c["state"] not in PENDING]
+        for cid in finished[: max(0, len(finished) - RECENT_COMMANDS)]:
+            del self.commands[cid]
 
     @event("Connected")
     def _connected(self, timestamp: datetime) -> None:

@@ -47,9 +47,22 @@ class CommandAck(_Ingest, frozen=True, tag="ack.v1"):
     result: dict[str, Any] = {}
 
 
-IngestMessage = Telemetry | Status | Reported | CommandAck
+class CommandSent(_Ingest, frozen=True, tag="sent.v1"):
+    """The bridge published a command to the device and the broker acknowledged it (PUBACK);
+    `received_at` is when. Not a device message: the bridge's own report for the aggregate."""
 
-KINDS = {Telemetry: "telemetry", Status: "status", Reported: "reported", CommandAck: "ack"}
+    command_id: str
+
+
+IngestMessage = Telemetry | Status | Reported | CommandAck | CommandSent
+
+KINDS = {
+    Telemetry: "telemetry",
+    Status: "status",
+    Reported: "reported",
+    CommandAck: "ack",
+    CommandSent: "sent",
+}
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(IngestMessage)

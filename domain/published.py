@@ -60,6 +60,40 @@ class DeviceDisconnected(_Published, frozen=True, tag="device.disconnected.v1"):
     pass
 
 
+class DeviceCommandRequested(_Published, frozen=True, tag="device.command_requested.v1"):
+    command_id: str
+    name: str
+    args: dict[str, Any]
+    expires_at: datetime
+
+
+class DeviceCommandSent(_Published, frozen=True, tag="device.command_sent.v1"):
+    """The bridge handed the command to the broker for the device (QoS 1)."""
+
+    command_id: str
+
+
+class DeviceCommandAcknowledged(_Published, frozen=True, tag="device.command_acknowledged.v1"):
+    command_id: str
+    result: dict[str, Any]
+
+
+class DeviceCommandFailed(_Published, frozen=True, tag="device.command_failed.v1"):
+    """The device acknowledged the command with status "error"."""
+
+    command_id: str
+    result: dict[str, Any]
+
+
+class DeviceCommandExpired(_Published, frozen=True, tag="device.command_expired.v1"):
+    command_id: str
+
+
+class DeviceCommandCancelled(_Published, frozen=True, tag="device.command_cancelled.v1"):
+    command_id: str
+    reason: str
+
+
 PublishedEvent = (
     DeviceRegistered
     | DeviceConfigured
@@ -69,6 +103,21 @@ PublishedEvent = (
     | DeviceSecretRotated
     | DeviceConnected
     | DeviceDisconnected
+    | DeviceCommandRequested
+    | DeviceCommandSent
+    | DeviceCommandAcknowledged
+    | DeviceCommandFailed
+    | DeviceCommandExpired
+    | DeviceCommandCancelled
+)
+
+CommandEvent = (
+    DeviceCommandRequested
+    | DeviceCommandSent
+    | DeviceCommandAcknowledged
+    | DeviceCommandFailed
+    | DeviceCommandExpired
+    | DeviceCommandCancelled
 )
 
 _encoder = msgspec.json.Encoder()
@@ -111,6 +160,30 @@ def to_published(stored: object, position: int) -> PublishedEvent:
             return DeviceConnected(**common)
         case "Device.Disconnected":
             return DeviceDisconnected(**common)
+        case "Device.CommandRequested":
+            return DeviceCommandRequested(
+                **common,
+                command_id=event.command_id,
+                name=event.name,
+                args=dict(event.args),
+                expires_at=event.expires_at,
+            )
+        case "Device.CommandSent":
+            return DeviceCommandSent(**common, command_id=event.command_id)
+        case "Device.CommandAcknowledged":
+            return DeviceCommandAcknowledged(
+                **common, command_id=event.command_id, result=dict(event.result)
+            )
+        case "Device.CommandFailed":
+            return DeviceCommandFailed(
+                **common, command_id=event.command_id, result=dict(event.result)
+            )
+        case "Device.CommandExpired":
+            return DeviceCommandExpired(**common, command_id=event.command_id)
+        case "Device.CommandCancelled":
+            return DeviceCommandCancelled(
+                **common, command_id=event.command_id, reason=event.reason
+            )
     raise UnpublishableEvent(f"no published form for {type(event).__qualname__}")
 
 

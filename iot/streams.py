@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 
 DAY = 24 * 3600
 
@@ -34,11 +40,22 @@ class Streams:
         """Rejected input with its reason."""
         return self._stream("DEADLETTER")
 
+    @property
+    def secrets_bucket(self) -> str:
+        """KV bucket in memory (never on disk, entries expire): device secrets handed from the
+        command API to the auth projector once, keyed `<device_id>.<version>`."""
+        return self._stream("SECRETS")
+
+    @property
+    def leases_bucket(self) -> str:
+        """KV bucket in memory with a short TTL: leader leases (one command dispatcher)."""
+        return self._stream("LEASES")
+
     def event_subject(self, device_id: str) -> str:
         return self._subject(f"events.{device_id}")
 
     def ingest_subject(self, kind: str, device_id: str) -> str:
-        """`ingest.<kind>.<device_id>`, kind one of telemetry, status, reported, ack."""
+        """`ingest.<kind>.<device_id>`, kind one of telemetry, status, reported, ack, sent."""
         return self._subject(f"ingest.{kind}.{device_id}")
 
     def ingest_kind_wildcard(self, kind: str) -> str:
@@ -91,6 +108,32 @@ class Streams:
                 replicas=replicas,
             ),
         ]
+
+
+SECRET_TTL_S = 15 * 60.0
+LEASE_TTL_S = 10.0
+
+
+def kv_configs(streams: Streams, replicas: int = 1) -> list[KeyValueConfig]:
+    """The KV buckets; both in memory, so nothing in them outlives its TTL or reaches a disk."""
+    return [
+        KeyValueConfig(
+            bucket=streams.secrets_bucket,
+            description="Device secrets on their way to the broker's dynamic security plugin",
+            history=1,
+            ttl=SECRET_TTL_S,
+            storage=StorageType.MEMORY,
+            replicas=replicas,
+        ),
+        KeyValueConfig(
+            bucket=streams.leases_bucket,
+            description="Leader leases",
+            history=1,
+            ttl=LEASE_TTL_S,
+            storage=StorageType.MEMORY,
+            replicas=replicas,
+        ),
+    ]
 
 
 def _config(
