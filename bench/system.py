@@ -151,6 +151,9 @@ async def drop_namespace(settings: Settings) -> None:
         for name in (streams.events, streams.ingest, streams.deadletter):
             with contextlib.suppress(Exception):  # absent already
                 await nc.jsm().delete_stream(name)
+        for bucket in (streams.secrets_bucket, streams.leases_bucket):
+            with contextlib.suppress(Exception):
+                await nc.jetstream().delete_key_value(bucket)
     finally:
         await nc.close()
 

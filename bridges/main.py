@@ -1,9 +1,12 @@
-"""Composition root of `iot run bridge`: MQTT (devices) -> validation -> JetStream `ingest.*`.
+"""Composition root of `iot run bridge`: MQTT (devices) -> validation -> JetStream `ingest.*`,
+and back: commands and desired state from the EVENTS stream -> MQTT (the dispatcher).
 
-Start-up order: HTTP (so /readyz answers 503 meanwhile), NATS, the device registry from the
-EVENTS stream up to its last sequence, then MQTT. Messages are acknowledged to MQTT only once
-JetStream has them; on SIGTERM what is in flight gets a moment to finish, the rest stays with
-the broker's persistent session and is redelivered to the next bridge run.
+Start-up order: HTTP (so /readyz answers 503 meanwhile), NATS, the dispatcher's MQTT client,
+the device registry from the EVENTS stream up to its last sequence, then the dispatcher lease
+and the ingesting MQTT client. Messages are acknowledged to MQTT only once JetStream has them;
+on SIGTERM what is in flight gets a moment to finish, the rest stays with the broker's
+persistent session and is redelivered to the next bridge run; the lease is given up so another
+replica takes over dispatching at once.
 """
 
 from __future__ import annotations
@@ -11,13 +14,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Mapping
 
 from nats.aio.client import Client as NATS
 from starlette.routing import BaseRoute
 
 from bridges import metrics
-from bridges.mqtt import MqttSource
+from bridges.dispatch import LEASE_KEY, Dispatcher
+from bridges.lease import Bucket, Lease
+from bridges.mqtt import MqttSink, MqttSource
 from bridges.pipeline import Pipeline, pump
 from bridges.publisher import Publisher
 from bridges.registry import DeviceRegistry, follow
@@ -37,6 +43,7 @@ async def run(settings: Settings) -> None:
     caught_up = asyncio.Event()
     nc: NATS | None = None
     source: MqttSource | None = None
+    sink: MqttSink | None = None
 
     def nats_up() -> bool:
         return nc is not None and bool(nc.is_connected)
@@ -47,7 +54,12 @@ async def run(settings: Settings) -> None:
     metrics.NATS_CONNECTED.set_function(lambda: float(nats_up()))
 
     async def ready() -> Mapping[str, bool]:
-        return {"nats": nats_up(), "registry": caught_up.is_set(), "mqtt": mqtt_up()}
+        return {
+            "nats": nats_up(),
+            "registry": caught_up.is_set(),
+            "mqtt": mqtt_up(),
+            "mqtt_out": sink is not None and sink.connected,
+        }
 
     routes: list[BaseRoute] = []
     port = settings.port_for(BRIDGE_PORT)
@@ -55,20 +67,42 @@ async def run(settings: Settings) -> None:
     log.info("bridge listening", extra={"port": port})
     tasks: list[asyncio.Task[None]] = []
     pipeline: Pipeline | None = None
+    lease_task: asyncio.Task[None] | None = None
     try:
         nc = await _connect(settings, stop)
         if nc is None:
             return
         publisher = Publisher(nc)
         await publisher.start()
-        tasks.append(
-            asyncio.create_task(follow(nc.jetstream(), streams, registry, caught_up, stop))
+        js = nc.jetstream()
+        host, mqtt_port, tls = settings.mqtt
+        sink = MqttSink(
+            host,
+            mqtt_port,
+            f"{settings.mqtt_client_id}-out",
+            username=settings.mqtt_username,
+            password=settings.mqtt_password,
+            tls=tls,
         )
+        sink.start()
+
+        async def leases() -> Bucket:
+            return await js.key_value(streams.leases_bucket)
+
+        lease = Lease(leases, LEASE_KEY, f"{settings.mqtt_client_id}:{secrets.token_hex(6)}")
+        dispatcher = Dispatcher(
+            registry, sink, publisher, streams, is_leader=lease.is_leader, caught_up=caught_up
+        )
+        registry.listener = dispatcher.on_event
+        lease.on_change = dispatcher.on_leadership
+        metrics.LEADER.set_function(lambda: float(lease.is_leader()))
+        tasks.append(asyncio.create_task(follow(js, streams, registry, caught_up, stop)))
+        tasks.append(asyncio.create_task(dispatcher.run(stop)))
         await _first(caught_up.wait(), stop.wait())
         if stop.is_set():
             return
         log.info("device registry caught up", extra={"devices": len(registry.devices)})
-        host, mqtt_port, tls = settings.mqtt
+        lease_task = asyncio.create_task(lease.run(stop))
         source = MqttSource(
             host,
             mqtt_port,
@@ -91,6 +125,10 @@ async def run(settings: Settings) -> None:
         if source is not None:
             source.wakeup.set()
             await asyncio.to_thread(source.stop)
+        if lease_task is not None:
+            await lease_task  # gives the lease up
+        if sink is not None:
+            await asyncio.to_thread(sink.stop)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

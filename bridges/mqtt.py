@@ -13,6 +13,7 @@ many unacknowledged QoS 1 messages, so neither this adapter nor the pipeline buf
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
@@ -167,3 +168,148 @@ class MqttSource:
                 time.time_ns(),
             )
         )
+
+
+class PublishFailed(Exception):
+    """The broker did not take a message (not connected, refused, or no PUBACK in time)."""
+
+
+class MqttSink:
+    """The dispatcher's own MQTT 5 client (clean session, nothing subscribed): QoS 1 publishes
+    awaited until the broker's PUBACK. Separate from `MqttSource`, so commands and desired
+    state never wait behind the ingestion flow's socket, thread or Receive Maximum.
+
+    PUBACKs reach asyncio through `call_soon_threadsafe`; a future is registered in the same
+    loop step as its publish, so an early PUBACK cannot be missed. paho resends what is still
+    unacknowledged after a reconnect, so a PUBACK can also arrive after one.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        *,
+        username: str = "",
+        password: str = "",
+        tls: bool = False,
+        keepalive: int = 30,
+        max_inflight: int = 1000,
+        puback_timeout: float = 10.0,
+    ) -> None:
+        self.connected = False
+        self.puback_timeout = puback_timeout
+        self._stopping = False
+        self._ready = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._futures: dict[int, asyncio.Future[None]] = {}
+        self._host = host
+        self._port = port
+        self._keepalive = keepalive
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=True,
+        )
+        client.max_inflight_messages_set(max_inflight)
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        if username:
+            client.username_pw_set(username, password or None)
+        if tls:
+            client.tls_set()
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        self.client = client
+
+    def start(self) -> None:
+        self.client.connect_async(self._host, self._port, self._keepalive, clean_start=True)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.connected = False
+        metrics.MQTT_OUT_CONNECTED.set(0)
+
+    def pending(self) -> int:
+        return len(self._futures)
+
+    async def wait_connected(self, within: float) -> bool:
+        if not self.connected:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), within)
+        return self.connected
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        retain: bool = False,
+        expiry_s: int | None = None,
+    ) -> None:
+        """Publish QoS 1 and wait for the broker's PUBACK (`expiry_s`: MQTT message expiry)."""
+        if not self.connected:
+            raise PublishFailed("not connected to the broker")
+        props = None
+        if expiry_s is not None:
+            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+            props.MessageExpiryInterval = max(1, expiry_s)
+        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
+            raise PublishFailed(f"publish refused: {paho.error_string(info.rc)}")
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._futures[info.mid] = future
+        try:
+            await asyncio.wait_for(future, self.puback_timeout)
+        except TimeoutError:
+            raise PublishFailed(f"no PUBACK within {self.puback_timeout}s") from None
+        finally:
+            if self._futures.get(info.mid) is future:
+                del self._futures[info.mid]
+
+    # --- paho's network thread -------------------------------------------------------------
+    def _on_connect(
+        self, _client: paho.Client, _: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
+        if reason.is_failure:
+            log.warning("MQTT (dispatcher) connection refused", extra={"reason": str(reason)})
+            return
+        self._loop.call_soon_threadsafe(self._set_connected, True)
+
+    def _on_disconnect(
+        self, _client: paho.Client, _: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
+        self._loop.call_soon_threadsafe(self._set_connected, False)
+
+    def _on_publish(
+        self, _client: paho.Client, _: Any, mid: int, reason: Any, _properties: Any
+    ) -> None:
+        failure = str(reason) if reason is not None and reason.is_failure else ""
+        self._loop.call_soon_threadsafe(self._published, mid, failure)
+
+    # --- the event loop --------------------------------------------------------------------
+    def _set_connected(self, up: bool) -> None:
+        if up != self.connected and not self._stopping:
+            log.log(
+                logging.INFO if up else logging.WARNING,
+                "MQTT (dispatcher) connected" if up else "MQTT (dispatcher) disconnected",
+            )
+        self.connected = up
+        metrics.MQTT_OUT_CONNECTED.set(int(up))
+        if up:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    def _published(self, mid: int, failure: str) -> None:
+        future = self._futures.pop(mid, None)
+        if future is None or future.done():
+            return
+        if failure:
+            future.set_exception(PublishFailed(f"broker refused the message: {failure}"))
+        else:
+            future.set_result(None)

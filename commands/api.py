@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +21,16 @@ from starlette.routing import Route
 from commands import handlers
 from commands.handlers import Answer, Credentials, Outcome
 from commands.store import DeviceStore, GroupCommitter, IdempotencyRecord
-from domain.device import DEVICE_ID, LABEL_KEY, MAX_NAME, MAX_TYPE, Device
+from domain.device import (
+    COMMAND_NAME,
+    DEVICE_ID,
+    LABEL_KEY,
+    MAX_NAME,
+    MAX_TTL_S,
+    MAX_TYPE,
+    MIN_TTL_S,
+    Device,
+)
 from domain.errors import DomainError, IllegalTransition, InvalidCommand
 from iot import metrics
 from iot.httpkit import Authorizer, Problem, ReadyCheck, build_app, decode_body, read_body
@@ -33,6 +43,15 @@ DeviceId = Annotated[str, msgspec.Meta(pattern=DEVICE_ID.pattern)]
 LabelKey = Annotated[str, msgspec.Meta(pattern=LABEL_KEY.pattern)]
 LabelValue = Annotated[str, msgspec.Meta(max_length=256)]
 Reason = Annotated[str, msgspec.Meta(max_length=500)]
+CommandName = Annotated[str, msgspec.Meta(pattern=COMMAND_NAME.pattern)]
+Ttl = Annotated[int, msgspec.Meta(ge=MIN_TTL_S, le=MAX_TTL_S)]
+DEFAULT_TTL_S = 3600
+HANDOVER_ATTEMPTS = 3
+HANDOVER_TIMEOUT_S = 2.0
+HANDOVER_BACKOFF_S = 0.2
+
+# Hands a device's plaintext secret, issued by event `version`, to the broker's side once.
+HandOver = Callable[[str, int, str], Awaitable[None]]
 
 
 class RegisterBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -54,22 +73,33 @@ class EmptyBody(msgspec.Struct, forbid_unknown_fields=True):
     pass
 
 
+class CommandBody(msgspec.Struct, forbid_unknown_fields=True):
+    name: CommandName
+    args: dict[str, Any] = {}
+    ttl_s: Ttl = DEFAULT_TTL_S
+
+
 @dataclass(frozen=True)
 class CommandService:
-    """What the API needs: the store, a thread pool for it, a clock and id/secret sources."""
+    """What the API needs: the store, a thread pool for it, a clock, id/secret sources and
+    the secret handover to the broker's side."""
 
     store: DeviceStore
     committer: GroupCommitter
     executor: Executor
     credentials: Credentials
     new_device_id: Callable[[], str]
+    hand_over: HandOver
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    new_command_id: Callable[[], str] = lambda: uuid.uuid4().hex
+    handover_attempts: int = HANDOVER_ATTEMPTS
+    handover_backoff: float = HANDOVER_BACKOFF_S
 
     async def run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
 
-class _StoreAdapter:
+class StoreAdapter:
     """Adapts the DeviceStore to the handlers' Store port."""
 
     def __init__(self, store: DeviceStore, committer: GroupCommitter) -> None:
@@ -100,6 +130,38 @@ def _device_body(device: Device, **extra: Any) -> dict[str, Any]:
     body = {"device_id": device.device_id, "version": device.version, "status": device.status}
     body.update(extra)
     return body
+
+
+def rfc3339(at: datetime) -> str:
+    """UTC, millisecond precision, `Z` suffix: `2026-01-01T00:00:00.000Z`."""
+    return at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _command_body(device: Device, command_id: str) -> dict[str, Any]:
+    command = device.commands[command_id]
+    return {
+        "command_id": command_id,
+        "device_id": device.device_id,
+        "name": command["name"],
+        "args": command["args"],
+        "expires_at": rfc3339(command["expires_at"]),
+        "state": command["state"],
+        "version": device.version,
+    }
+
+
+def _undelivered_secret(outcome: Outcome, command: str) -> Problem:
+    what = "registration" if command == "register" else "secret rotation"
+    device = outcome.device
+    return Problem(
+        503,
+        "Service Unavailable",
+        f"the {what} of device {device.device_id} is stored (version {device.version}), but "
+        "its new secret could not be delivered to the broker, so the device cannot log in "
+        "with it; rotate the device's secret (POST .../rotate-secret) to issue a new one",
+        device_id=device.device_id,
+        version=device.version,
+    )
 
 
 def _headers(outcome: Outcome) -> dict[str, str]:
@@ -175,7 +237,7 @@ def _problem_for(error: DomainError) -> Problem:
 
 
 def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyCheck) -> Starlette:
-    adapter = _StoreAdapter(service.store, service.committer)
+    adapter = StoreAdapter(service.store, service.committer)
 
     async def execute(
         request: Request,
@@ -188,17 +250,17 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
         idem = Idempotency(service, request, principal, raw)
         request.state.raw = raw
 
-        def in_thread() -> Response:
+        def in_thread() -> tuple[Response, Outcome | None]:
             if idem.key is not None:
                 replay = idem.check(adapter.find_idempotency(principal, idem.key))
                 if replay is not None:
-                    return replay
+                    return replay, None
             try:
                 status, body, outcome = work(idem)
             except handlers.Replayed as e:
                 replay = idem.check(e.record)
                 assert replay is not None
-                return replay
+                return replay, None
             except DomainError as e:
                 problem = _problem_for(e)
                 metrics.COMMANDS.labels(command, str(problem.status)).inc()
@@ -211,16 +273,49 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
                     if first is not None and (first.status, first.body) != (mine.status, mine.body):
                         replay = idem.check(first)
                         assert replay is not None
-                        return replay
-                return problem.response(request.url.path)
+                        return replay, None
+                return problem.response(request.url.path), None
             metrics.COMMANDS.labels(command, str(status)).inc()
             headers = _headers(outcome)
             if status == 201:
                 headers["Location"] = f"{PREFIX}/devices/{outcome.device.device_id}"
-            return Response(_encode(body), status, headers, media_type="application/json")
+            return Response(_encode(body), status, headers, media_type="application/json"), outcome
 
-        response: Response = await service.run(in_thread)
+        response, outcome = await service.run(in_thread)
+        # A new secret is answered only once the broker's side has it (replays carry none).
+        if outcome is not None and outcome.secret is not None:
+            device = outcome.device
+            if not await deliver_secret(device.device_id, device.version, outcome.secret):
+                metrics.COMMANDS.labels(command, "503").inc()
+                return _undelivered_secret(outcome, command).response(request.url.path)
+        assert isinstance(response, Response)
         return response
+
+    async def deliver_secret(device_id: str, version: int, secret: str) -> bool:
+        """Hand the secret over, retrying briefly; False if it could not be delivered."""
+        for attempt in range(1, service.handover_attempts + 1):
+            try:
+                await asyncio.wait_for(
+                    service.hand_over(device_id, version, secret), HANDOVER_TIMEOUT_S
+                )
+                return True
+            except Exception as e:
+                log.warning(
+                    "secret handover failed",
+                    extra={
+                        "device_id": device_id,
+                        "version": version,
+                        "attempt": attempt,
+                        "error": repr(e),
+                    },
+                )
+                if attempt < service.handover_attempts:
+                    await asyncio.sleep(service.handover_backoff * attempt)
+        log.error(
+            "secret not delivered to the broker; the device must rotate its secret",
+            extra={"device_id": device_id, "version": version},
+        )
+        return False
 
     async def register(request: Request) -> Response:
         def work(idem: Idempotency) -> tuple[int, dict[str, Any], Outcome]:
@@ -294,6 +389,53 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
         decode_body(request.state.raw, EmptyBody)
         return handlers.rotate_secret(service.credentials, at)
 
+    async def request_command(request: Request) -> Response:
+        device_id = request.path_params["device_id"]
+        expected = _if_match(request)
+
+        def work(idem: Idempotency) -> tuple[int, dict[str, Any], Outcome]:
+            body = decode_body(request.state.raw, CommandBody)
+            command_id = service.new_command_id()
+
+            def shape(device: Device, _: str | None) -> dict[str, Any]:
+                return _command_body(device, command_id)
+
+            decide = handlers.request_command(
+                command_id, body.name, dict(body.args), body.ttl_s, service.clock()
+            )
+            outcome = handlers.change(
+                adapter,
+                device_id,
+                decide,
+                expected_version=expected,
+                answer=idem.answer(202, shape),
+            )
+            return 202, shape(outcome.device, None), outcome
+
+        return await execute(request, "request-command", "operator", work)
+
+    async def cancel_command(request: Request) -> Response:
+        device_id = request.path_params["device_id"]
+        command_id = request.path_params["command_id"]
+        expected = _if_match(request)
+
+        def work(idem: Idempotency) -> tuple[int, dict[str, Any], Outcome]:
+            reason = decode_body(request.state.raw, ReasonBody).reason or "cancelled by an operator"
+
+            def shape(device: Device, _: str | None) -> dict[str, Any]:
+                return _command_body(device, command_id)
+
+            outcome = handlers.change(
+                adapter,
+                device_id,
+                handlers.cancel(command_id, reason, service.clock()),
+                expected_version=expected,
+                answer=idem.answer(200, shape),
+            )
+            return 200, shape(outcome.device, None), outcome
+
+        return await execute(request, "cancel-command", "operator", work)
+
     device = PREFIX + "/devices/{device_id}"
     routes = [
         Route(PREFIX + "/devices", register, methods=["POST"]),
@@ -310,5 +452,7 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
             lifecycle("rotate-secret", "operator", rotate),
             methods=["POST"],
         ),
+        Route(device + "/commands", request_command, methods=["POST"]),
+        Route(device + "/commands/{command_id}/cancel", cancel_command, methods=["POST"]),
     ]
     return build_app(routes, ready)

@@ -63,9 +63,12 @@ class Replayed(Exception):
 
 @dataclass(frozen=True)
 class Outcome:
+    """The device after the change; `changed` False (position 0) when it appended nothing."""
+
     device: Device
     position: int
     secret: str | None = None
+    changed: bool = True
 
 
 Answer = Callable[[Device, str | None], IdempotencyRecord]
@@ -130,7 +133,8 @@ def change(
 
     With `expected_version` (If-Match) a lost race is a VersionMismatch; without it the
     command is re-run on the fresh state, with jittered backoff, so no update is lost.
-    `decide` returns a secret to hand back once (rotation), or None.
+    `decide` returns a secret to hand back once (rotation), or None. A decision that
+    changes nothing appends nothing (and stores no idempotency answer).
     """
     for attempt in range(1, max_attempts + 1):
         device = store.get(device_id)
@@ -139,6 +143,9 @@ def change(
         if expected_version is not None and device.version != expected_version:
             raise VersionMismatch(expected_version, device.version)
         secret = decide(device)
+        if not device.pending_events:
+            # An ack, report or expiry the device had already recorded: nothing to append.
+            return Outcome(device, 0, secret, changed=False)
         record = answer(device, secret) if answer else None
         try:
             position = store.save_device(device, record)
@@ -179,5 +186,76 @@ def rotate_secret(credentials: Credentials, at: datetime) -> Callable[[Device], 
         secret, secret_hash = credentials.issue()
         device.rotate_secret(secret_hash, at)
         return secret
+
+    return decide
+
+
+# -- commands to devices -----------------------------------------------------------------------
+
+
+def request_command(
+    command_id: str, name: str, args: dict[str, Any], ttl_s: int, at: datetime
+) -> Callable[[Device], None]:
+    def decide(device: Device) -> None:
+        device.request_command(command_id, name, args, ttl_s, at)
+
+    return decide
+
+
+def record_sent(command_id: str, at: datetime) -> Callable[[Device], None]:
+    """The bridge handed the command to the broker; a repeated or late report changes nothing."""
+
+    def decide(device: Device) -> None:
+        device.mark_command_sent(command_id, at)
+
+    return decide
+
+
+def acknowledge(
+    command_id: str, ok: bool, result: dict[str, Any], at: datetime
+) -> Callable[[Device], None]:
+    """The device's ack; an unknown, finished or repeated one changes nothing."""
+
+    def decide(device: Device) -> None:
+        device.acknowledge_command(command_id, ok, result, at)
+
+    return decide
+
+
+def expire(command_id: str, at: datetime) -> Callable[[Device], None]:
+    """Expire the command if it is still pending and due; otherwise change nothing."""
+
+    def decide(device: Device) -> None:
+        device.expire_command(command_id, at)
+
+    return decide
+
+
+def cancel(command_id: str, reason: str, at: datetime) -> Callable[[Device], None]:
+    def decide(device: Device) -> None:
+        if command_id not in device.commands:
+            raise NotFound(f"device {device.device_id} has no command {command_id}")
+        device.cancel_command(command_id, reason, at)
+
+    return decide
+
+
+# -- connectivity ---------------------------------------------------------------------------
+
+
+def connect(at: datetime) -> Callable[[Device], None]:
+    """A connection; a repeated or stale one changes nothing."""
+
+    def decide(device: Device) -> None:
+        device.connect(at)
+
+    return decide
+
+
+def disconnect(at: datetime) -> Callable[[Device], None]:
+    """A disconnection; a repeated or stale one changes nothing."""
+
+    def decide(device: Device) -> None:
+        device.disconnect(at)
 
     return decide

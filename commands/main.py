@@ -11,12 +11,15 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
-from commands.api import CommandService, create_app
+from commands.api import CommandService, StoreAdapter, create_app
+from commands.expiry import ExpiryScheduler, expire_with, run_expiry
 from commands.handlers import Credentials
+from commands.policy import Policies, run_policies
 from commands.relay import Relay
 from commands.store import DeviceStore, GroupCommitter, idempotency_cutoff, open_store
+from iot import secrets as secret_handover
 from iot.httpkit import Authorizer, serve
-from iot.runtime import connect_nats, retry_async, retry_start, stop_on_signals
+from iot.runtime import close_nats, connect_nats, retry_async, retry_start, stop_on_signals
 from iot.settings import Settings
 from iot.streams import Streams
 
@@ -56,16 +59,25 @@ async def _purge_idempotency(store: DeviceStore, stop: asyncio.Event) -> None:
 
 
 async def run_commands(settings: Settings) -> None:
+    """The command API, the policies applying device reports, and command expiry."""
     stop = stop_on_signals()
     store = await retry_start("event store", lambda: open_store(settings))
+    nc = await retry_async("NATS", lambda: connect_nats(settings.nats_url, "iot-commands"))
+    js = nc.jetstream()
+    streams = Streams(settings.namespace)
     executor = ThreadPoolExecutor(settings.store_threads, thread_name_prefix="store")
     committer = GroupCommitter(store)
+
+    async def hand_over(device_id: str, version: int, secret: str) -> None:
+        await secret_handover.hand_over(js, streams, device_id, version, secret)
+
     service = CommandService(
         store=store,
         committer=committer,
         executor=executor,
         credentials=production_credentials(),
         new_device_id=new_device_id,
+        hand_over=hand_over,
     )
 
     async def ready() -> Mapping[str, bool]:
@@ -73,17 +85,29 @@ async def run_commands(settings: Settings) -> None:
             ok = await service.run(lambda: store_ping(store))
         except Exception:
             ok = False
-        return {"postgres": ok}
+        return {"postgres": ok, "nats": nc.is_connected}
 
+    adapter = StoreAdapter(store, committer)
+    scheduler = ExpiryScheduler(expire_with(adapter, service.run))
     app = create_app(service, Authorizer(settings.api_tokens), ready)
-    purger = asyncio.create_task(_purge_idempotency(store, stop))
+    tasks = [
+        asyncio.create_task(_purge_idempotency(store, stop)),
+        asyncio.create_task(run_policies(js, streams, Policies(adapter, service.run), stop)),
+        asyncio.create_task(run_expiry(js, streams, scheduler, stop)),
+    ]
     port = settings.port_for(COMMANDS_PORT)
+    server = asyncio.create_task(serve(app, settings.http_host, port, stop))
     log.info("command API listening", extra={"port": port})
     try:
-        await serve(app, settings.http_host, port, stop)
+        # Any of them ending before `stop` is a failure: stop the process, to be restarted.
+        done, _ = await asyncio.wait({server, *tasks}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
     finally:
         stop.set()
-        await purger
+        await asyncio.gather(server, *tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await close_nats(nc)
         executor.shutdown(wait=True)
         committer.close()
         store.close()

@@ -99,11 +99,26 @@ def openapi_document() -> dict[str, Any]:
                         "config": {"type": "object"},
                     },
                 },
-                "reported": {"type": ["object", "null"]},
+                "reported": {
+                    "type": ["object", "null"],
+                    "description": "The newest reported state, without the reserved key "
+                    "`config_version`; null before the first report",
+                },
+                "reported_at": _NULLABLE_TIME,
+                "reported_config_version": {
+                    "type": ["integer", "null"],
+                    "description": "`config_version` of the newest reported state: the desired "
+                    "version the device last reported applying",
+                },
                 "delta": {
                     "type": "object",
                     "description": "Desired values missing from reported or different from it "
                     "(nested objects compared key by key)",
+                },
+                "in_sync": {
+                    "type": "boolean",
+                    "description": "The delta is empty and the device reported applying the "
+                    "current desired version",
                 },
                 "online": {"type": "boolean"},
                 "last_seen": _NULLABLE_TIME,
@@ -118,7 +133,52 @@ def openapi_document() -> dict[str, Any]:
                         },
                     },
                 },
-                "pending_commands": {"type": "array", "items": {"type": "object"}},
+                "pending_commands": {
+                    "type": "array",
+                    "description": "Commands not finished yet, in request order",
+                    "items": _ref("PendingCommand"),
+                },
+                "recent_commands": {
+                    "type": "array",
+                    "description": "The last 20 finished commands, newest first",
+                    "items": _ref("FinishedCommand"),
+                },
+            },
+        },
+        "PendingCommand": {
+            "type": "object",
+            "required": ["command_id", "name", "args", "state", "requested_at", "expires_at"],
+            "properties": {
+                "command_id": {"type": "string"},
+                "name": {"type": "string"},
+                "args": {"type": "object"},
+                "state": {
+                    "type": "string",
+                    "enum": ["requested", "sent"],
+                    "description": "`sent`: the broker accepted it for the device (QoS 1)",
+                },
+                "requested_at": {"type": "string", "format": "date-time"},
+                "sent_at": _NULLABLE_TIME,
+                "expires_at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "FinishedCommand": {
+            "type": "object",
+            "required": ["command_id", "name", "state", "finished_at"],
+            "properties": {
+                "command_id": {"type": "string"},
+                "name": {"type": ["string", "null"]},
+                "state": {
+                    "type": "string",
+                    "enum": ["acknowledged", "failed", "expired", "cancelled"],
+                },
+                "requested_at": _NULLABLE_TIME,
+                "finished_at": {"type": "string", "format": "date-time"},
+                "result": {
+                    "type": "object",
+                    "description": "The device's result (acknowledged and failed only)",
+                },
+                "reason": {"type": "string", "description": "Why (cancelled only)"},
             },
         },
         "Telemetry": {
@@ -149,7 +209,13 @@ def openapi_document() -> dict[str, Any]:
         },
         "Fleet": {
             "type": "object",
-            "required": ["devices", "by_status", "online", "readings_last_minute"],
+            "required": [
+                "devices",
+                "by_status",
+                "online",
+                "readings_last_minute",
+                "commands_pending",
+            ],
             "properties": {
                 "devices": {"type": "integer"},
                 "by_status": {
@@ -162,6 +228,10 @@ def openapi_document() -> dict[str, Any]:
                     "description": "Estimate: the current minute's distinct readings plus the "
                     "previous minute's weighted by its share of the last 60 s (HyperLogLog, "
                     "~0.81% standard error)",
+                },
+                "commands_pending": {
+                    "type": "integer",
+                    "description": "Commands requested or sent, not yet finished",
                 },
             },
         },

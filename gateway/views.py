@@ -92,6 +92,37 @@ def _json(raw: str | None) -> Any:
         return None
 
 
+def _int(raw: str | None) -> int | None:
+    if raw is None or raw == "":
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+def _commands(raw: str | None) -> tuple[list[Any], list[Any]]:
+    """Pending and recent commands from the `commands` field (empty lists when absent)."""
+    stored = _json(raw)
+    if not isinstance(stored, dict):
+        return [], []
+    pending, recent = stored.get("pending"), stored.get("recent")
+    return (
+        pending if isinstance(pending, list) else [],
+        recent if isinstance(recent, list) else [],
+    )
+
+
+def in_sync(desired_version: int, reported_version: int | None, delta: Mapping[str, Any]) -> bool:
+    """The device reported applying the current desired version and its state matches it.
+
+    A device never given a configuration (version 0) is in sync while it names no version.
+    """
+    if delta:
+        return False
+    return reported_version == desired_version or (desired_version == 0 and not reported_version)
+
+
 def summary(doc: Mapping[str, Any], online: str | None, last_seen: str | None) -> dict[str, Any]:
     """A device list entry."""
     seen = _ms(last_seen)
@@ -128,6 +159,11 @@ def device_view(fields: Mapping[str, str]) -> dict[str, Any] | None:
                 "ts": rfc3339(ts) if ts is not None else None,
             }
     seen = _ms(fields.get("last_seen"))
+    reported_at = _ms(fields.get("reported_at")) if reported is not None else None
+    desired_version = desired.get("version", 0)
+    reported_version = _int(fields.get("reported_config_version"))
+    difference = delta(config, reported)
+    pending, recent = _commands(fields.get("commands"))
     return {
         "device_id": doc.get("device_id"),
         "name": doc.get("name"),
@@ -137,13 +173,17 @@ def device_view(fields: Mapping[str, str]) -> dict[str, Any] | None:
         "registered_at": doc.get("registered_at"),
         "updated_at": doc.get("updated_at"),
         "version": _ms(fields.get("version")),
-        "desired": {"version": desired.get("version", 0), "config": config},
+        "desired": {"version": desired_version, "config": config},
         "reported": reported,
-        "delta": delta(config, reported),
+        "reported_at": rfc3339(reported_at) if reported_at is not None else None,
+        "reported_config_version": reported_version,
+        "delta": difference,
+        "in_sync": in_sync(desired_version, reported_version, difference),
         "online": fields.get("online") == "1",
         "last_seen": rfc3339(seen) if seen is not None else None,
         "metrics": metrics,
-        "pending_commands": [],
+        "pending_commands": pending,
+        "recent_commands": recent,
     }
 
 
@@ -245,7 +285,8 @@ class ViewReader:
         return out
 
     async def fleet(self, now_s: float) -> dict[str, Any]:
-        """Counts by status, total, online, and readings in the last minute (estimate)."""
+        """Counts by status, total, online, readings in the last minute (estimate), commands
+        pending."""
         minute = int(now_s // 60)
         async with self._redis.pipeline(transaction=False) as pipe:
             for status in STATUSES:
@@ -254,14 +295,16 @@ class ViewReader:
             pipe.scard(self.keys.online)
             pipe.pfcount(self.keys.readings(minute))
             pipe.pfcount(self.keys.readings(minute - 1))
-            answers: list[int] = await pipe.execute()
+            pipe.get(self.keys.commands_pending)
+            answers: list[Any] = await pipe.execute()
         by_status = dict(zip(STATUSES, answers[: len(STATUSES)], strict=True))
-        total, online, current, previous = answers[len(STATUSES) :]
+        total, online, current, previous, pending = answers[len(STATUSES) :]
         return {
             "devices": total,
             "by_status": by_status,
             "online": online,
             "readings_last_minute": readings_last_minute(current, previous, now_s),
+            "commands_pending": max(0, _int(pending) or 0),
         }
 
 

@@ -11,6 +11,7 @@ from iot import logs
 from iot.settings import Settings, SettingsError, load
 
 COMPONENTS = ("commands", "relay", "bridge", "gateway", "projector")
+DYNSEC_PASSWORDS = ("IOT_DYNSEC_ADMIN_PASSWORD", "IOT_DYNSEC_BRIDGE_PASSWORD")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +36,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="use the Mosquitto at IOT_MQTT_URL instead of starting one with the shipped settings",
     )
+    up.add_argument(
+        "--insecure",
+        action="store_true",
+        help="no device authentication: the broker accepts anonymous clients, no auth projector",
+    )
+
+    dyn = sub.add_parser(
+        "dynsec-init",
+        help="create or update the broker's dynamic security file with the backend's MQTT users "
+        "(passwords from IOT_DYNSEC_ADMIN_PASSWORD and IOT_DYNSEC_BRIDGE_PASSWORD; devices in "
+        "the file are kept); run it while the broker is stopped, e.g. in an init container",
+    )
+    dyn.add_argument("file", help="the plugin's file (plugin_opt_config_file)")
 
     sim = sub.add_parser("simulate", help="a simulated device fleet speaking the MQTT contract")
     sim.add_argument("--devices", type=int, default=10)
@@ -78,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         if args.name not in PROJECTORS:
             parser.error(f"run projector NAME: NAME is one of {', '.join(PROJECTORS)}")
+    if args.command == "dynsec-init":
+        return _dynsec_init(args.file)
     try:
         needs_tokens = args.command == "run" and args.component in ("commands", "gateway")
         settings = load(require_tokens=needs_tokens)
@@ -115,11 +131,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                 simulate=args.simulate,
                 rate=rate,
                 own_broker=not args.external_broker,
+                insecure=args.insecure,
             )
         )
     if args.command == "simulate":
         return asyncio.run(_simulate(args, settings))
     return 2
+
+
+def _dynsec_init(file: str) -> int:
+    import os
+
+    from iot import dynsec
+
+    passwords = [os.environ.get(v, "") for v in DYNSEC_PASSWORDS]
+    for variable, password in zip(DYNSEC_PASSWORDS, passwords, strict=True):
+        if len(password) < 16:
+            print(
+                f"iot dynsec-init: {variable} must be set (16 characters or more)", file=sys.stderr
+            )
+            return 2
+    try:
+        dynsec.ensure_config_file(file, dynsec.backend_users(*passwords))
+    except (OSError, ValueError) as e:
+        print(f"iot dynsec-init: {e}", file=sys.stderr)
+        return 1
+    print(f"iot dynsec-init: {file}: users {dynsec.ADMIN_USERNAME}, {dynsec.BRIDGE_USERNAME} ready")
+    return 0
 
 
 async def _simulate(args: argparse.Namespace, settings: Settings) -> int:

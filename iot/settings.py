@@ -45,6 +45,8 @@ class Settings:
     mqtt_client_id: str = ""
     mqtt_username: str = ""
     mqtt_password: str = ""
+    auth_mqtt_username: str = ""  # `iot up --external-broker`: the auth projector's login
+    auth_mqtt_password: str = ""
     bridge_inflight: int = 1000
     rate_limit_per_minute: int = 600
 
@@ -176,6 +178,8 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         mqtt_client_id=env.get("IOT_MQTT_CLIENT_ID") or f"iot-bridge-{socket.gethostname()}",
         mqtt_username=env.get("IOT_MQTT_USERNAME", ""),
         mqtt_password=env.get("IOT_MQTT_PASSWORD", ""),
+        auth_mqtt_username=env.get("IOT_AUTH_MQTT_USERNAME", ""),
+        auth_mqtt_password=env.get("IOT_AUTH_MQTT_PASSWORD", ""),
         bridge_inflight=_int(env, "IOT_BRIDGE_INFLIGHT", 1000, 1, 65535) or 1000,
         rate_limit_per_minute=_int(env, "IOT_RATE_LIMIT_PER_MINUTE", 600, 1, 10_000_000) or 600,
     )

@@ -1,25 +1,42 @@
-"""`iot up`: every component as a child process, restarted if it dies, stopped by Ctrl-C."""
+"""`iot up`: every component as a child process, restarted if it dies, stopped by Ctrl-C.
+
+MQTT credentials: with its own broker and authentication on (the default), `iot up` keeps two
+random passwords in `.iot/mqtt-credentials.json` (mode 0600, reused by the next run), writes
+them hashed into the broker's dynamic security file (`.iot/mosquitto/dynamic-security.json`)
+before starting it, and hands each to one child only, as IOT_MQTT_USERNAME/IOT_MQTT_PASSWORD:
+the plugin's admin user to `iot run projector auth`, the bridge user to `iot run bridge`. Other
+children get no MQTT credentials (devices, the simulator's included, use their own secrets).
+`--insecure` starts the broker open to anonymous clients and no auth projector. With
+`--external-broker` the children get the environment's IOT_MQTT_USERNAME/PASSWORD, and the auth
+projector runs only if IOT_AUTH_MQTT_USERNAME/IOT_AUTH_MQTT_PASSWORD name the plugin's admin.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import secrets
 import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-from iot.broker import PrivateBroker
+from iot import dynsec
+from iot.broker import BrokerAuth, PrivateBroker
 from iot.runtime import stop_on_signals
 from iot.settings import Settings
 
 IOT = (sys.executable, "-m", "iot.cli")
+STATE_DIR = Path(".iot")
+CREDENTIALS_FILE = "mqtt-credentials.json"
+MQTT_CREDENTIALS = ("IOT_MQTT_USERNAME", "IOT_MQTT_PASSWORD")
 
 
 @dataclass(frozen=True)
@@ -27,23 +44,58 @@ class Child:
     name: str
     argv: tuple[str, ...]
     port: int | None
+    env: Mapping[str, str] = field(default_factory=dict)  # on top of the shared environment
 
 
-def components() -> list[Child]:
-    return [
+@dataclass(frozen=True)
+class MqttCredentials:
+    """What each backend process logs in to the broker with (None: its environment's)."""
+
+    bridge: tuple[str, str] | None = None
+    auth: tuple[str, str] | None = None  # None: no auth projector
+
+
+def _login(credentials: tuple[str, str] | None) -> dict[str, str]:
+    if credentials is None:
+        return {}
+    return dict(zip(MQTT_CREDENTIALS, credentials, strict=True))
+
+
+def components(mqtt: MqttCredentials | None = None) -> list[Child]:
+    mqtt = mqtt or MqttCredentials()
+    kids = [
         Child("commands", (*IOT, "run", "commands"), 8080),
-        Child("bridge", (*IOT, "run", "bridge"), 8081),
+        Child("bridge", (*IOT, "run", "bridge"), 8081, _login(mqtt.bridge)),
         Child("gateway", (*IOT, "run", "gateway"), 8082),
         Child("relay", (*IOT, "run", "relay"), 8084),
         Child("timeseries", (*IOT, "run", "projector", "timeseries"), 8090),
         Child("views", (*IOT, "run", "projector", "views"), 8091),
     ]
+    if mqtt.auth is not None:
+        kids.append(Child("auth", (*IOT, "run", "projector", "auth"), 8092, _login(mqtt.auth)))
+    return kids
+
+
+def load_or_create_passwords(path: Path) -> BrokerAuth:
+    """The backend's broker passwords, generated on the first run and kept (mode 0600)."""
+    try:
+        saved = json.loads(path.read_text())
+        auth = BrokerAuth(str(saved["admin_password"]), str(saved["bridge_password"]))
+        if auth.admin_password and auth.bridge_password:
+            path.chmod(0o600)
+            return auth
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # absent or damaged: new passwords (the broker's file is updated to match)
+    auth = BrokerAuth(dynsec.random_password(), dynsec.random_password())
+    body = {"admin_password": auth.admin_password, "bridge_password": auth.bridge_password}
+    dynsec.write_private(path, json.dumps(body, indent=2) + "\n")
+    return auth
 
 
 async def _supervise(child: Child, env: dict[str, str], stop: asyncio.Event) -> None:
     backoff = 0.5
     while not stop.is_set():
-        child_env = dict(env)
+        child_env = {**env, **child.env}
         if child.port is not None:
             child_env["IOT_HTTP_PORT"] = str(child.port)
         started = time.monotonic()
@@ -85,20 +137,43 @@ async def _wait_ready(url: str, stop: asyncio.Event, within: float = 60.0) -> bo
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
-        try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Mosquitto binds: a port
+        try:  # left in TIME_WAIT by the last run is free for the next one
             s.bind(("127.0.0.1", port))
         except OSError:
             return False
         return True
 
 
-def _start_broker(settings: Settings) -> tuple[PrivateBroker, str]:
-    """Our own Mosquitto with the shipped settings (deep queues, persistence) under `.iot/`."""
+def _start_broker(settings: Settings, auth: BrokerAuth | None) -> tuple[PrivateBroker, str]:
+    """Our own Mosquitto with the shipped settings (deep queues, persistence) under `.iot/`,
+    with the dynamic security plugin when `auth` is given."""
     _, wanted, _ = settings.mqtt
     port = wanted if _port_free(wanted) else next(p for p in range(1884, 1984) if _port_free(p))
-    broker = PrivateBroker(Path(".iot") / "mosquitto", port)
+    directory = STATE_DIR / "mosquitto"
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)  # the plugin's file holds password hashes
+    broker = PrivateBroker(directory, port, auth=auth)
     broker.start()
     return broker, broker.url
+
+
+def _mqtt_plan(
+    settings: Settings, env: dict[str, str], own_broker: bool, insecure: bool
+) -> tuple[BrokerAuth | None, MqttCredentials]:
+    """Who gets which MQTT credentials; strips the shared ones where `iot up` assigns them."""
+    if not own_broker:
+        admin = (settings.auth_mqtt_username, settings.auth_mqtt_password)
+        return None, MqttCredentials(auth=admin if all(admin) and not insecure else None)
+    for name in MQTT_CREDENTIALS:
+        env.pop(name, None)
+    if insecure:
+        return None, MqttCredentials()
+    auth = load_or_create_passwords(STATE_DIR / CREDENTIALS_FILE)
+    return auth, MqttCredentials(
+        bridge=(dynsec.BRIDGE_USERNAME, auth.bridge_password),
+        auth=(dynsec.ADMIN_USERNAME, auth.admin_password),
+    )
 
 
 async def up(
@@ -108,12 +183,14 @@ async def up(
     simulate: int = 0,
     rate: float = 1.0,
     own_broker: bool = True,
+    insecure: bool = False,
 ) -> int:
     env = dict(os.environ)
     broker = None
     mqtt_url = settings.mqtt_url
+    broker_auth, mqtt = _mqtt_plan(settings, env, own_broker, insecure)
     if own_broker:
-        broker, mqtt_url = _start_broker(settings)
+        broker, mqtt_url = _start_broker(settings, broker_auth)
         env["IOT_MQTT_URL"] = mqtt_url
     token = None
     if not settings.api_tokens:
@@ -125,7 +202,7 @@ async def up(
         for step in await migrate(settings):
             print(f"iot up: {step}")
     stop = stop_on_signals()
-    kids = components()
+    kids = components(mqtt)
     tasks = [asyncio.create_task(_supervise(child, env, stop)) for child in kids]
     if simulate:
         if await _wait_ready("http://127.0.0.1:8080/readyz", stop):
@@ -143,6 +220,13 @@ async def up(
     print("  command API   http://127.0.0.1:8080/api/v1")
     print("  dashboards    http://127.0.0.1:8082/  (API: http://127.0.0.1:8082/api/v1)")
     print(f"  MQTT          {mqtt_url}" + ("  (iot up's own Mosquitto)" if broker else ""))
+    if broker_auth is not None:
+        print(
+            "                devices log in with their id and secret; backend passwords in "
+            f"{STATE_DIR / CREDENTIALS_FILE}"
+        )
+    elif own_broker:
+        print("                anonymous access (--insecure): no device authentication")
     if simulate:
         print(f"  simulated     {simulate} devices, {rate:g} messages/s")
     if token:

@@ -9,13 +9,24 @@ Per device, hash `{p}:device:{id}`:
   `online`       "1" or "0"; `online_at` epoch ms of the status message that set it
   `last_seen`    epoch ms: the latest device time (or server time) of any device message
   `m:{metric}`   JSON {"ts": epoch ms, "value": v}: the metric's latest value by device time
-  `reported`     JSON of the last reported state; `reported_at` epoch ms (issue 4)
+  `reported`     JSON of the newest reported state (by `reported_at`, epoch ms of receipt; a tie
+                 goes to the larger JSON) without the reserved key `config_version`
+  `reported_config_version`  that message's `config_version` (int as text); absent when it
+                 named none
+  `commands`     JSON {"pending": [...], "recent": [...]} (written with `doc`, per version):
+                 pending in request order, each {"command_id", "name", "args", "state"
+                 ("requested"|"sent"), "requested_at", "sent_at" (null until sent),
+                 "expires_at"}; recent = the last 20 finished, newest first, each
+                 {"command_id", "name", "state" ("acknowledged"|"failed"|"expired"|
+                 "cancelled"), "requested_at", "finished_at", "result" (acknowledged,
+                 failed) or "reason" (cancelled)}; times RFC 3339
 Indexes (maintained with the hash in the same script):
   `{p}:devices`              sorted set of every device id, all scores 0 (lexicographic
                              order: cursor pagination with ZRANGEBYLEX)
   `{p}:status:{status}`      set of device ids in that lifecycle status
   `{p}:label:{key}={value}`  set of device ids carrying that label
   `{p}:online`               set of online device ids
+  `{p}:commands_pending`     integer: pending commands of the whole fleet
   `{p}:readings:{minute}`    HyperLogLog of reading ids (`<stream seq>:<index>`) received in
                              that epoch minute (idempotent under redelivery), expiring after 3 min
   `{p}:changes`              pub/sub channel: a device id per change (for the SSE stream)
@@ -55,9 +66,14 @@ class ViewKeys:
         return f"{self.prefix}:readings:{minute}"
 
     @property
+    def commands_pending(self) -> str:
+        return f"{self.prefix}:commands_pending"
+
+    @property
     def changes(self) -> str:
         return f"{self.prefix}:changes"
 
 
 STATUSES = ("provisioned", "active", "suspended", "decommissioned")
 METRIC_FIELD = "m:"
+CONFIG_VERSION_KEY = "config_version"  # reserved in a device's reported state

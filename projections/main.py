@@ -9,6 +9,7 @@ from iot.settings import Settings
 PROJECTORS = {
     "timeseries": "projections.timeseries",
     "views": "projections.views",
+    "auth": "projections.auth",
 }
 
 

@@ -2,9 +2,10 @@
 
 Two durable pull consumers in one process: the EVENTS stream (doc, status and label indexes,
 device list; one compare-and-set script per event on the device version, so several instances
-keep per-device order) and the INGEST stream (latest value of each metric by device time, last
-seen, online, reported state, readings per minute; one script per batch, commutative and
-idempotent). The layout is `iot.views`; the gateway reads it.
+keep per-device order; commands to devices ride on the same script) and the INGEST stream
+(latest value of each metric by device time, last seen, online, reported state and its config
+version, readings per minute; one script per batch, commutative and idempotent). The layout
+is `iot.views`; the gateway reads it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from prometheus_client import Counter, Histogram
 from redis.exceptions import NoScriptError
 from starlette.routing import BaseRoute
 
-from domain.ingest import CommandAck, decode_ingest
+from domain.ingest import CommandSent, decode_ingest
 from domain.published import PublishedEvent, decode_event
 from iot import metrics
 from iot.httpkit import build_app, serve
@@ -36,10 +37,10 @@ from iot.streams import Streams
 from iot.views import ViewKeys
 from projections import views_scripts
 from projections.views_plan import (
+    DeviceState,
     EventPlan,
     IngestPlan,
     MissingRegistration,
-    decode_doc,
     plan_event,
 )
 
@@ -142,12 +143,12 @@ class ViewsProjector:
         devices = list(by_device)
         start = time.perf_counter()
         stored = await self.scripts.pipeline(
-            [("HMGET", self.keys.device(d), "version", "doc") for d in devices]
+            [("HMGET", self.keys.device(d), "version", "doc", "commands") for d in devices]
         )
         plans: list[tuple[int, EventPlan]] = []
-        for device_id, (raw_version, raw_doc) in zip(devices, stored, strict=True):
+        for device_id, (raw_version, raw_doc, raw_commands) in zip(devices, stored, strict=True):
             version = int(raw_version or 0)
-            doc = decode_doc(raw_doc)
+            state = DeviceState.decode(raw_doc, raw_commands)
             for i, event in sorted(by_device[device_id], key=lambda x: x[1].version):
                 if event.version <= version:
                     MESSAGES.labels("events", "skipped").inc()
@@ -156,7 +157,7 @@ class ViewsProjector:
                     MESSAGES.labels("events", "retried").inc()
                 else:
                     try:
-                        plan, doc = plan_event(self.keys, event, doc)
+                        plan, state = plan_event(self.keys, event, state)
                     except MissingRegistration as e:
                         await self._dead_letter(msgs[i], "missing_registration", str(e))
                         outcome.poison.add(i)
@@ -195,8 +196,8 @@ class ViewsProjector:
                 await self._dead_letter(msg, "undecodable_ingest", str(e))
                 outcome.poison.add(i)
                 continue
-            if isinstance(message, CommandAck):
-                ignored += 1  # pending commands are issue 4
+            if isinstance(message, CommandSent):
+                ignored += 1  # the bridge's report: the aggregate's CommandSent event shows it
                 continue
             plan.add(msg.metadata.sequence.stream, message)
             applied += 1
@@ -244,6 +245,8 @@ def consumer_specs(namespace: str) -> tuple[ConsumerSpec, ConsumerSpec]:
         batch=200,
         ack_wait=ACK_WAIT_S,
         retry_delay=0.2,
+        fetch_wait=1.0,
+        linger=0.002,  # domain events are few and on the command round trip: low latency
     )
     ingest = ConsumerSpec(
         stream=streams.ingest,

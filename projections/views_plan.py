@@ -1,10 +1,11 @@
 """Pure decisions of the `views` projection: what each input does to the Redis layout.
 
-Nothing here does I/O. Domain events become `EventPlan`s (the new doc and index changes, applied
-by a compare-and-set Lua script on the device version); an ingest batch is reduced to one
-`IngestPlan` (per device: the latest value of each metric, last seen, status, reported state;
-per minute: reading ids for the HyperLogLog). The reductions are maxima under a total order, so
-applying them is commutative and idempotent: the order or repetition of delivery changes nothing.
+Nothing here does I/O. Domain events become `EventPlan`s (the new doc, commands and index
+changes, applied by a compare-and-set Lua script on the device version); an ingest batch is
+reduced to one `IngestPlan` (per device: the latest value of each metric, last seen, status,
+reported state and the config version it names; per minute: reading ids for the HyperLogLog).
+The reductions are maxima under a total order, so applying them is commutative and idempotent:
+the order or repetition of delivery changes nothing.
 """
 
 from __future__ import annotations
@@ -15,8 +16,16 @@ from typing import Any
 
 import msgspec
 
-from domain.ingest import CommandAck, IngestMessage, Reported, Status, Telemetry, Value
+from domain.device import RECENT_COMMANDS
+from domain.ingest import CommandAck, CommandSent, IngestMessage, Reported, Status, Telemetry, Value
 from domain.published import (
+    CommandEvent,
+    DeviceCommandAcknowledged,
+    DeviceCommandCancelled,
+    DeviceCommandExpired,
+    DeviceCommandFailed,
+    DeviceCommandRequested,
+    DeviceCommandSent,
     DeviceConfigured,
     DeviceConnected,
     DeviceDecommissioned,
@@ -27,13 +36,14 @@ from domain.published import (
     DeviceSuspended,
     PublishedEvent,
 )
-from iot.views import METRIC_FIELD, ViewKeys
+from iot.views import CONFIG_VERSION_KEY, METRIC_FIELD, ViewKeys
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 HLL_TTL_S = 180
 _encode = msgspec.json.encode
 _decode_doc = msgspec.json.Decoder(dict[str, Any]).decode
+_decode_commands = msgspec.json.Decoder(dict[str, list[dict[str, Any]]]).decode
 
 
 def epoch_ms(at: datetime) -> int:
@@ -53,15 +63,105 @@ class MissingRegistration(Exception):
 
 
 @dataclass(frozen=True)
+class Commands:
+    """A device's commands in the view: pending in request order, recent finished newest first."""
+
+    pending: tuple[dict[str, Any], ...] = ()
+    recent: tuple[dict[str, Any], ...] = ()
+
+    @classmethod
+    def decode(cls, raw: bytes | None) -> Commands:
+        if not raw:
+            return cls()
+        stored = _decode_commands(raw)
+        return cls(tuple(stored.get("pending", ())), tuple(stored.get("recent", ())))
+
+    def encode(self) -> bytes:
+        return _encode({"pending": self.pending, "recent": self.recent})
+
+    def apply(self, event: CommandEvent) -> tuple[Commands, int]:
+        """The commands after `event`, and the change in the number pending (-1, 0 or 1)."""
+        at = iso(event.at)
+        if isinstance(event, DeviceCommandRequested):
+            if any(c["command_id"] == event.command_id for c in self.pending):
+                return self, 0
+            command = {
+                "command_id": event.command_id,
+                "name": event.name,
+                "args": event.args,
+                "state": "requested",
+                "requested_at": at,
+                "sent_at": None,
+                "expires_at": iso(event.expires_at),
+            }
+            return Commands((*self.pending, command), self.recent), 1
+        index = next(
+            (i for i, c in enumerate(self.pending) if c["command_id"] == event.command_id), None
+        )
+        found = self.pending[index] if index is not None else None
+        if isinstance(event, DeviceCommandSent):
+            if found is None or index is None:
+                return self, 0
+            sent = {**found, "state": "sent", "sent_at": at}
+            pending = (*self.pending[:index], sent, *self.pending[index + 1 :])
+            return Commands(pending, self.recent), 0
+        finished: dict[str, Any] = {
+            "command_id": event.command_id,
+            "name": found["name"] if found else None,
+            "state": _FINAL_STATE[type(event)],
+            "requested_at": found["requested_at"] if found else None,
+            "finished_at": at,
+        }
+        if isinstance(event, DeviceCommandAcknowledged | DeviceCommandFailed):
+            finished["result"] = event.result
+        elif isinstance(event, DeviceCommandCancelled):
+            finished["reason"] = event.reason
+        pending = (
+            self.pending if index is None else (*self.pending[:index], *self.pending[index + 1 :])
+        )
+        recent = (finished, *self.recent)[:RECENT_COMMANDS]
+        return Commands(pending, recent), 0 if index is None else -1
+
+
+_FINAL_STATE: dict[type, str] = {
+    DeviceCommandAcknowledged: "acknowledged",
+    DeviceCommandFailed: "failed",
+    DeviceCommandExpired: "expired",
+    DeviceCommandCancelled: "cancelled",
+}
+_COMMAND_EVENTS = (
+    DeviceCommandRequested,
+    DeviceCommandSent,
+    DeviceCommandAcknowledged,
+    DeviceCommandFailed,
+    DeviceCommandExpired,
+    DeviceCommandCancelled,
+)
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What the event plan of a device builds on: its doc and commands at the last version."""
+
+    doc: dict[str, Any] | None = None
+    commands: Commands = Commands()
+
+    @classmethod
+    def decode(cls, raw_doc: bytes | None, raw_commands: bytes | None) -> DeviceState:
+        return cls(decode_doc(raw_doc), Commands.decode(raw_commands))
+
+
+@dataclass(frozen=True)
 class EventPlan:
-    """One event's effect: set `version` (CAS on version - 1), `doc`, online, index changes."""
+    """One event's effect: set `version` (CAS on version - 1), `doc`, commands, online, indexes."""
 
     device_id: str
     version: int
     doc: bytes
+    commands: bytes  # b"" = unchanged
     online: str  # "1", "0" or "" (unchanged)
     online_at: int
-    ops: tuple[tuple[str, str], ...]  # (op, key): op in zadd, sadd, srem
+    ops: tuple[tuple[str, str], ...]  # (op, key): op in zadd, sadd, srem, incr, decr
     at: datetime
 
     def script_args(self, keys: ViewKeys) -> tuple[list[str], list[str | bytes | int]]:
@@ -74,6 +174,7 @@ class EventPlan:
             self.online_at,
             self.device_id,
             keys.changes,
+            self.commands,
             *(op for op, _ in self.ops),
         ]
         return script_keys, args
@@ -84,12 +185,15 @@ def decode_doc(raw: bytes | None) -> dict[str, Any] | None:
 
 
 def plan_event(
-    keys: ViewKeys, event: PublishedEvent, doc: dict[str, Any] | None
-) -> tuple[EventPlan, dict[str, Any]]:
-    """The effect of `event` on a device whose doc (at version - 1) is `doc`; and the new doc."""
+    keys: ViewKeys, event: PublishedEvent, state: DeviceState
+) -> tuple[EventPlan, DeviceState]:
+    """The effect of `event` on a device in `state` (at version - 1); and the new state."""
     at = iso(event.at)
     ops: list[tuple[str, str]] = []
     online, online_at = "", 0
+    doc = state.doc
+    commands = state.commands
+    changed_commands = False
     if isinstance(event, DeviceRegistered):
         new: dict[str, Any] = {
             "device_id": event.device_id,
@@ -112,7 +216,12 @@ def plan_event(
         new = dict(doc)
         new["updated_at"] = at
         status = new.get("status", "")
-        if isinstance(event, DeviceConfigured):
+        if isinstance(event, _COMMAND_EVENTS):
+            commands, pending = commands.apply(event)
+            changed_commands = True
+            if pending:
+                ops.append(("incr" if pending > 0 else "decr", keys.commands_pending))
+        elif isinstance(event, DeviceConfigured):
             new["desired"] = {"version": event.config_version, "config": event.config}
         elif isinstance(event, DeviceSuspended):
             status = "suspended"
@@ -139,12 +248,13 @@ def plan_event(
         device_id=event.device_id,
         version=event.version,
         doc=_encode(new),
+        commands=commands.encode() if changed_commands else b"",
         online=online,
         online_at=online_at,
         ops=tuple(ops),
         at=event.at,
     )
-    return plan, new
+    return plan, DeviceState(new, commands)
 
 
 # -- ingest ----------------------------------------------------------------------------------
@@ -155,6 +265,18 @@ def metric_json(ts: int, value: Value) -> str:
     return '{"ts":' + str(ts) + ',"value":' + _encode(value).decode() + "}"
 
 
+def split_reported(state: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """The reported state without its reserved `config_version` key, and that key's value
+    (None when absent or not an integer: the key is reserved either way)."""
+    if CONFIG_VERSION_KEY not in state:
+        return state, None
+    rest = dict(state)
+    version = rest.pop(CONFIG_VERSION_KEY)
+    if isinstance(version, bool) or not isinstance(version, int):
+        return rest, None
+    return rest, version
+
+
 @dataclass
 class DeviceDelta:
     """What one batch says about one device, reduced to maxima."""
@@ -162,7 +284,8 @@ class DeviceDelta:
     metrics: dict[str, tuple[int, Value]] = field(default_factory=dict)
     last_seen: int | None = None
     status: tuple[int, str] | None = None  # (received_at, "1" or "0")
-    reported: tuple[int, str] | None = None  # (received_at, JSON)
+    # (received_at, JSON without config_version, its config_version as text or "")
+    reported: tuple[int, str, str] | None = None
 
     def see(self, at: int) -> None:
         if self.last_seen is None or at > self.last_seen:
@@ -192,8 +315,8 @@ class IngestPlan:
 
     def add(self, seq: int, message: IngestMessage) -> None:
         """Fold one ingest message (stream sequence `seq`) into the plan."""
-        if isinstance(message, CommandAck):
-            return  # issue 4: pending commands
+        if isinstance(message, CommandSent):
+            return  # the bridge's report, not a device message: the aggregate records it
         if self.newest is None or message.received_at > self.newest:
             self.newest = message.received_at
         delta = self.device(message.device_id)
@@ -210,11 +333,18 @@ class IngestPlan:
                 delta.status = candidate
             if message.online:
                 delta.see(message.received_at)
+        elif isinstance(message, CommandAck):
+            delta.see(message.received_at)  # its outcome is the aggregate's event
         else:
             assert isinstance(message, Reported)
-            state = (message.received_at, _encode(message.state).decode())
-            if delta.reported is None or state > delta.reported:
-                delta.reported = state
+            state, config_version = split_reported(message.state)
+            reported = (
+                message.received_at,
+                _encode(state).decode(),
+                "" if config_version is None else str(config_version),
+            )
+            if delta.reported is None or reported > delta.reported:
+                delta.reported = reported
             delta.see(message.received_at)
 
     def script_args(self, keys: ViewKeys, now_ms: int) -> tuple[list[str], list[str | bytes]]:
@@ -226,7 +356,7 @@ class IngestPlan:
         devices = []
         for device_id, delta in self.devices.items():
             status_at, flag = delta.status if delta.status else ("", "")
-            reported_at, reported = delta.reported if delta.reported else ("", "")
+            reported_at, reported, config_version = delta.reported or ("", "", "")
             metrics: list[str] = []
             for name, (ts, value) in delta.metrics.items():
                 metrics += [METRIC_FIELD + name, str(ts), metric_json(ts, value)]
@@ -239,6 +369,7 @@ class IngestPlan:
                     str(reported_at),
                     reported,
                     metrics,
+                    config_version,
                 ]
             )
         readings = []

@@ -7,7 +7,8 @@ from __future__ import annotations
 # (a gap: another instance holds its predecessor) is left for a retry.
 # KEYS: device hash, online set, then one key per index operation.
 # ARGV: version, doc, online flag ("1", "0" or ""), online_at (epoch ms), device id, changes
-#       channel, then one operation per extra key: zadd, sadd or srem (of the device id).
+#       channel, commands JSON ("" = unchanged), then one operation per extra key: zadd, sadd
+#       or srem (of the device id), incr or decr (a counter).
 # Returns 1 applied (and publishes the device id), 0 already applied, 2 gap (retry later).
 EVENT = """
 local h = KEYS[1]
@@ -16,6 +17,7 @@ local cur = tonumber(redis.call('HGET', h, 'version') or '0')
 if cur >= v then return 0 end
 if cur ~= v - 1 then return 2 end
 redis.call('HSET', h, 'version', ARGV[1], 'doc', ARGV[2])
+if ARGV[7] ~= '' then redis.call('HSET', h, 'commands', ARGV[7]) end
 local id = ARGV[5]
 local flag = ARGV[3]
 if flag ~= '' then
@@ -28,9 +30,11 @@ if flag ~= '' then
   end
 end
 for i = 3, #KEYS do
-  local op = ARGV[i + 4]
+  local op = ARGV[i + 5]
   if op == 'zadd' then redis.call('ZADD', KEYS[i], 0, id)
   elseif op == 'sadd' then redis.call('SADD', KEYS[i], id)
+  elseif op == 'incr' then redis.call('INCR', KEYS[i])
+  elseif op == 'decr' then redis.call('DECR', KEYS[i])
   else redis.call('SREM', KEYS[i], id) end
 end
 redis.call('PUBLISH', ARGV[6], id)
@@ -41,7 +45,8 @@ return 1
 # "keep the larger" under a total order, so re-applying or reordering changes nothing.
 # KEYS: the online set.
 # ARGV: device key prefix, changes channel, the batch as JSON (numbers as text):
-#   [[[id, last_seen, status_at, flag, reported_at, reported, [field, ts, json, ...]], ...],
+#   [[[id, last_seen, status_at, flag, reported_at, reported, [field, ts, json, ...],
+#      reported config version], ...],
 #    [[readings key, expire at (epoch s), [reading id, ...]], ...]]   ("" = nothing)
 # Publishes each changed device id on the changes channel; returns how many changed.
 INGEST = """
@@ -62,6 +67,7 @@ for _, d in ipairs(batch[1]) do
   local id = d[1]
   local h = ARGV[1] .. id
   local seen, status_at, flag, reported_at, reported, metrics = d[2], d[3], d[4], d[5], d[6], d[7]
+  local config_version = d[8] or ''
   local ch = false
   if #metrics > 0 then
     local fields = {}
@@ -108,9 +114,20 @@ for _, d in ipairs(batch[1]) do
     local at = tonumber(reported_at)
     local old_at = tonumber(redis.call('HGET', h, 'reported_at') or '-1')
     local apply = at > old_at
-    if at == old_at then apply = reported > (redis.call('HGET', h, 'reported') or '') end
+    if at == old_at then
+      local old = redis.call('HGET', h, 'reported') or ''
+      apply = reported > old
+      if reported == old then
+        apply = config_version > (redis.call('HGET', h, 'reported_config_version') or '')
+      end
+    end
     if apply then
       redis.call('HSET', h, 'reported', reported, 'reported_at', reported_at)
+      if config_version == '' then
+        redis.call('HDEL', h, 'reported_config_version')
+      else
+        redis.call('HSET', h, 'reported_config_version', config_version)
+      end
       ch = true
     end
   end

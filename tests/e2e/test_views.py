@@ -15,7 +15,14 @@ import pytest
 import redis
 
 from domain.ingest import Reading, Telemetry, encode_ingest
-from domain.published import DeviceConfigured, DeviceRegistered, PublishedEvent, encode_event
+from domain.published import (
+    DeviceCommandAcknowledged,
+    DeviceCommandRequested,
+    DeviceConfigured,
+    DeviceRegistered,
+    PublishedEvent,
+    encode_event,
+)
 from iot.settings import Settings
 from iot.streams import Streams
 from iot.views import ViewKeys
@@ -53,6 +60,30 @@ def events_for(d: int, versions: range) -> list[PublishedEvent]:
                     name=f"n{d}",
                     type="meter",
                     labels={"group": str(d % 5)},
+                )
+            )
+        elif v in (4, 6):
+            out.append(
+                DeviceCommandRequested(
+                    device_id=device_id,
+                    version=v,
+                    at=at,
+                    position=v,
+                    command_id=f"c-{v}",
+                    name="reboot",
+                    args={},
+                    expires_at=at + timedelta(hours=1),
+                )
+            )
+        elif v == 5:
+            out.append(
+                DeviceCommandAcknowledged(
+                    device_id=device_id,
+                    version=v,
+                    at=at,
+                    position=v,
+                    command_id="c-4",
+                    result={"ok": d},
                 )
             )
         else:
@@ -98,7 +129,7 @@ def views_complete(client: redis.Redis, keys: ViewKeys) -> bool:
         pipe.hmget(keys.device(f"dev-{d:02d}"), ["version", "m:v"])
     rows: list[list[Any]] = pipe.execute()
     expected = f'{{"ts":{device_time(NEWEST)},"value":{NEWEST}}}'.encode()
-    return all(version == b"3" and latest == expected for version, latest in rows)
+    return all(version == b"6" and latest == expected for version, latest in rows)
 
 
 def applied(component: Component) -> float:
@@ -137,7 +168,7 @@ def test_two_projectors_one_killed_mid_way_leave_every_view_at_its_last_reading(
             time.sleep(0.05)
         first.kill()  # with a backlog in flight: its unacknowledged batches go to the others
         first = Component(migrated, "projector", "views")
-        asyncio.run(publish(migrated, range(READINGS // 2, READINGS), range(3, 4)))
+        asyncio.run(publish(migrated, range(READINGS // 2, READINGS), range(3, 7)))
         first.wait_ready()
         deadline = time.monotonic() + 120
         minutes = {keys.readings((NOW_MS + i) // 60_000) for i in (0, READINGS)}
@@ -160,6 +191,10 @@ def test_two_projectors_one_killed_mid_way_leave_every_view_at_its_last_reading(
         assert doc["desired"] == {"version": 2, "config": {"round": 3}}
         assert msgspec.json.decode(fields[b"m:d"]) == {"ts": device_time(NEWEST), "value": d}
         assert int(fields[b"last_seen"]) == device_time(NEWEST)
+        commands = msgspec.json.decode(fields[b"commands"])
+        assert [c["command_id"] for c in commands["pending"]] == ["c-6"]
+        assert [(c["command_id"], c["result"]) for c in commands["recent"]] == [("c-4", {"ok": d})]
+    assert views_redis.get(keys.commands_pending) == str(DEVICES).encode()
     assert views_redis.zcard(keys.devices) == DEVICES
     assert views_redis.scard(keys.status("provisioned")) == DEVICES
     assert views_redis.scard(keys.label("group", "0")) == DEVICES // 5

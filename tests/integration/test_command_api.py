@@ -10,13 +10,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import nats
 import pytest
+from nats.js.client import JetStreamContext
 
 from commands.api import CommandService, create_app
 from commands.handlers import Credentials
 from commands.store import DeviceStore, GroupCommitter
 from domain.credentials import verify_secret
+from iot import secrets
 from iot.httpkit import Authorizer
+from iot.settings import Settings
+from iot.streams import Streams
 from tests.conftest import TOKENS
 
 pytestmark = pytest.mark.integration
@@ -36,9 +41,37 @@ class FixedClock:
         return self.now
 
 
+class Handovers:
+    """The real secret handover (JetStream KV), recording calls; the next `failures` raise."""
+
+    def __init__(self, js: JetStreamContext, streams: Streams) -> None:
+        self.js = js
+        self.streams = streams
+        self.calls: list[tuple[str, int]] = []
+        self.failures = 0
+
+    async def __call__(self, device_id: str, version: int, secret: str) -> None:
+        self.calls.append((device_id, version))
+        if self.failures > 0:
+            self.failures -= 1
+            raise ConnectionError("broker side unreachable")
+        await secrets.hand_over(self.js, self.streams, device_id, version, secret)
+
+    async def take(self, device_id: str, version: int) -> str | None:
+        return await secrets.take(self.js, self.streams, device_id, version)
+
+
 @pytest.fixture
-def service(store: DeviceStore) -> Iterator[CommandService]:
+async def handovers(migrated: Settings) -> AsyncIterator[Handovers]:
+    nc = await nats.connect(migrated.nats_url)
+    yield Handovers(nc.jetstream(), Streams(migrated.namespace))
+    await nc.close()
+
+
+@pytest.fixture
+def service(store: DeviceStore, handovers: Handovers) -> Iterator[CommandService]:
     counter = itertools.count(1)
+    commands = itertools.count(1)
     executor = ThreadPoolExecutor(16)
     committer = GroupCommitter(store)
     yield CommandService(
@@ -49,7 +82,10 @@ def service(store: DeviceStore) -> Iterator[CommandService]:
             new_secret=lambda: f"secret-{next(counter)}", new_salt=lambda: b"0123456789abcdef"
         ),
         new_device_id=lambda: f"gen-{next(counter)}",
+        hand_over=handovers,
         clock=FixedClock(),
+        new_command_id=lambda: f"cmd-{next(commands)}",
+        handover_backoff=0.01,
     )
     executor.shutdown()
     committer.close()
@@ -123,6 +159,8 @@ async def test_second_registration_of_same_id_is_rejected(client: httpx.AsyncCli
         ("POST", "/devices/dev-1/resume", "operator"),
         ("POST", "/devices/dev-1/rotate-secret", "operator"),
         ("POST", "/devices/dev-1/decommission", "admin"),
+        ("POST", "/devices/dev-1/commands", "operator"),
+        ("POST", "/devices/dev-1/commands/cmd-1/cancel", "operator"),
     ],
 )
 async def test_each_route_refuses_missing_bad_and_insufficient_tokens(
@@ -396,3 +434,292 @@ async def test_health_ready_and_metrics(client: httpx.AsyncClient) -> None:
     metrics = (await client.get(f"{base}/metrics")).text
     assert 'iot_commands_total{command="register",outcome="201"}' in metrics
     assert "iot_http_request_duration_seconds_bucket" in metrics
+
+
+# -- secret handover --------------------------------------------------------------------------
+
+
+async def test_registration_hands_the_secret_to_the_broker_side_under_version_1(
+    client: httpx.AsyncClient, handovers: Handovers
+) -> None:
+    body = (await register(client)).json()
+
+    assert await handovers.take("dev-1", 1) == body["secret"]
+    assert handovers.calls == [("dev-1", 1)]
+
+
+async def test_rotation_hands_the_new_secret_over_under_the_rotation_version(
+    client: httpx.AsyncClient, handovers: Handovers
+) -> None:
+    await register(client)
+    await client.post("/devices/dev-1/suspend", headers=OPERATOR)
+
+    rotated = (await client.post("/devices/dev-1/rotate-secret", headers=OPERATOR)).json()
+
+    assert rotated["version"] == 3
+    assert await handovers.take("dev-1", 3) == rotated["secret"]
+    assert handovers.calls == [("dev-1", 1), ("dev-1", 3)]
+
+
+async def test_idempotent_replays_never_hand_the_secret_over_again(
+    client: httpx.AsyncClient, handovers: Handovers
+) -> None:
+    headers = {**OPERATOR, "Idempotency-Key": "reg-once"}
+    body = {"device_id": "dev-1", "name": "n", "type": "t"}
+    await client.post("/devices", json=body, headers=headers)
+    replayed = await client.post("/devices", json=body, headers=headers)
+    rotate = {**OPERATOR, "Idempotency-Key": "rot-once"}
+    await client.post("/devices/dev-1/rotate-secret", headers=rotate)
+    rotated_again = await client.post("/devices/dev-1/rotate-secret", headers=rotate)
+
+    assert replayed.headers["idempotent-replayed"] == "true"
+    assert rotated_again.headers["idempotent-replayed"] == "true"
+    assert handovers.calls == [("dev-1", 1), ("dev-1", 2)]
+
+
+async def test_undeliverable_secret_is_503_saying_the_registration_is_stored_and_to_rotate(
+    client: httpx.AsyncClient, handovers: Handovers, store: DeviceStore
+) -> None:
+    handovers.failures = 1_000
+
+    response = await register(client)
+
+    problem = assert_problem(response, 503)
+    assert "secret" not in problem
+    assert "stored" in problem["detail"]
+    assert "rotate" in problem["detail"]
+    assert (problem["device_id"], problem["version"]) == ("dev-1", 1)
+    assert len(handovers.calls) == 3  # retried briefly
+    assert store.get("dev-1") is not None
+    assert await handovers.take("dev-1", 1) is None
+
+
+async def test_undeliverable_rotated_secret_is_503_and_a_new_rotation_recovers(
+    client: httpx.AsyncClient, handovers: Handovers
+) -> None:
+    await register(client)
+    handovers.failures = 1_000
+    failed = assert_problem(
+        await client.post("/devices/dev-1/rotate-secret", headers=OPERATOR), 503
+    )
+    assert "rotation" in failed["detail"]
+    handovers.failures = 0
+
+    rotated = await client.post("/devices/dev-1/rotate-secret", headers=OPERATOR)
+
+    assert rotated.status_code == 200
+    assert await handovers.take("dev-1", rotated.json()["version"]) == rotated.json()["secret"]
+
+
+async def test_handover_that_recovers_within_the_retries_answers_normally(
+    client: httpx.AsyncClient, handovers: Handovers
+) -> None:
+    handovers.failures = 1
+
+    response = await register(client)
+
+    assert response.status_code == 201
+    assert handovers.calls == [("dev-1", 1), ("dev-1", 1)]
+    assert await handovers.take("dev-1", 1) == response.json()["secret"]
+
+
+# -- commands to devices ----------------------------------------------------------------------
+
+
+async def request(
+    client: httpx.AsyncClient, body: Any, device_id: str = "dev-1", **headers: str
+) -> httpx.Response:
+    return await client.post(
+        f"/devices/{device_id}/commands", json=body, headers={**OPERATOR, **headers}
+    )
+
+
+async def test_command_request_is_accepted_with_its_id_expiry_and_position(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+
+    response = await request(client, {"name": "reboot", "args": {"delay_s": 5}, "ttl_s": 60})
+
+    assert response.status_code == 202
+    body = response.json()
+    device = store.get("dev-1")
+    assert device is not None
+    command = device.commands["cmd-1"]
+    assert body == {
+        "command_id": "cmd-1",
+        "device_id": "dev-1",
+        "name": "reboot",
+        "args": {"delay_s": 5},
+        "expires_at": body["expires_at"],
+        "state": "requested",
+        "version": 2,
+    }
+    assert command["state"] == "requested"
+    assert command["expires_at"] - command["requested_at"] == timedelta(seconds=60)
+    expires = datetime.fromisoformat(body["expires_at"])
+    assert body["expires_at"].endswith("Z")
+    assert expires == command["expires_at"]
+    assert response.headers["etag"] == '"2"'
+    assert int(response.headers["iot-position"]) == store.max_position()
+
+
+async def test_command_without_args_and_ttl_gets_empty_args_and_an_hour(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+
+    body = (await request(client, {"name": "ping"})).json()
+
+    device = store.get("dev-1")
+    assert device is not None
+    command = device.commands[body["command_id"]]
+    assert body["args"] == {}
+    assert command["expires_at"] - command["requested_at"] == timedelta(hours=1)
+
+
+async def test_command_for_an_unknown_device_is_404(client: httpx.AsyncClient) -> None:
+    assert_problem(await request(client, {"name": "ping"}, device_id="ghost"), 404)
+
+
+async def test_command_for_a_suspended_or_decommissioned_device_is_409(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+    await client.post("/devices/dev-1/suspend", headers=OPERATOR)
+    suspended = assert_problem(await request(client, {"name": "ping"}), 409)
+    assert "suspended" in suspended["detail"]
+    await client.post("/devices/dev-1/decommission", headers=ADMIN)
+    decommissioned = assert_problem(await request(client, {"name": "ping"}), 409)
+    assert "decommissioned" in decommissioned["detail"]
+    device = store.get("dev-1")
+    assert device is not None
+    assert device.commands == {}
+
+
+async def test_101st_pending_command_is_409(client: httpx.AsyncClient) -> None:
+    await register(client)
+    for _ in range(100):
+        assert (await request(client, {"name": "ping"})).status_code == 202
+
+    refused = assert_problem(await request(client, {"name": "ping"}), 409)
+
+    assert "100 pending commands" in refused["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "name"),
+        ({"name": ""}, "name"),
+        ({"name": "has space"}, "name"),
+        ({"name": "x" * 65}, "name"),
+        ({"name": 5}, "name"),
+        ({"name": "ping", "ttl_s": 0}, "ttl_s"),
+        ({"name": "ping", "ttl_s": 7 * 24 * 3600 + 1}, "ttl_s"),
+        ({"name": "ping", "ttl_s": "60"}, "ttl_s"),
+        ({"name": "ping", "ttl_s": 1.5}, "ttl_s"),
+        ({"name": "ping", "ttl_s": True}, "ttl_s"),
+        ({"name": "ping", "args": [1]}, "args"),
+        ({"name": "ping", "priority": 1}, "priority"),
+    ],
+)
+async def test_bad_command_name_ttl_or_args_is_422_naming_the_field(
+    client: httpx.AsyncClient, store: DeviceStore, body: Any, field: str
+) -> None:
+    await register(client)
+
+    problem = assert_problem(await request(client, body), 422)
+
+    assert problem["errors"][0]["field"] == field
+    device = store.get("dev-1")
+    assert device is not None
+    assert device.version == 1
+
+
+async def test_command_retried_with_its_idempotency_key_is_recorded_once(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+    body = {"name": "reboot", "ttl_s": 30}
+
+    first = await request(client, body, **{"Idempotency-Key": "cmd-key"})
+    second = await request(client, body, **{"Idempotency-Key": "cmd-key"})
+    other = await request(client, {"name": "other"}, **{"Idempotency-Key": "cmd-key"})
+
+    assert first.status_code == second.status_code == 202
+    assert second.json() == first.json()
+    assert second.headers["idempotent-replayed"] == "true"
+    assert_problem(other, 422)
+    device = store.get("dev-1")
+    assert device is not None
+    assert list(device.commands) == ["cmd-1"]
+    assert device.version == 2
+
+
+async def test_cancel_finishes_a_pending_command(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+    await request(client, {"name": "reboot"})
+
+    response = await client.post(
+        "/devices/dev-1/commands/cmd-1/cancel", json={"reason": "wrong one"}, headers=OPERATOR
+    )
+
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["command_id"], body["state"], body["version"]) == ("cmd-1", "cancelled", 3)
+    assert response.headers["iot-position"] == str(store.max_position())
+    device = store.get("dev-1")
+    assert device is not None
+    assert device.commands["cmd-1"]["state"] == "cancelled"
+    assert device.pending_commands() == []
+
+
+async def test_cancel_of_a_finished_command_is_409(client: httpx.AsyncClient) -> None:
+    await register(client)
+    await request(client, {"name": "reboot"})
+    await client.post("/devices/dev-1/commands/cmd-1/cancel", headers=OPERATOR)
+
+    again = assert_problem(
+        await client.post("/devices/dev-1/commands/cmd-1/cancel", headers=OPERATOR), 409
+    )
+
+    assert "cancelled" in again["detail"]
+
+
+async def test_suspending_cancels_pending_commands_so_a_later_cancel_is_409(
+    client: httpx.AsyncClient,
+) -> None:
+    await register(client)
+    await request(client, {"name": "reboot"})
+    await client.post("/devices/dev-1/suspend", headers=OPERATOR)
+
+    assert_problem(await client.post("/devices/dev-1/commands/cmd-1/cancel", headers=OPERATOR), 409)
+
+
+async def test_cancel_of_an_unknown_command_or_device_is_404(client: httpx.AsyncClient) -> None:
+    await register(client)
+    assert_problem(await client.post("/devices/dev-1/commands/nope/cancel", headers=OPERATOR), 404)
+    assert_problem(await client.post("/devices/ghost/commands/cmd-1/cancel", headers=OPERATOR), 404)
+
+
+async def test_cancel_body_is_validated(client: httpx.AsyncClient) -> None:
+    await register(client)
+    await request(client, {"name": "reboot"})
+    problem = assert_problem(
+        await client.post(
+            "/devices/dev-1/commands/cmd-1/cancel", json={"reason": 5}, headers=OPERATOR
+        ),
+        422,
+    )
+    assert problem["errors"][0]["field"] == "reason"
+
+
+async def test_command_requests_are_counted_in_metrics(client: httpx.AsyncClient) -> None:
+    await register(client)
+    await request(client, {"name": "reboot"})
+    base = str(client.base_url).removesuffix("/api/v1/")
+    metrics = (await client.get(f"{base}/metrics")).text
+    assert 'iot_commands_total{command="request-command",outcome="202"}' in metrics

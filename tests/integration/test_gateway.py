@@ -123,6 +123,8 @@ async def put_device(
     config: dict[str, Any] | None = None,
     config_version: int = 0,
     reported: dict[str, Any] | None = None,
+    reported_config_version: int | None = None,
+    commands: dict[str, list[dict[str, Any]]] | None = None,
     version: int = 1,
 ) -> None:
     """A device's view exactly as `iot.views` documents it: the hash and every index."""
@@ -149,6 +151,10 @@ async def put_device(
     if reported is not None:
         fields["reported"] = json.dumps(reported)
         fields["reported_at"] = str(T0)
+    if reported_config_version is not None:
+        fields["reported_config_version"] = str(reported_config_version)
+    if commands is not None:
+        fields["commands"] = json.dumps(commands)
     async with redis.pipeline(transaction=True) as pipe:
         pipe.hset(keys.device(device_id), mapping=dict[Any, Any](fields))
         pipe.zadd(keys.devices, {device_id: 0})
@@ -313,6 +319,7 @@ async def test_device_view_shows_desired_reported_delta_and_latest_metrics(
         config={"setpoint": 22, "fan": "auto"},
         config_version=2,
         reported={"setpoint": 20, "fan": "auto"},
+        reported_config_version=1,
         version=4,
     )
     response = await client.get("/api/v1/devices/boiler-1", headers=VIEWER)
@@ -329,7 +336,10 @@ async def test_device_view_shows_desired_reported_delta_and_latest_metrics(
         "version": 4,
         "desired": {"version": 2, "config": {"setpoint": 22, "fan": "auto"}},
         "reported": {"setpoint": 20, "fan": "auto"},
+        "reported_at": "2026-01-01T00:00:00.000Z",
+        "reported_config_version": 1,
         "delta": {"setpoint": 22},
+        "in_sync": False,
         "online": True,
         "last_seen": "2026-01-01T00:00:02.000Z",
         "metrics": {
@@ -337,7 +347,47 @@ async def test_device_view_shows_desired_reported_delta_and_latest_metrics(
             "temperature": {"value": 21.5, "ts": "2026-01-01T00:00:01.000Z"},
         },
         "pending_commands": [],
+        "recent_commands": [],
     }
+
+
+async def test_device_view_shows_pending_commands_recent_outcomes_and_sync(
+    client: httpx.AsyncClient, redis: Redis, keys: ViewKeys
+) -> None:
+    pending = {
+        "command_id": "c2",
+        "name": "reboot",
+        "args": {"delay_s": 1},
+        "state": "sent",
+        "requested_at": "2026-01-01T00:00:02Z",
+        "sent_at": "2026-01-01T00:00:03Z",
+        "expires_at": "2026-01-01T01:00:02Z",
+    }
+    recent = {
+        "command_id": "c1",
+        "name": "ping",
+        "state": "acknowledged",
+        "requested_at": "2026-01-01T00:00:01Z",
+        "finished_at": "2026-01-01T00:00:01.5Z",
+        "result": {"pong": True},
+    }
+    await put_device(
+        redis,
+        keys,
+        "dev-c",
+        config={"rate": 5},
+        config_version=3,
+        reported={"rate": 5, "fw": "1.2"},
+        reported_config_version=3,
+        commands={"pending": [pending], "recent": [recent]},
+    )
+    await redis.set(keys.commands_pending, 1)
+    view = (await client.get("/api/v1/devices/dev-c", headers=VIEWER)).json()
+    assert view["pending_commands"] == [pending]
+    assert view["recent_commands"] == [recent]
+    assert (view["delta"], view["reported_config_version"], view["in_sync"]) == ({}, 3, True)
+    fleet = (await client.get("/api/v1/fleet", headers=VIEWER)).json()
+    assert fleet["commands_pending"] == 1
 
 
 async def test_device_never_reported_has_null_reported_and_full_delta(
@@ -590,7 +640,18 @@ async def test_fleet_counts_statuses_online_devices_and_recent_readings(
         "by_status": {"provisioned": 1, "active": 3, "suspended": 1, "decommissioned": 0},
         "online": 2,
         "readings_last_minute": 10 + 20,  # half of the previous minute is within the last 60 s
+        "commands_pending": 0,
     }
+
+
+def refs(node: Any) -> list[str]:
+    """Every `$ref` in a JSON document."""
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [r for value in node.values() for r in refs(value)]
+    if isinstance(node, list):
+        return [r for value in node for r in refs(value)]
+    return []
 
 
 async def test_openapi_document_parses_and_describes_every_endpoint(
@@ -608,6 +669,13 @@ async def test_openapi_document_parses_and_describes_every_endpoint(
         "/stream",
     }
     assert document["servers"] == [{"url": "/api/v1"}]
+    for ref in refs(document):
+        node: Any = document
+        for part in ref.removeprefix("#/").split("/"):
+            node = node[part]  # every reference resolves
+    device = document["components"]["schemas"]["Device"]["properties"]
+    for name in ("pending_commands", "recent_commands", "reported_config_version", "in_sync"):
+        assert name in device
     assert (await client.get("/api/v1/openapi.json")).json() == document
     cached = await client.get("/openapi.json", headers={"If-None-Match": response.headers["etag"]})
     assert cached.status_code == 304

@@ -21,6 +21,7 @@ from nats.js.client import JetStreamContext
 from domain.ingest import (
     KINDS,
     CommandAck,
+    CommandSent,
     IngestMessage,
     Reading,
     Reported,
@@ -29,9 +30,16 @@ from domain.ingest import (
     encode_ingest,
 )
 from domain.published import (
+    DeviceCommandAcknowledged,
+    DeviceCommandCancelled,
+    DeviceCommandExpired,
+    DeviceCommandFailed,
+    DeviceCommandRequested,
+    DeviceCommandSent,
     DeviceConfigured,
     DeviceConnected,
     DeviceDecommissioned,
+    DeviceDisconnected,
     DeviceRegistered,
     DeviceResumed,
     DeviceSuspended,
@@ -422,6 +430,188 @@ async def test_undecodable_input_is_dead_lettered_and_terminated(env: Env) -> No
     dead = await env.js.get_msg(env.streams.deadletter, info.state.last_seq)
     assert dead.data == b"{not json"
     assert (dead.headers or {})["Iot-Reason"] == "undecodable_ingest"
+
+
+# -- commands, twin, connectivity (issue 4) ----------------------------------------------------
+
+
+def requested(cid: str, version: int, device_id: str = "d1") -> DeviceCommandRequested:
+    return DeviceCommandRequested(
+        device_id=device_id,
+        version=version,
+        at=at(version),
+        position=version,
+        command_id=cid,
+        name="reboot",
+        args={"delay_s": 5},
+        expires_at=at(version + 3600),
+    )
+
+
+def command_lifecycle(device_id: str = "d1") -> list[PublishedEvent]:
+    """Registration, four commands, and each of them finished a different way (or not)."""
+    common: dict[str, Any] = {"device_id": device_id, "position": 0}
+    return [
+        registered(device_id),
+        requested("c1", 2, device_id),
+        requested("c2", 3, device_id),
+        requested("c3", 4, device_id),
+        requested("c4", 5, device_id),
+        requested("c5", 6, device_id),
+        DeviceCommandSent(**common, version=7, at=at(7), command_id="c1"),
+        DeviceCommandSent(**common, version=8, at=at(8), command_id="c2"),
+        DeviceCommandAcknowledged(**common, version=9, at=at(9), command_id="c1", result={"x": 1}),
+        DeviceCommandFailed(**common, version=10, at=at(10), command_id="c2", result={"e": "no"}),
+        DeviceCommandExpired(**common, version=11, at=at(11), command_id="c3"),
+        DeviceCommandCancelled(**common, version=12, at=at(12), command_id="c4", reason="op"),
+    ]
+
+
+async def commands_of(env: Env, device_id: str) -> dict[str, Any]:
+    stored: dict[str, Any] = msgspec.json.decode((await env.hash(device_id))["commands"])
+    return stored
+
+
+async def test_command_events_keep_pending_and_recent_commands_and_the_fleet_count(
+    env: Env,
+) -> None:
+    outcome, _ = await env.events(*command_lifecycle())
+    assert outcome == Outcome()
+    commands = await commands_of(env, "d1")
+    assert commands["pending"] == [
+        {
+            "command_id": "c5",
+            "name": "reboot",
+            "args": {"delay_s": 5},
+            "state": "requested",
+            "requested_at": iso(at(6)),
+            "sent_at": None,
+            "expires_at": iso(at(3606)),
+        }
+    ]
+    assert [(c["command_id"], c["state"]) for c in commands["recent"]] == [
+        ("c4", "cancelled"),
+        ("c3", "expired"),
+        ("c2", "failed"),
+        ("c1", "acknowledged"),
+    ]
+    assert commands["recent"][3] == {
+        "command_id": "c1",
+        "name": "reboot",
+        "state": "acknowledged",
+        "requested_at": iso(at(2)),
+        "finished_at": iso(at(9)),
+        "result": {"x": 1},
+    }
+    assert commands["recent"][0]["reason"] == "op"
+    assert await env.redis.get(env.keys.commands_pending) == b"1"
+    assert (await env.hash("d1"))["version"] == "12"
+    assert (await env.doc("d1"))["updated_at"] == iso(at(12))
+
+
+async def test_redelivered_and_republished_command_events_change_nothing(env: Env) -> None:
+    events = command_lifecycle()
+    _, msgs = await env.events(*events)
+    before = await env.dump()
+    assert await env.projector.handle_events(msgs) == Outcome()
+    assert await env.projector.handle_events(list(reversed(msgs))) == Outcome()
+    outcome, _ = await env.events(*events[::-1])
+    assert outcome == Outcome()
+    assert await env.dump() == before
+    assert await env.redis.get(env.keys.commands_pending) == b"1"
+
+
+async def test_command_events_out_of_order_apply_in_version_order(env: Env) -> None:
+    await env.events(registered())
+    common: dict[str, Any] = {"device_id": "d1", "position": 0}
+    ack = DeviceCommandAcknowledged(**common, version=4, at=at(4), command_id="c1", result={})
+    outcome, later = await env.events(ack)
+    assert outcome.retry == {0}
+    await env.events(
+        requested("c1", 2), DeviceCommandSent(**common, version=3, at=at(3), command_id="c1")
+    )
+    assert (await commands_of(env, "d1"))["pending"][0]["state"] == "sent"
+    assert await env.projector.handle_events(later) == Outcome()
+    commands = await commands_of(env, "d1")
+    assert commands["pending"] == []
+    assert [c["command_id"] for c in commands["recent"]] == ["c1"]
+    assert await env.redis.get(env.keys.commands_pending) == b"0"
+
+
+async def test_reported_config_version_is_kept_apart_and_moves_only_forward(env: Env) -> None:
+    await env.ingest(
+        Reported(device_id="d1", received_at=NOW_MS, state={"sp": 21, "config_version": 3})
+    )
+    fields = await env.hash("d1")
+    assert msgspec.json.decode(fields["reported"]) == {"sp": 21}
+    assert fields["reported_config_version"] == "3"
+    before = await env.dump()
+    await env.ingest(
+        Reported(device_id="d1", received_at=NOW_MS - 10, state={"sp": 20, "config_version": 2})
+    )
+    assert await env.dump() == before
+    await env.ingest(
+        Reported(device_id="d1", received_at=NOW_MS + 10, state={"sp": 22, "config_version": 4})
+    )
+    fields = await env.hash("d1")
+    assert (fields["reported"], fields["reported_config_version"]) == ('{"sp":22}', "4")
+    await env.ingest(Reported(device_id="d1", received_at=NOW_MS + 20, state={"sp": 23}))
+    fields = await env.hash("d1")
+    assert fields["reported"] == '{"sp":23}'
+    assert "reported_config_version" not in fields  # the newest report names no version
+
+
+async def test_reported_messages_in_any_order_end_in_the_same_view(env: Env) -> None:
+    messages = [
+        Reported(device_id="d1", received_at=NOW_MS + i % 3, state={"v": i, "config_version": i})
+        for i in range(6)
+    ]
+    _, msgs = await env.ingest(*messages)
+    other = ViewsProjector(env.redis, env.js, env.settings.namespace + "r")
+    for msg in reversed(msgs):
+        await other.handle_ingest([msg])
+    mine = await env.hash("d1")
+    theirs = await env.redis.hgetall(other.keys.device("d1"))
+    assert mine == {text(k): text(v) for k, v in theirs.items()}
+    assert mine["reported_config_version"] == "5"
+
+
+async def test_connectivity_events_out_of_order_leave_the_newest_state(env: Env) -> None:
+    common: dict[str, Any] = {"device_id": "d1", "position": 0}
+    events: list[PublishedEvent] = [
+        registered(),
+        DeviceConnected(**common, version=2, at=at(2)),
+        DeviceDisconnected(**common, version=3, at=at(3)),
+        DeviceConnected(**common, version=4, at=at(4)),
+        DeviceDisconnected(**common, version=5, at=at(5)),
+    ]
+    outcome, _ = await env.events(*events[::-1])
+    assert outcome == Outcome()
+    fields = await env.hash("d1")
+    assert (fields["version"], fields["online"]) == ("5", "0")
+    assert fields["online_at"] == str(NOW_MS // 1000 * 1000 + 5000)
+    assert await env.members(env.keys.online) == set()
+    assert (await env.doc("d1"))["status"] == "active"
+    # A status message older than the disconnection leaves the device offline.
+    await env.ingest(Status(device_id="d1", received_at=NOW_MS // 1000 * 1000 + 4500, online=True))
+    after = await env.hash("d1")
+    assert (after["online"], after["online_at"]) == ("0", fields["online_at"])
+    assert await env.members(env.keys.online) == set()
+
+
+async def test_bridge_sent_reports_are_ignored_and_acks_count_as_seen(env: Env) -> None:
+    outcome, _ = await env.ingest(
+        CommandSent(device_id="d1", received_at=NOW_MS, command_id="c1"),
+        CommandAck(device_id="d2", received_at=NOW_MS, command_id="c1", status="ok"),
+    )
+    assert outcome == Outcome()
+    assert await env.hash("d1") == {}
+    assert (await env.hash("d2"))["last_seen"] == str(NOW_MS)
+
+
+def iso(value: datetime) -> str:
+    text: str = msgspec.json.decode(msgspec.json.encode(value))
+    return text
 
 
 async def wait_for(check: Any, what: str, seconds: float = 30.0) -> None:

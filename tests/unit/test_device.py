@@ -585,3 +585,180 @@ def test_reloaded_device_keeps_deciding_like_the_original() -> None:
     assert isinstance(final, Device)
     assert final.status == Status.ACTIVE
     assert final.version == 4
+
+
+# -- commands to the device -------------------------------------------------------------------
+
+
+def _with_command(command_id: str = "c1", ttl_s: int = 60) -> Device:
+    device = registered()
+    device.request_command(command_id, "reboot", {"delay_s": 1}, ttl_s, at(1))
+    device.collect_events()
+    return device
+
+
+def test_requested_command_is_pending_until_its_ttl() -> None:
+    device = registered()
+    device.collect_events()
+
+    expires_at = device.request_command("c1", "reboot", {"delay_s": 1}, 60, at(1))
+
+    assert expires_at == at(61)
+    assert device.pending_commands() == ["c1"]
+    assert device.commands["c1"] == {
+        "name": "reboot",
+        "args": {"delay_s": 1},
+        "expires_at": at(61),
+        "state": "requested",
+        "requested_at": at(1),
+    }
+    assert event_names(device) == ["CommandRequested"]
+
+
+@pytest.mark.parametrize("name", ["", "has space", "a/b", "x" * 65])
+def test_command_with_a_bad_name_is_invalid(name: str) -> None:
+    with pytest.raises(InvalidCommand):
+        registered().request_command("c1", name, {}, 60, at(1))
+
+
+@pytest.mark.parametrize("ttl_s", [0, -1, 7 * 24 * 3600 + 1])
+def test_command_with_a_ttl_out_of_range_is_invalid(ttl_s: int) -> None:
+    with pytest.raises(InvalidCommand):
+        registered().request_command("c1", "reboot", {}, ttl_s, at(1))
+
+
+def test_command_for_a_suspended_device_is_refused() -> None:
+    device = registered()
+    device.suspend("maintenance", at(1))
+
+    with pytest.raises(IllegalTransition) as caught:
+        device.request_command("c1", "reboot", {}, 60, at(2))
+
+    assert "suspended" in caught.value.reason
+
+
+def test_a_device_holds_at_most_100_pending_commands() -> None:
+    device = registered()
+    for n in range(100):
+        device.request_command(f"c{n}", "ping", {}, 60, at(1))
+
+    with pytest.raises(IllegalTransition):
+        device.request_command("c100", "ping", {}, 60, at(1))
+    device.acknowledge_command("c0", True, {}, at(2))
+    device.request_command("c100", "ping", {}, 60, at(3))
+
+    assert len(device.pending_commands()) == 100
+
+
+def test_command_id_cannot_be_reused() -> None:
+    device = _with_command()
+
+    with pytest.raises(IllegalTransition):
+        device.request_command("c1", "reboot", {}, 60, at(2))
+
+
+def test_command_goes_sent_then_acknowledged_and_a_repeated_ack_changes_nothing() -> None:
+    device = _with_command()
+
+    assert device.mark_command_sent("c1", at(2)) is True
+    assert device.mark_command_sent("c1", at(3)) is False
+    assert device.acknowledge_command("c1", True, {"ok": 1}, at(4)) is True
+    assert device.acknowledge_command("c1", True, {"ok": 1}, at(5)) is False
+    assert device.acknowledge_command("c1", False, {}, at(5)) is False
+
+    assert device.commands["c1"]["state"] == "acknowledged"
+    assert device.pending_commands() == []
+    assert event_names(device) == ["CommandSent", "CommandAcknowledged"]
+
+
+def test_ack_before_the_sent_report_still_acknowledges_and_the_late_report_is_ignored() -> None:
+    device = _with_command()
+
+    assert device.acknowledge_command("c1", True, {}, at(2)) is True
+    assert device.mark_command_sent("c1", at(1.5)) is False
+
+    assert device.commands["c1"]["state"] == "acknowledged"
+
+
+def test_error_ack_fails_the_command() -> None:
+    device = _with_command()
+
+    assert device.acknowledge_command("c1", False, {"error": "busy"}, at(2)) is True
+
+    assert device.commands["c1"]["state"] == "failed"
+    assert event_names(device) == ["CommandFailed"]
+
+
+def test_reports_about_unknown_commands_change_nothing() -> None:
+    device = _with_command()
+
+    assert device.mark_command_sent("nope", at(2)) is False
+    assert device.acknowledge_command("nope", True, {}, at(2)) is False
+    assert device.expire_command("nope", at(100)) is False
+    assert event_names(device) == []
+
+
+def test_command_expires_only_once_its_time_is_up_and_then_ignores_its_ack() -> None:
+    device = _with_command(ttl_s=60)
+
+    assert device.expire_command("c1", at(60)) is False
+    assert device.expire_command("c1", at(61)) is True
+    assert device.expire_command("c1", at(62)) is False
+    assert device.acknowledge_command("c1", True, {}, at(63)) is False
+
+    assert device.commands["c1"]["state"] == "expired"
+    assert event_names(device) == ["CommandExpired"]
+
+
+def test_cancel_finishes_a_pending_command_and_refuses_a_finished_one() -> None:
+    device = _with_command()
+
+    device.cancel_command("c1", "wrong", at(2))
+
+    assert device.commands["c1"]["state"] == "cancelled"
+    with pytest.raises(IllegalTransition):
+        device.cancel_command("c1", "again", at(3))
+    with pytest.raises(InvalidCommand):
+        device.cancel_command("nope", "x", at(3))
+
+
+@pytest.mark.parametrize("end", ["suspend", "decommission"])
+def test_suspend_and_decommission_cancel_every_pending_command(end: str) -> None:
+    device = _with_command("c1")
+    device.request_command("c2", "ping", {}, 60, at(1))
+    device.acknowledge_command("c1", True, {}, at(2))
+    device.collect_events()
+
+    getattr(device, end)("bye", at(3))
+
+    assert device.pending_commands() == []
+    assert device.commands["c2"]["state"] == "cancelled"
+    assert device.commands["c1"]["state"] == "acknowledged"
+    assert event_names(device)[1:] == ["CommandCancelled"]
+
+
+def test_only_the_20_most_recent_finished_commands_are_kept() -> None:
+    device = registered()
+    for n in range(25):
+        device.request_command(f"c{n}", "ping", {}, 60, at(1))
+        device.acknowledge_command(f"c{n}", True, {}, at(2))
+    device.request_command("live", "ping", {}, 60, at(3))
+
+    assert len(device.commands) == 21
+    assert "c4" not in device.commands
+    assert "c5" in device.commands
+    assert device.pending_commands() == ["live"]
+
+
+def test_command_lifecycle_survives_a_reload() -> None:
+    app = Application[UUID](env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
+    device = registered()
+    device.request_command("c1", "reboot", {"delay_s": 1}, 60, at(1))
+    device.mark_command_sent("c1", at(2))
+    app.save(device)
+
+    reloaded: object = app.repository.get(device.id)
+
+    assert isinstance(reloaded, Device)
+    assert state(reloaded) == state(device)
+    assert reloaded.acknowledge_command("c1", True, {}, at(3)) is True

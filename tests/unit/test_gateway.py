@@ -22,7 +22,14 @@ from gateway.telemetry import (
     series_from_rows,
     suggest_every,
 )
-from gateway.views import decode_cursor, delta, device_view, encode_cursor, readings_last_minute
+from gateway.views import (
+    decode_cursor,
+    delta,
+    device_view,
+    encode_cursor,
+    in_sync,
+    readings_last_minute,
+)
 from iot.httpkit import Problem
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in epoch ms
@@ -266,16 +273,45 @@ def test_device_view_is_built_from_the_hash_layout() -> None:
             "m:temp": json.dumps({"ts": T0, "value": 20.5}),
             "reported": json.dumps({"setpoint": 19}),
             "reported_at": str(T0),
+            "reported_config_version": "1",
         }
     )
     assert view is not None
     assert view["desired"] == {"version": 2, "config": {"setpoint": 21}}
     assert view["delta"] == {"setpoint": 21}
+    assert view["reported_config_version"] == 1
+    assert view["reported_at"] == "2026-01-01T00:00:00.000Z"
+    assert view["in_sync"] is False
     assert view["online"] is True
     assert view["last_seen"] == "2026-01-01T00:00:00.000Z"
     assert view["metrics"] == {"temp": {"value": 20.5, "ts": "2026-01-01T00:00:00.000Z"}}
     assert view["pending_commands"] == []
+    assert view["recent_commands"] == []
     assert view["reported"] == {"setpoint": 19}
+
+
+def test_device_view_shows_the_stored_pending_and_recent_commands() -> None:
+    pending = [{"command_id": "c2", "name": "reboot", "args": {}, "state": "sent"}]
+    recent = [{"command_id": "c1", "name": "ping", "state": "acknowledged", "result": {}}]
+    view = device_view(
+        {
+            "doc": json.dumps({"device_id": "d", "desired": {"version": 0, "config": {}}}),
+            "commands": json.dumps({"pending": pending, "recent": recent}),
+        }
+    )
+    assert view is not None
+    assert view["pending_commands"] == pending
+    assert view["recent_commands"] == recent
+    assert view["in_sync"] is True  # nothing desired, nothing reported
+
+
+def test_in_sync_needs_an_empty_delta_and_the_desired_version_reported() -> None:
+    assert in_sync(3, 3, {})
+    assert not in_sync(3, 2, {})  # state matches, but the device has not confirmed version 3
+    assert not in_sync(3, 3, {"a": 1})
+    assert not in_sync(3, None, {})
+    assert in_sync(0, None, {})
+    assert not in_sync(0, None, {"a": 1})
 
 
 def test_device_view_without_doc_is_none_and_without_reported_has_null() -> None:
@@ -283,6 +319,8 @@ def test_device_view_without_doc_is_none_and_without_reported_has_null() -> None
     view = device_view({"doc": json.dumps({"device_id": "d", "desired": {"version": 0}})})
     assert view is not None
     assert view["reported"] is None
+    assert view["reported_config_version"] is None
+    assert view["reported_at"] is None
     assert view["online"] is False
     assert view["last_seen"] is None
 

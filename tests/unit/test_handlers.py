@@ -535,3 +535,140 @@ def test_version_mismatch_message_names_both_versions() -> None:
 
     assert mismatch.reason == "the device is at version 5, not 3"
     assert (mismatch.expected, mismatch.actual) == (3, 5)
+
+
+# -- commands to devices and connectivity ---------------------------------------------------
+
+
+def store_with_command(command_id: str = "c1", ttl_s: int = 60) -> FakeStore:
+    store = store_with_device()
+    change(store, DEVICE_ID, handlers.request_command(command_id, "reboot", {}, ttl_s, at(1)))
+    store.save_attempts = 0
+    return store
+
+
+def test_request_command_appends_the_request_with_its_expiry() -> None:
+    store = store_with_device()
+
+    outcome = change(
+        store, DEVICE_ID, handlers.request_command("c1", "reboot", {"a": 1}, 30, at(1))
+    )
+
+    assert outcome.changed is True
+    assert outcome.device.commands["c1"]["expires_at"] == at(31)
+    assert store.events_of(DEVICE_ID) == ["Registered", "CommandRequested"]
+
+
+def test_request_command_for_a_suspended_device_is_refused_and_stores_nothing() -> None:
+    store = store_with_device()
+    change(store, DEVICE_ID, handlers.suspend("m", at(1)))
+
+    with pytest.raises(IllegalTransition):
+        change(store, DEVICE_ID, handlers.request_command("c1", "reboot", {}, 30, at(2)))
+
+    assert store.events_of(DEVICE_ID) == ["Registered", "Suspended"]
+
+
+def test_command_reports_move_the_command_through_its_lifecycle() -> None:
+    store = store_with_command()
+
+    change(store, DEVICE_ID, handlers.record_sent("c1", at(2)))
+    outcome = change(store, DEVICE_ID, handlers.acknowledge("c1", True, {"v": 2}, at(3)))
+
+    assert outcome.device.commands["c1"]["state"] == "acknowledged"
+    assert store.events_of(DEVICE_ID)[-2:] == ["CommandSent", "CommandAcknowledged"]
+
+
+@pytest.mark.parametrize(
+    "decide",
+    [
+        handlers.acknowledge("c1", True, {}, at(5)),
+        handlers.acknowledge("nope", True, {}, at(5)),
+        handlers.record_sent("c1", at(5)),
+        handlers.expire("c1", at(3600)),
+        handlers.connect(at(0.5)),
+        handlers.disconnect(at(6)),
+    ],
+    ids=["repeated-ack", "unknown-ack", "late-sent", "expire-finished", "stale-connect", "offline"],
+)
+def test_reports_that_change_nothing_append_nothing_and_save_nothing(
+    decide: Callable[[Device], None],
+) -> None:
+    store = store_with_command()
+    change(store, DEVICE_ID, handlers.acknowledge("c1", True, {}, at(2)))
+    change(store, DEVICE_ID, handlers.connect(at(3)))
+    change(store, DEVICE_ID, handlers.disconnect(at(4)))
+    before = store.events_of(DEVICE_ID)
+    store.save_attempts = 0
+
+    outcome = change(store, DEVICE_ID, decide)
+
+    assert outcome.changed is False
+    assert outcome.position == 0
+    assert store.save_attempts == 0
+    assert store.events_of(DEVICE_ID) == before
+
+
+def test_no_op_with_an_idempotency_key_stores_no_answer() -> None:
+    store = store_with_device()
+
+    outcome = change(store, DEVICE_ID, handlers.disconnect(at(1)), answer=answer_with("k"))
+
+    assert outcome.changed is False
+    assert store.idempotency == {}
+
+
+def test_expire_before_the_expiry_changes_nothing_and_after_it_expires() -> None:
+    store = store_with_command(ttl_s=60)
+
+    early = change(store, DEVICE_ID, handlers.expire("c1", at(30)))
+    due = change(store, DEVICE_ID, handlers.expire("c1", at(61)))
+
+    assert (early.changed, due.changed) == (False, True)
+    assert due.device.commands["c1"]["state"] == "expired"
+
+
+def test_cancel_of_an_unknown_command_is_not_found() -> None:
+    store = store_with_device()
+
+    with pytest.raises(NotFound):
+        change(store, DEVICE_ID, handlers.cancel("nope", "x", at(1)))
+
+
+def test_cancel_of_a_finished_command_is_an_illegal_transition() -> None:
+    store = store_with_command()
+    change(store, DEVICE_ID, handlers.cancel("c1", "x", at(2)))
+
+    with pytest.raises(IllegalTransition):
+        change(store, DEVICE_ID, handlers.cancel("c1", "x", at(3)))
+
+
+def test_connect_activates_and_disconnect_records_offline() -> None:
+    store = store_with_device()
+
+    connected = change(store, DEVICE_ID, handlers.connect(at(1)))
+    disconnected = change(store, DEVICE_ID, handlers.disconnect(at(2)))
+
+    assert connected.device.status == Status.ACTIVE
+    assert disconnected.device.online is False
+    assert store.events_of(DEVICE_ID) == ["Registered", "Connected", "Disconnected"]
+
+
+def test_connect_of_a_decommissioned_device_is_refused() -> None:
+    store = store_with_device()
+    change(store, DEVICE_ID, handlers.decommission("eol", at(1)))
+
+    with pytest.raises(IllegalTransition):
+        change(store, DEVICE_ID, handlers.connect(at(2)))
+
+
+def test_a_report_that_loses_a_race_is_decided_again_on_the_fresh_state() -> None:
+    store = store_with_command()
+    store.rivals = [handlers.acknowledge("c1", False, {}, at(2))]
+    sleeps = Sleeps()
+
+    outcome = change(store, DEVICE_ID, handlers.acknowledge("c1", True, {}, at(3)), sleep=sleeps)
+
+    assert outcome.changed is False
+    assert outcome.device.commands["c1"]["state"] == "failed"
+    assert store.events_of(DEVICE_ID)[-1] == "CommandFailed"

@@ -8,8 +8,14 @@ from typing import Any
 import msgspec
 import pytest
 
-from domain.ingest import CommandAck, Reading, Reported, Status, Telemetry
+from domain.ingest import CommandAck, CommandSent, Reading, Reported, Status, Telemetry
 from domain.published import (
+    DeviceCommandAcknowledged,
+    DeviceCommandCancelled,
+    DeviceCommandExpired,
+    DeviceCommandFailed,
+    DeviceCommandRequested,
+    DeviceCommandSent,
     DeviceConfigured,
     DeviceConnected,
     DeviceDecommissioned,
@@ -18,14 +24,19 @@ from domain.published import (
     DeviceResumed,
     DeviceSecretRotated,
     DeviceSuspended,
+    PublishedEvent,
 )
 from iot.views import ViewKeys
 from projections.views_plan import (
+    Commands,
+    DeviceState,
+    EventPlan,
     IngestPlan,
     MissingRegistration,
     epoch_ms,
     metric_json,
     plan_event,
+    split_reported,
 )
 
 KEYS = ViewKeys.for_namespace("unit")
@@ -47,8 +58,17 @@ def registered(labels: dict[str, str] | None = None) -> dict[str, Any]:
         type="thermostat",
         labels={"site": "north"} if labels is None else labels,
     )
-    _, doc = plan_event(KEYS, event, None)
+    _, doc = apply(event)
     return doc
+
+
+def apply(
+    event: PublishedEvent, doc: dict[str, Any] | None = None
+) -> tuple[EventPlan, dict[str, Any]]:
+    """The plan of `event` on a device whose doc is `doc` (no commands), and the new doc."""
+    plan, state = plan_event(KEYS, event, DeviceState(doc))
+    assert state.doc is not None
+    return plan, state.doc
 
 
 def test_epoch_ms_of_a_utc_time() -> None:
@@ -66,7 +86,7 @@ def test_registration_builds_the_contract_doc_and_indexes() -> None:
         type="t",
         labels={"b": "2", "a": "1"},
     )
-    plan, doc = plan_event(KEYS, event, None)
+    plan, doc = apply(event)
     assert doc == {
         "device_id": "d1",
         "name": "B",
@@ -91,7 +111,7 @@ def test_configuration_sets_desired_state_without_touching_indexes() -> None:
     event = DeviceConfigured(
         device_id="d1", version=2, at=at(1), position=8, config={"sp": 21.5}, config_version=1
     )
-    plan, doc = plan_event(KEYS, event, registered())
+    plan, doc = apply(event, registered())
     assert doc["desired"] == {"version": 1, "config": {"sp": 21.5}}
     assert doc["updated_at"] == "2026-01-01T00:00:01Z"
     assert plan.ops == ()
@@ -99,7 +119,7 @@ def test_configuration_sets_desired_state_without_touching_indexes() -> None:
 
 def test_suspension_moves_the_device_between_status_sets() -> None:
     event = DeviceSuspended(device_id="d1", version=2, at=at(1), position=8, reason="x")
-    plan, doc = plan_event(KEYS, event, registered())
+    plan, doc = apply(event, registered())
     assert doc["status"] == "suspended"
     assert plan.ops == (("srem", KEYS.status("provisioned")), ("sadd", KEYS.status("suspended")))
 
@@ -107,38 +127,38 @@ def test_suspension_moves_the_device_between_status_sets() -> None:
 def test_resumption_takes_the_status_the_event_names() -> None:
     suspended = {**registered(), "status": "suspended"}
     event = DeviceResumed(device_id="d1", version=3, at=at(2), position=9, status="active")
-    plan, doc = plan_event(KEYS, event, suspended)
+    plan, doc = apply(event, suspended)
     assert doc["status"] == "active"
     assert plan.ops == (("srem", KEYS.status("suspended")), ("sadd", KEYS.status("active")))
 
 
 def test_decommission_sets_status_and_offline() -> None:
     event = DeviceDecommissioned(device_id="d1", version=2, at=at(3), position=9, reason="eol")
-    plan, doc = plan_event(KEYS, event, registered())
+    plan, doc = apply(event, registered())
     assert doc["status"] == "decommissioned"
     assert (plan.online, plan.online_at) == ("0", T0_MS + 3000)
 
 
 def test_first_connection_activates_a_provisioned_device_and_sets_online() -> None:
     event = DeviceConnected(device_id="d1", version=2, at=at(4), position=9)
-    plan, doc = plan_event(KEYS, event, registered())
+    plan, doc = apply(event, registered())
     assert doc["status"] == "active"
     assert (plan.online, plan.online_at) == ("1", T0_MS + 4000)
 
 
 def test_connection_of_a_suspended_device_keeps_it_suspended() -> None:
     event = DeviceConnected(device_id="d1", version=3, at=at(4), position=9)
-    plan, doc = plan_event(KEYS, event, {**registered(), "status": "suspended"})
+    plan, doc = apply(event, {**registered(), "status": "suspended"})
     assert doc["status"] == "suspended"
     assert plan.ops == ()
 
 
 def test_disconnection_and_rotation_change_no_index() -> None:
     off = DeviceDisconnected(device_id="d1", version=2, at=at(5), position=9)
-    plan, _ = plan_event(KEYS, off, registered())
+    plan, _ = apply(off, registered())
     assert (plan.online, plan.ops) == ("0", ())
     rotated = DeviceSecretRotated(device_id="d1", version=2, at=at(5), position=9)
-    plan, doc = plan_event(KEYS, rotated, registered())
+    plan, doc = apply(rotated, registered())
     assert (plan.online, plan.ops) == ("", ())
     assert doc["updated_at"] == "2026-01-01T00:00:05Z"
 
@@ -146,12 +166,12 @@ def test_disconnection_and_rotation_change_no_index() -> None:
 def test_event_without_registered_doc_is_refused() -> None:
     event = DeviceSuspended(device_id="d1", version=2, at=at(1), position=8, reason="x")
     with pytest.raises(MissingRegistration):
-        plan_event(KEYS, event, None)
+        apply(event)
 
 
 def test_event_script_arguments_align_operations_with_keys() -> None:
     event = DeviceSuspended(device_id="d1", version=2, at=at(1), position=8, reason="x")
-    plan, _ = plan_event(KEYS, event, registered())
+    plan, _ = apply(event, registered())
     keys, args = plan.script_args(KEYS)
     assert keys == [
         KEYS.device("d1"),
@@ -159,8 +179,139 @@ def test_event_script_arguments_align_operations_with_keys() -> None:
         KEYS.status("provisioned"),
         KEYS.status("suspended"),
     ]
-    assert args[:6] == [2, plan.doc, "", 0, "d1", KEYS.changes]
-    assert args[6:] == ["srem", "sadd"]
+    assert args[:7] == [2, plan.doc, "", 0, "d1", KEYS.changes, b""]
+    assert args[7:] == ["srem", "sadd"]
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def requested(cid: str, version: int, ttl_s: float = 60) -> DeviceCommandRequested:
+    return DeviceCommandRequested(
+        device_id="d1",
+        version=version,
+        at=at(version),
+        position=version,
+        command_id=cid,
+        name="reboot",
+        args={"delay": 1},
+        expires_at=at(version + ttl_s),
+    )
+
+
+def run(events: list[PublishedEvent]) -> tuple[list[EventPlan], DeviceState]:
+    """Plan the events one after the other from a registered device without commands."""
+    state = DeviceState(registered())
+    plans = []
+    for event in events:
+        plan, state = plan_event(KEYS, event, state)
+        plans.append(plan)
+    return plans, state
+
+
+def test_requested_command_is_pending_with_its_details_and_counted() -> None:
+    plans, state = run([requested("c1", 2)])
+    assert state.commands.pending == (
+        {
+            "command_id": "c1",
+            "name": "reboot",
+            "args": {"delay": 1},
+            "state": "requested",
+            "requested_at": "2026-01-01T00:00:02Z",
+            "sent_at": None,
+            "expires_at": "2026-01-01T00:01:02Z",
+        },
+    )
+    assert state.commands.recent == ()
+    assert plans[0].ops == (("incr", KEYS.commands_pending),)
+    assert msgspec.json.decode(plans[0].commands) == {
+        "pending": list(state.commands.pending),
+        "recent": [],
+    }
+    assert state.doc is not None
+    assert state.doc["updated_at"] == "2026-01-01T00:00:02Z"
+
+
+def test_sent_command_stays_pending_in_request_order() -> None:
+    plans, state = run(
+        [
+            requested("c1", 2),
+            requested("c2", 3),
+            DeviceCommandSent(device_id="d1", version=4, at=at(4), position=4, command_id="c2"),
+        ]
+    )
+    assert [(c["command_id"], c["state"]) for c in state.commands.pending] == [
+        ("c1", "requested"),
+        ("c2", "sent"),
+    ]
+    assert state.commands.pending[1]["sent_at"] == "2026-01-01T00:00:04Z"
+    assert plans[2].ops == ()
+
+
+def test_finished_commands_leave_pending_and_are_recent_newest_first() -> None:
+    common: dict[str, Any] = {"device_id": "d1", "position": 0}
+    plans, state = run(
+        [
+            requested("ok", 2),
+            requested("bad", 3),
+            requested("late", 4),
+            requested("off", 5),
+            DeviceCommandAcknowledged(
+                **common, version=6, at=at(6), command_id="ok", result={"r": 1}
+            ),
+            DeviceCommandFailed(**common, version=7, at=at(7), command_id="bad", result={"e": "x"}),
+            DeviceCommandExpired(**common, version=8, at=at(8), command_id="late"),
+            DeviceCommandCancelled(**common, version=9, at=at(9), command_id="off", reason="why"),
+        ]
+    )
+    assert state.commands.pending == ()
+    assert [c["command_id"] for c in state.commands.recent] == ["off", "late", "bad", "ok"]
+    off, late, bad, ok = state.commands.recent
+    assert ok == {
+        "command_id": "ok",
+        "name": "reboot",
+        "state": "acknowledged",
+        "requested_at": "2026-01-01T00:00:02Z",
+        "finished_at": "2026-01-01T00:00:06Z",
+        "result": {"r": 1},
+    }
+    assert (bad["state"], bad["result"]) == ("failed", {"e": "x"})
+    assert late["state"] == "expired"
+    assert "result" not in late
+    assert "reason" not in late
+    assert (off["state"], off["reason"]) == ("cancelled", "why")
+    assert [p.ops for p in plans[4:]] == [(("decr", KEYS.commands_pending),)] * 4
+
+
+def test_only_the_last_twenty_finished_commands_are_kept() -> None:
+    events: list[PublishedEvent] = []
+    version = 1
+    for i in range(25):
+        events.append(requested(f"c{i}", version := version + 1))
+        version += 1
+        events.append(
+            DeviceCommandExpired(
+                device_id="d1", version=version, at=at(version), position=0, command_id=f"c{i}"
+            )
+        )
+    _, state = run(events)
+    assert [c["command_id"] for c in state.commands.recent] == [f"c{i}" for i in range(24, 4, -1)]
+
+
+def test_commands_round_trip_through_their_stored_form() -> None:
+    _, state = run([requested("c1", 2)])
+    assert Commands.decode(state.commands.encode()) == state.commands
+    assert Commands.decode(None) == Commands()
+
+
+def test_events_other_than_commands_leave_the_commands_unchanged() -> None:
+    _, state = run([requested("c1", 2)])
+    event = DeviceConfigured(
+        device_id="d1", version=3, at=at(3), position=3, config={}, config_version=1
+    )
+    plan, after = plan_event(KEYS, event, state)
+    assert plan.commands == b""
+    assert after.commands == state.commands
 
 
 def telemetry(received_at: int, *readings: tuple[int, dict[str, Any]]) -> Telemetry:
@@ -228,30 +379,51 @@ def test_newest_reported_state_wins() -> None:
     plan = IngestPlan()
     plan.add(1, Reported(device_id="d1", received_at=30, state={"fw": "2"}))
     plan.add(2, Reported(device_id="d1", received_at=10, state={"fw": "1"}))
-    assert plan.devices["d1"].reported == (30, '{"fw":"2"}')
+    assert plan.devices["d1"].reported == (30, '{"fw":"2"}', "")
     assert plan.newest == 30
 
 
-def test_command_acks_are_ignored() -> None:
+def test_command_ack_counts_as_seen_and_the_bridges_sent_report_is_ignored() -> None:
     plan = IngestPlan()
     plan.add(1, CommandAck(device_id="d1", received_at=5, command_id="c", status="ok"))
-    assert plan.devices == {}
-    assert plan.newest is None
+    assert plan.devices["d1"].last_seen == 5
+    assert plan.devices["d1"].metrics == {}
+    plan.add(2, CommandSent(device_id="d2", received_at=9, command_id="c"))
+    assert "d2" not in plan.devices
+    assert plan.newest == 5
+
+
+def test_reported_config_version_is_split_from_the_reported_state() -> None:
+    assert split_reported({"a": 1, "config_version": 3}) == ({"a": 1}, 3)
+    assert split_reported({"a": 1}) == ({"a": 1}, None)
+    assert split_reported({"config_version": True}) == ({}, None)  # reserved, but no integer
+    assert split_reported({"config_version": "3"}) == ({}, None)
+
+
+def test_reported_config_version_travels_with_the_newest_reported_state() -> None:
+    plan = IngestPlan()
+    plan.add(1, Reported(device_id="d1", received_at=30, state={"sp": 2, "config_version": 2}))
+    plan.add(2, Reported(device_id="d1", received_at=10, state={"sp": 1, "config_version": 1}))
+    assert plan.devices["d1"].reported == (30, '{"sp":2}', "2")
+    plan.add(3, Reported(device_id="d1", received_at=40, state={"sp": 3}))
+    assert plan.devices["d1"].reported == (40, '{"sp":3}', "")
 
 
 def test_ingest_script_arguments_carry_the_batch_as_json_with_numbers_as_text() -> None:
     plan = IngestPlan()
     plan.add(1, telemetry(T0_MS, (100, {"t": 1.5})))
     plan.add(2, Status(device_id="d2", received_at=T0_MS + 1, online=True))
-    plan.add(3, Reported(device_id="d2", received_at=T0_MS + 2, state={"fw": 1}))
+    plan.add(
+        3, Reported(device_id="d2", received_at=T0_MS + 2, state={"fw": 1, "config_version": 4})
+    )
     keys, args = plan.script_args(KEYS, now_ms=T0_MS)
     assert keys == [KEYS.online]
     assert args[:2] == [KEYS.device(""), KEYS.changes]
     minute = T0_MS // 60_000
     assert msgspec.json.decode(args[2]) == [
         [
-            ["d1", "100", "", "", "", "", ["m:t", "100", '{"ts":100,"value":1.5}']],
-            ["d2", str(T0_MS + 2), str(T0_MS + 1), "1", str(T0_MS + 2), '{"fw":1}', []],
+            ["d1", "100", "", "", "", "", ["m:t", "100", '{"ts":100,"value":1.5}'], ""],
+            ["d2", str(T0_MS + 2), str(T0_MS + 1), "1", str(T0_MS + 2), '{"fw":1}', [], "4"],
         ],
         [[KEYS.readings(minute), str((minute + 1) * 60 + 180), ["1:0"]]],
     ]

@@ -1,0 +1,353 @@
+"""`python -m bench roundtrip`: command round trip through the whole system.
+
+100 simulated devices (this process, `iot.simulator`), online on a private Mosquitto with the
+dynamic security plugin (each device authenticates with its own secret); `iot run commands`,
+`relay`, `bridge`, `projector views`, `projector auth` and `gateway` as processes. Open loop:
+commands are POSTed on a constant schedule at each offered rate, round-robin over the devices;
+a command's latency runs from its scheduled POST until its `acknowledged` outcome is in the
+device view (the `commands` field of the device's Redis hash that the gateway serves, checked on
+each change notification the views projector publishes for the gateway's SSE stream). The path:
+API -> event store -> relay -> EVENTS -> bridge -> MQTT -> device -> ack -> bridge -> INGEST ->
+command policy -> event store -> relay -> EVENTS -> views projector -> Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import math
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+
+from bench.processes import Component, Components, progress
+from bench.registry import register
+from bench.report import Report
+from bench.stats import percentile
+from bench.system import (
+    create_namespace,
+    drop_namespace,
+    free_port,
+    machine,
+    settings_for,
+    sleep_until,
+    unique_namespace,
+)
+from iot import dynsec
+from iot.broker import BrokerAuth, PrivateBroker
+from iot.settings import Settings
+from iot.views import ViewKeys
+
+TOKEN = "bench-roundtrip-admin-token-0123"
+TARGET_RATE = 200.0
+TARGET_P99_MS = 200.0
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("roundtrip")
+    group.add_argument(
+        "--roundtrip-devices", type=int, default=100, help="online simulated devices (100)"
+    )
+    group.add_argument(
+        "--roundtrip-rates",
+        default="100,200,300",
+        help="offered commands/s, one step each (100,200,300)",
+    )
+    group.add_argument(
+        "--roundtrip-duration", type=float, default=10.0, help="seconds per step (10)"
+    )
+    group.add_argument(
+        "--roundtrip-drain", type=float, default=20.0, help="max seconds to wait for stragglers"
+    )
+
+
+@dataclass
+class Step:
+    offered: float
+    sent: int = 0
+    post_errors: int = 0
+    post_ms: list[float] = field(default_factory=list)
+    device_ms: list[float] = field(default_factory=list)  # POST -> device's ack PUBACKed
+    visible_ms: list[float] = field(default_factory=list)  # POST -> acknowledged in the view
+    first: float = math.inf
+    last_visible: float = 0.0
+
+    @property
+    def completed(self) -> int:
+        return len(self.visible_ms)
+
+    @property
+    def rate(self) -> float:
+        """Commands completed per second, first POST to last outcome visible."""
+        span = self.last_visible - self.first
+        return self.completed / span if span > 0 else math.nan
+
+
+class Watcher:
+    """Timestamps each command when its acknowledged outcome appears in the device view."""
+
+    def __init__(self, redis: Any, keys: ViewKeys) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.outstanding: dict[str, dict[str, float]] = {}  # device -> command id -> t0
+        self.device_ack: dict[str, float] = {}
+        self.step: Step | None = None
+        self.done = asyncio.Event()
+
+    def expect(self, device_id: str, command_id: str, t0: float) -> None:
+        self.outstanding.setdefault(device_id, {})[command_id] = t0
+
+    def on_ack(self, device_id: str, command_id: str, status: str) -> None:
+        self.device_ack[command_id] = time.monotonic()
+
+    def pending(self) -> int:
+        return sum(len(v) for v in self.outstanding.values())
+
+    async def run(self) -> None:
+        pubsub = self.redis.pubsub()
+        await pubsub.subscribe(self.keys.changes)
+        try:
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None:
+                    continue
+                data = message["data"]
+                device_id = data.decode() if isinstance(data, bytes) else str(data)
+                if self.outstanding.get(device_id):
+                    await self._check(device_id)
+        finally:
+            await pubsub.aclose()
+
+    async def _check(self, device_id: str) -> None:
+        raw = await self.redis.hget(self.keys.device(device_id), "commands")
+        now = time.monotonic()
+        if raw is None:
+            return
+        recent = msgspec.json.decode(raw).get("recent", [])
+        waiting = self.outstanding[device_id]
+        for command in recent:
+            t0 = waiting.pop(command["command_id"], None)
+            if t0 is None or self.step is None:
+                continue
+            if command["state"] == "acknowledged":
+                self.step.visible_ms.append((now - t0) * 1000)
+                self.step.last_visible = max(self.step.last_visible, now)
+                acked = self.device_ack.pop(command["command_id"], None)
+                if acked is not None:
+                    self.step.device_ms.append((acked - t0) * 1000)
+        if not self.pending():
+            self.done.set()
+
+
+async def _offer(
+    client: httpx.AsyncClient,
+    watcher: Watcher,
+    device_ids: list[str],
+    step: Step,
+    duration: float,
+) -> None:
+    loop = asyncio.get_running_loop()
+    interval = 1.0 / step.offered
+    start = loop.time() + 0.05
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(device_id: str, at: float) -> None:
+        t0 = time.monotonic() - (loop.time() - at)  # the scheduled time, in monotonic terms
+        response = await client.post(
+            f"/api/v1/devices/{device_id}/commands", json={"name": "ping", "ttl_s": 60}
+        )
+        if response.status_code != 202:
+            step.post_errors += 1
+            return
+        step.post_ms.append((time.monotonic() - t0) * 1000)
+        watcher.expect(device_id, response.json()["command_id"], t0)
+
+    i = 0
+    while (at := start + i * interval) < start + duration:
+        await sleep_until(at)
+        step.first = min(step.first, time.monotonic())
+        task = loop.create_task(one(device_ids[i % len(device_ids)], at))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        i += 1
+    step.sent = i
+    while tasks:
+        await asyncio.gather(*tasks)
+
+
+async def _step(
+    client: httpx.AsyncClient, watcher: Watcher, devices: list[str], rate: float, args: Any
+) -> Step:
+    step = Step(rate)
+    watcher.step = step
+    watcher.done.clear()
+    await _offer(client, watcher, devices, step, args.roundtrip_duration)
+    if watcher.pending():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(watcher.done.wait(), args.roundtrip_drain)
+    lost = watcher.pending()
+    watcher.outstanding.clear()
+    watcher.device_ack.clear()
+    if lost:
+        progress(f"{lost} commands not visible within {args.roundtrip_drain:g} s of the last POST")
+    return step
+
+
+async def _run(args: argparse.Namespace) -> Report:
+    import redis.asyncio as aioredis
+
+    from iot.simulator import Hooks, make_fleet, register_fleet, run_fleet, wait_ready
+
+    rates = [float(r) for r in str(args.roundtrip_rates).split(",") if r.strip()]
+    report = Report(f"command round trip: {args.roundtrip_devices} online devices")
+    report.note(f"machine: {machine()}")
+    report.note(
+        "latency: scheduled POST -> `acknowledged` in the device view (open loop, no"
+        " coordinated omission); device: scheduled POST -> the device's ack PUBACKed by the"
+        " broker; rate: completed / (first POST -> last outcome visible)"
+    )
+    settings: Settings = settings_for(unique_namespace("rt"), {TOKEN: "admin"})
+    await create_namespace(settings)
+    auth = BrokerAuth(secrets.token_hex(16), secrets.token_hex(16))
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    stop = asyncio.Event()
+    with tempfile.TemporaryDirectory(prefix="bench-roundtrip-") as tmp:
+        broker = PrivateBroker(Path(tmp), free_port(), auth=auth)
+        broker.start()
+        env = {
+            "IOT_NAMESPACE": settings.namespace,
+            "IOT_API_TOKENS": f"{TOKEN}=admin",
+            "IOT_MQTT_URL": broker.url,
+            "IOT_LOG_LEVEL": "WARNING",
+        }
+        admin = {
+            "IOT_MQTT_USERNAME": dynsec.ADMIN_USERNAME,
+            "IOT_MQTT_PASSWORD": auth.admin_password,
+        }
+        bridge = {
+            "IOT_MQTT_USERNAME": dynsec.BRIDGE_USERNAME,
+            "IOT_MQTT_PASSWORD": auth.bridge_password,
+            "IOT_MQTT_CLIENT_ID": f"bench-bridge-{settings.namespace}",
+        }
+        children = [
+            Component("commands", env, free_port()),
+            Component("relay", env, free_port()),
+            Component("auth", {**env, **admin}, free_port(), ["projector", "auth"]),
+            Component("views", env, free_port(), ["projector", "views"]),
+            Component("bridge", {**env, **bridge}, free_port()),
+        ]
+        fleet_task: asyncio.Task[None] | None = None
+        watch_task: asyncio.Task[None] | None = None
+        try:
+            with Components(*children):
+                await asyncio.gather(*(c.wait_ready() for c in children))
+                api = children[0].url
+                fleet = make_fleet(args.roundtrip_devices, prefix=f"rt{secrets.token_hex(2)}")
+                progress(f"registering {len(fleet)} devices")
+                await register_fleet(api, TOKEN, fleet, {"fleet": "bench"})
+                keys = ViewKeys.for_namespace(settings.namespace)
+                watcher = Watcher(redis, keys)
+                hooks = Hooks(on_ack=watcher.on_ack)
+                fleet_task = asyncio.create_task(
+                    run_fleet(fleet, "127.0.0.1", broker.port, math.inf, stop, hooks)
+                )
+                await asyncio.wait_for(wait_ready(fleet), 120)
+                deadline = time.monotonic() + 120
+                while await redis.scard(keys.online) < len(fleet):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the devices never all showed online in the views")
+                    await asyncio.sleep(0.2)
+                watch_task = asyncio.create_task(watcher.run())
+                device_ids = [d.device_id for d in fleet]
+                headers = {"Authorization": f"Bearer {TOKEN}"}
+                limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+                async with httpx.AsyncClient(
+                    base_url=api, headers=headers, timeout=30, limits=limits
+                ) as client:
+                    progress("warm-up: 5 s at 50 commands/s")
+                    await _step(client, watcher, device_ids, 50.0, _Warm(args))
+                    for run in range(args.repeats):
+                        for rate in rates:
+                            progress(f"run {run + 1}: {rate:g} commands/s")
+                            step = await _step(client, watcher, device_ids, rate, args)
+                            _rows(report, run, step)
+                _verdict(report)
+        finally:
+            stop.set()  # the devices say `offline` and disconnect
+            if watch_task is not None:
+                watch_task.cancel()
+            for task in (watch_task, fleet_task):
+                if task is not None:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await asyncio.wait_for(task, 30)
+            broker.stop()
+            await redis.aclose()
+            await drop_namespace(settings)
+            await _drop_views(settings)
+    return report
+
+
+class _Warm:
+    """The bench's arguments with a short warm-up step."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.roundtrip_duration = 5.0
+        self.roundtrip_drain = args.roundtrip_drain
+
+
+async def _drop_views(settings: Settings) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{settings.namespace}:*", count=1000)]
+        for start in range(0, len(keys), 500):
+            await client.delete(*keys[start : start + 500])
+    finally:
+        await client.aclose()
+
+
+def _rows(report: Report, run: int, step: Step) -> None:
+    report.section = f"offered {step.offered:g} commands/s"
+    tag = f"@{step.offered:g}"
+    report.add(run, f"completed rate {tag}", "cmd/s", step.rate)
+    report.add(run, f"completed {tag}", "%", 100.0 * step.completed / max(1, step.sent))
+    report.add(run, f"POST p50 {tag}", "ms", percentile(step.post_ms, 50))
+    report.add(run, f"POST p99 {tag}", "ms", percentile(step.post_ms, 99))
+    report.add(run, f"device acked p50 {tag}", "ms", percentile(step.device_ms, 50))
+    report.add(run, f"device acked p99 {tag}", "ms", percentile(step.device_ms, 99))
+    report.add(run, f"round trip p50 {tag}", "ms", percentile(step.visible_ms, 50))
+    report.add(run, f"round trip p90 {tag}", "ms", percentile(step.visible_ms, 90))
+    report.add(run, f"round trip p99 {tag}", "ms", percentile(step.visible_ms, 99))
+    report.add(run, f"round trip max {tag}", "ms", max(step.visible_ms, default=math.nan))
+    report.add(run, f"POST errors {tag}", "count", float(step.post_errors), digits=0)
+
+
+def _verdict(report: Report) -> None:
+    tag = f"@{TARGET_RATE:g}"
+    p99 = report.median(f"round trip p99 {tag}")
+    done = report.median(f"completed {tag}")
+    if math.isnan(p99):
+        report.note(f"target: p99 < {TARGET_P99_MS:g} ms at {TARGET_RATE:g}/s: not measured")
+        return
+    ok = p99 < TARGET_P99_MS and done >= 100.0
+    report.note(
+        f"target: round trip p99 < {TARGET_P99_MS:g} ms at {TARGET_RATE:g} commands/s, all"
+        f" completed: median p99 {p99:.0f} ms, {done:.1f}% completed -> {'MET' if ok else 'MISSED'}"
+    )
+
+
+@register(
+    "roundtrip",
+    "device command round trip: HTTP POST -> device -> ack visible in the device view",
+    configure,
+)
+def run(args: argparse.Namespace) -> Report:
+    return asyncio.run(_run(args))

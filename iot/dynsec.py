@@ -1,0 +1,481 @@
+"""Mosquitto's dynamic security plugin: its initial configuration file and an async control client.
+
+The plugin keeps clients (username, password hash, optional client id), roles (ACLs) and the
+default ACL access in one JSON file it reads at start and rewrites on every change; while the
+broker runs it is changed only through JSON commands published on `$CONTROL/dynamic-security/v1`,
+answered on `.../response`.
+
+- `ensure_config_file` writes (or brings up to date) the backend's own users before the broker
+  starts: the auth projector's admin user (may use only the control topics) and the bridge user
+  (device topics the bridge serves); everything else is denied by default. Devices are added
+  later, by the auth projector, through the control API.
+- Passwords are stored the way the plugin stores them (2.0.11): PBKDF2-HMAC-SHA512 over the
+  password with a random 12-byte salt, 64-byte digest, base64; salt and iteration count beside
+  it. 101 iterations is what the plugin itself writes; a higher count works but costs every
+  CONNECT of that user.
+- Backend usernames contain `:`, which no device id can (`[A-Za-z0-9_-]`), so registering a
+  device can never take over or change a backend user.
+- `DynsecClient` sends commands and matches each answer by its `correlationData`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+log = logging.getLogger(__name__)
+
+CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
+RESPONSE_TOPIC = f"{CONTROL_TOPIC}/response"
+ITERATIONS = 101
+SALT_BYTES = 12
+HASH_BYTES = 64
+
+ADMIN_USERNAME = "iot:auth"
+BRIDGE_USERNAME = "iot:bridge"
+ADMIN_ROLE = "iot:dynsec-admin"
+BRIDGE_ROLE = "iot:bridge"
+BRIDGE_SHARE_GROUP = "iot-bridge"
+BRIDGE_SUBSCRIBES = ("telemetry", "status", "reported", "commands/ack")
+BRIDGE_PUBLISHES = ("commands", "desired")
+
+PLUGIN_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
+
+# Deny all: a client may do only what one of its roles allows.
+DEFAULT_ACL_ACCESS = {
+    "publishClientSend": False,
+    "publishClientReceive": False,
+    "subscribe": False,
+    "unsubscribe": False,
+}
+
+
+def find_plugin(candidates: Iterable[str] = PLUGIN_PATHS) -> str:
+    """The plugin's shared library on this machine (Debian, Alpine and source installs)."""
+    for path in candidates:
+        if Path(path).is_file():
+            return path
+    raise FileNotFoundError(
+        "mosquitto_dynamic_security.so not found (install mosquitto 2.x); looked in "
+        + ", ".join(candidates)
+    )
+
+
+# --- ACLs and roles -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Acl:
+    acltype: str  # publishClientSend, publishClientReceive, subscribeLiteral, subscribePattern, ...
+    topic: str
+    allow: bool = True
+    priority: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "acltype": self.acltype,
+            "topic": self.topic,
+            "allow": self.allow,
+            "priority": self.priority,
+        }
+
+
+def _full(topic: str) -> list[Acl]:
+    """Publish, receive, subscribe and unsubscribe on a topic filter."""
+    return [
+        Acl("publishClientSend", topic),
+        Acl("publishClientReceive", topic),
+        Acl("subscribePattern", topic),
+        Acl("unsubscribePattern", topic),
+    ]
+
+
+def device_role(device_id: str) -> str:
+    return f"device-{device_id}"
+
+
+def device_acls(device_id: str) -> list[Acl]:
+    """A device may publish and subscribe only under `devices/<its id>/`."""
+    return _full(f"devices/{device_id}/#")
+
+
+def admin_acls() -> list[Acl]:
+    """The auth projector: the plugin's control topics and nothing else."""
+    return _full("$CONTROL/dynamic-security/#")
+
+
+def bridge_acls(group: str = BRIDGE_SHARE_GROUP) -> list[Acl]:
+    """The bridge: read what devices send (directly or through its shared subscription),
+    send commands and the retained desired state."""
+    acls: list[Acl] = []
+    for suffix in BRIDGE_SUBSCRIBES:
+        topic = f"devices/+/{suffix}"
+        acls += [
+            Acl("subscribePattern", topic),
+            Acl("subscribePattern", f"$share/{group}/{topic}"),
+            Acl("unsubscribePattern", topic),
+            Acl("unsubscribePattern", f"$share/{group}/{topic}"),
+            Acl("publishClientReceive", topic),
+        ]
+    acls += [Acl("publishClientSend", f"devices/+/{suffix}") for suffix in BRIDGE_PUBLISHES]
+    return acls
+
+
+# --- password hashes ------------------------------------------------------------------------
+
+
+def hash_password(
+    password: str, *, salt: bytes | None = None, iterations: int = ITERATIONS
+) -> dict[str, Any]:
+    """The `password`, `salt` and `iterations` fields of a client in the plugin's file."""
+    if iterations < 1:
+        raise ValueError("iterations must be at least 1")
+    salt = secrets.token_bytes(SALT_BYTES) if salt is None else salt
+    if not 1 <= len(salt) <= HASH_BYTES:
+        raise ValueError(f"salt must be 1 to {HASH_BYTES} bytes")
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, HASH_BYTES)
+    return {
+        "password": base64.b64encode(digest).decode("ascii"),
+        "salt": base64.b64encode(salt).decode("ascii"),
+        "iterations": iterations,
+    }
+
+
+def verify_password(password: str, client: Mapping[str, Any]) -> bool:
+    """Whether a client entry of the plugin's file accepts `password`."""
+    try:
+        salt = base64.b64decode(client["salt"], validate=True)
+        expected = base64.b64decode(client["password"], validate=True)
+        iterations = int(client["iterations"])
+    except (KeyError, ValueError, TypeError):
+        return False
+    if iterations < 1:
+        return False
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, HASH_BYTES)
+    return hmac.compare_digest(digest, expected)
+
+
+def random_password() -> str:
+    """An unguessable password (256 bits)."""
+    return secrets.token_urlsafe(32)
+
+
+# --- the configuration file -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BackendUser:
+    username: str
+    password: str
+    role: str
+    acls: tuple[Acl, ...]
+    text: str
+
+
+def backend_users(admin_password: str, bridge_password: str) -> list[BackendUser]:
+    return [
+        BackendUser(
+            ADMIN_USERNAME,
+            admin_password,
+            ADMIN_ROLE,
+            tuple(admin_acls()),
+            "auth projector: keeps device clients in step with device events",
+        ),
+        BackendUser(
+            BRIDGE_USERNAME,
+            bridge_password,
+            BRIDGE_ROLE,
+            tuple(bridge_acls()),
+            "MQTT <-> JetStream bridge",
+        ),
+    ]
+
+
+def _role_json(user: BackendUser) -> dict[str, Any]:
+    return {
+        "rolename": user.role,
+        "textdescription": user.text,
+        "acls": [acl.as_json() for acl in user.acls],
+    }
+
+
+def _client_json(user: BackendUser) -> dict[str, Any]:
+    return {
+        "username": user.username,
+        "textdescription": user.text,
+        **hash_password(user.password),
+        "roles": [{"rolename": user.role, "priority": 0}],
+    }
+
+
+def initial_config(users: Sequence[BackendUser]) -> dict[str, Any]:
+    """A fresh plugin file: the backend's users and roles, everything else denied."""
+    return merge_config({}, users)
+
+
+def merge_config(existing: Mapping[str, Any], users: Sequence[BackendUser]) -> dict[str, Any]:
+    """`existing` (devices and all) with the backend's users, roles and the default access set
+    to these values (passwords rehashed, ACLs replaced); nothing else is touched."""
+    names = {u.username for u in users}
+    roles = {u.role for u in users}
+    clients = [c for c in existing.get("clients", []) if c.get("username") not in names]
+    kept_roles = [r for r in existing.get("roles", []) if r.get("rolename") not in roles]
+    config = dict(existing)
+    config["clients"] = [_client_json(u) for u in users] + clients
+    config["roles"] = [_role_json(u) for u in users] + kept_roles
+    config.setdefault("groups", [])
+    config["defaultACLAccess"] = dict(DEFAULT_ACL_ACCESS)
+    return config
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace `path` atomically with `text`, readable by its owner only (0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def ensure_config_file(path: str | Path, users: Sequence[BackendUser]) -> None:
+    """Create the plugin's file, or update the backend's users in it (keeping every device).
+    Call it while the broker is stopped: the plugin reads the file only at start."""
+    path = Path(path)
+    existing: dict[str, Any] = {}
+    if path.exists():
+        try:
+            existing = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); fix or remove it") from e
+        if not isinstance(existing, dict):
+            raise ValueError(f"{path} is not a dynamic security configuration")
+    write_private(path, json.dumps(merge_config(existing, users), indent=2) + "\n")
+
+
+# --- the control client ---------------------------------------------------------------------
+
+
+class DynsecError(Exception):
+    """Base of the control client's errors."""
+
+
+class DynsecUnavailable(DynsecError):
+    """The broker cannot be asked now (not connected, or no answer in time): try again later."""
+
+
+class DynsecCommandError(DynsecError):
+    """The plugin answered a command with an error."""
+
+    def __init__(self, command: str, error: str) -> None:
+        super().__init__(f"{command}: {error}")
+        self.command = command
+        self.error = error
+
+    @property
+    def not_found(self) -> bool:
+        return "not found" in self.error.lower()
+
+    @property
+    def exists(self) -> bool:
+        return "already exists" in self.error.lower()
+
+
+class DynsecClient:
+    """Commands to the plugin over MQTT (paho's network thread reconnects by itself); each
+    answer is matched to its command by a unique `correlationData`."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        username: str,
+        password: str,
+        *,
+        tls: bool = False,
+        client_id: str = "",
+        timeout: float = 5.0,
+        keepalive: int = 30,
+    ) -> None:
+        self.timeout = timeout
+        self._host = host
+        self._port = port
+        self._keepalive = keepalive
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._ready = threading.Event()  # connected and subscribed to the answers
+        self._ready_async = asyncio.Event()
+        self._sub_mid: int | None = None
+        self._stopping = False
+        self.last_error = ""
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"iot-auth-{secrets.token_hex(4)}",
+            protocol=paho.MQTTv5,
+            reconnect_on_failure=True,
+        )
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.username_pw_set(username, password)
+        if tls:
+            client.tls_set()
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._client = client
+
+    @property
+    def connected(self) -> bool:
+        return self._ready.is_set()
+
+    async def start(self) -> None:
+        """Begin connecting (in the background: `wait_ready` waits for it)."""
+        self._loop = asyncio.get_running_loop()
+        self._client.connect_async(self._host, self._port, self._keepalive)
+        self._client.loop_start()
+
+    async def wait_ready(self, within: float | None = None) -> None:
+        try:
+            await asyncio.wait_for(self._ready_async.wait(), within)
+        except TimeoutError as e:
+            detail = f": {self.last_error}" if self.last_error else ""
+            raise DynsecUnavailable(
+                f"no control connection to {self._host}:{self._port}{detail}"
+            ) from e
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        self._fail_pending(DynsecUnavailable("control client stopped"))
+
+    async def execute(self, commands: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """Send commands in one message; return each answer (with `error` if it failed)."""
+        if not commands:
+            return []
+        if self._loop is None or not self.connected:
+            raise DynsecUnavailable("not connected to the broker")
+        loop = self._loop
+        futures: list[asyncio.Future[dict[str, Any]]] = []
+        payload: list[dict[str, Any]] = []
+        for command in commands:
+            correlation = secrets.token_hex(12)
+            future: asyncio.Future[dict[str, Any]] = loop.create_future()
+            self._pending[correlation] = future
+            futures.append(future)
+            payload.append({**command, "correlationData": correlation})
+        try:
+            info = self._client.publish(CONTROL_TOPIC, json.dumps({"commands": payload}), qos=1)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise DynsecUnavailable(f"publish failed: {paho.error_string(info.rc)}")
+            done, _ = await asyncio.wait(futures, timeout=self.timeout)
+            errors = [e for e in (f.exception() for f in done) if e is not None]
+            if errors:  # every one retrieved: none is reported as "never retrieved"
+                raise errors[0]
+            if len(done) < len(futures):
+                raise DynsecUnavailable(f"no answer from the broker within {self.timeout:g} s")
+            return [f.result() for f in futures]
+        finally:
+            for item in payload:
+                pending = self._pending.pop(item["correlationData"], None)
+                if pending is not None and not pending.done():
+                    pending.cancel()
+
+    async def command(self, command: str, **fields: Any) -> dict[str, Any]:
+        """One command; its answer's `data` ({} if none); DynsecCommandError if it failed."""
+        (answer,) = await self.execute([{"command": command, **fields}])
+        if answer.get("error"):
+            raise DynsecCommandError(command, str(answer["error"]))
+        data = answer.get("data")
+        return data if isinstance(data, dict) else {}
+
+    # --- paho's network thread --------------------------------------------------------------
+    def _on_connect(
+        self, client: paho.Client, _: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
+        if reason.is_failure:
+            self.last_error = str(reason)
+            log.warning("dynsec control connection refused", extra={"reason": str(reason)})
+            return
+        result, mid = client.subscribe(RESPONSE_TOPIC, qos=0)
+        self._sub_mid = mid if result == paho.MQTT_ERR_SUCCESS else None
+
+    def _on_subscribe(
+        self, _client: paho.Client, _: Any, mid: int, reasons: Any, _properties: Any
+    ) -> None:
+        if mid != self._sub_mid:
+            return
+        if any(r.is_failure for r in reasons):
+            self.last_error = f"subscription to {RESPONSE_TOPIC} refused"
+            log.error("dynsec: " + self.last_error + " (is the user an admin of the plugin?)")
+            return
+        self.last_error = ""
+        self._ready.set()
+        self._call(self._ready_async.set)
+        log.info("dynsec control connection ready")
+
+    def _on_disconnect(
+        self, _client: paho.Client, _: Any, _flags: Any, reason: Any, _properties: Any
+    ) -> None:
+        was_ready = self._ready.is_set()
+        self._ready.clear()
+        self._call(self._ready_async.clear)
+        if was_ready and not self._stopping:
+            log.warning("dynsec control connection lost", extra={"reason": str(reason)})
+            self._call(lambda: self._fail_pending(DynsecUnavailable("connection lost")))
+
+    def _on_message(self, _client: paho.Client, _: Any, message: paho.MQTTMessage) -> None:
+        payload = bytes(message.payload)
+        self._call(lambda: self._deliver(payload))
+
+    def _call(self, fn: Any) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # loop closing
+                self._loop.call_soon_threadsafe(fn)
+
+    # --- the event loop ---------------------------------------------------------------------
+    def _deliver(self, payload: bytes) -> None:
+        try:
+            answers = json.loads(payload).get("responses", [])
+        except (ValueError, AttributeError):
+            log.warning("dynsec: undecodable answer ignored")
+            return
+        for answer in answers if isinstance(answers, list) else []:
+            if not isinstance(answer, dict):
+                continue
+            future = self._pending.get(str(answer.get("correlationData", "")))
+            if future is not None and not future.done():  # others' answers are not ours
+                future.set_result(answer)
+
+    def _fail_pending(self, error: Exception) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
