@@ -152,6 +152,7 @@ class Device(Aggregate):
             raise IllegalTransition(f"device {self.device_id} is already suspended")
         self._suspended(reason=reason, timestamp=at)
         self._cancel_pending("device suspended", at)
+        self._kicked(at)
 
     def resume(self, at: datetime) -> None:
         self._refuse_if_decommissioned("resume")
@@ -162,12 +163,20 @@ class Device(Aggregate):
 
     def decommission(self, reason: str, at: datetime) -> None:
         self._refuse_if_decommissioned("decommission")
+        self._kicked(at)
         self._decommissioned(reason=reason, timestamp=at)
         self._cancel_pending("device decommissioned", at)
 
     def rotate_secret(self, secret_hash: str, at: datetime) -> None:
         self._refuse_if_decommissioned("rotate the secret")
         self._secret_rotated(secret_hash=secret_hash, timestamp=at)
+        self._kicked(at)
+
+    def _kicked(self, at: datetime) -> None:
+        """The broker drops the device's connection when its access changes (suspension,
+        rotation, decommissioning) without publishing its last will: record the disconnection."""
+        if self.online and not self._is_stale(at):
+            self._disconnected(timestamp=at)
 
     def connect(self, at: datetime) -> bool:
         """Record a connection; a repeated or stale one changes nothing and returns False."""

@@ -57,8 +57,7 @@ class System:
     def restart(self, name: str) -> Component:
         old = self.components[name]
         old.kill()
-        env = {"IOT_MQTT_CLIENT_ID": old.env_client_id} if old.env_client_id else {}
-        return self.start(name, *old.args, **env)
+        return self.start(name, *old.args, **old.extra_env)
 
     def stop_all(self) -> None:
         for component in self.components.values():

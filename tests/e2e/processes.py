@@ -42,7 +42,7 @@ class Component:
     def __init__(self, settings: Settings, *args: str, **env: str) -> None:
         self.port = free_port()
         self.args = args
-        self.env_client_id = env.get("IOT_MQTT_CLIENT_ID", "")
+        self.extra_env = dict(env)  # what it was started with beyond the namespace's settings
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "iot.cli", "run", *args],
             env=component_env(settings, self.port, **env),

@@ -106,22 +106,27 @@ class Device:
         self.received: queue.Queue[tuple[str, bytes, bool]] = queue.Queue()
         self.connack: queue.Queue[Any] = queue.Queue()
         self.disconnects: queue.Queue[Any] = queue.Queue()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=device_id)
-        self.client.username_pw_set(device_id, secret)
-        self.client.will_set(f"devices/{device_id}/status", b"offline", qos=1, retain=True)
-        self.client.on_connect = lambda c, u, f, rc, p: self.connack.put(rc)
-        self.client.on_disconnect = lambda c, u, f, rc, p: self.disconnects.put(rc)
-        self.client.on_message = lambda c, u, m: self.received.put(
+        self.client = self._new_client()
+
+    def _new_client(self) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.device_id)
+        client.username_pw_set(self.device_id, self.secret)
+        client.will_set(f"devices/{self.device_id}/status", b"offline", qos=1, retain=True)
+        client.on_connect = lambda c, u, f, rc, p: self.connack.put(rc)
+        client.on_disconnect = lambda c, u, f, rc, p: self.disconnects.put(rc)
+        client.on_message = lambda c, u, m: self.received.put(
             (m.topic, bytes(m.payload), bool(m.retain))
         )
+        return client
 
     def connect(self) -> bool:
-        """Connect; True if the broker accepted the credentials."""
+        """Connect with a fresh client; True if the broker accepted the credentials."""
+        self.client = self._new_client()
         self.client.connect("127.0.0.1", self.port, keepalive=5)
         self.client.loop_start()
         rc = self.connack.get(timeout=10)
         if rc.is_failure:
-            self.client.loop_stop()
+            shut(self.client)
             return False
         return True
 
@@ -163,8 +168,14 @@ class Device:
     def close(self, graceful: bool = True) -> None:
         if graceful:
             self.publish("status", b"offline", retain=True)
-        self.client.disconnect()
-        self.client.loop_stop()
+        shut(self.client)
+
+
+def shut(client: mqtt.Client) -> None:
+    """Stop a client for good: no reconnects, its thread ended, its sockets closed."""
+    client.disconnect()
+    client.loop_stop()
+    client._reset_sockets()  # paho leaves them to the garbage collector otherwise
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +248,7 @@ def test_a_device_connects_with_its_secret_and_not_with_a_wrong_one(secured: Sec
     anonymous.connect("127.0.0.1", secured.broker.port)
     anonymous.loop_start()
     assert codes.get(timeout=10).is_failure
-    anonymous.loop_stop()
+    shut(anonymous)
 
 
 def test_suspend_disconnects_the_device_and_keeps_it_out_until_resumed(secured: Secured) -> None:
@@ -245,7 +256,7 @@ def test_suspend_disconnects_the_device_and_keeps_it_out_until_resumed(secured: 
     device = online_device(secured, device_id)
     assert secured.post(f"/devices/{device_id}/suspend", {"reason": "stolen"}).status_code == 200
     device.disconnects.get(timeout=30)  # the broker kicked it
-    device.client.loop_stop()
+    shut(device.client)
     assert wait_until(lambda: (secured.view(device_id) or {}).get("online") is False)
     again = secured.device(device_id, device.secret)
     assert not again.connect()
@@ -340,21 +351,6 @@ def test_a_command_expires_after_its_ttl_and_is_never_delivered(secured: Secured
     device.close()
 
 
-def test_the_bridge_killed_between_send_and_ack_loses_nothing(secured: Secured) -> None:
-    device_id = "kil-" + secrets.token_hex(3)
-    device = online_device(secured, device_id)
-    command_id = secured.post(f"/devices/{device_id}/commands", {"name": "x"}).json()["command_id"]
-    assert device.commands(timeout=30)["command_id"] == command_id
-    bridge = secured.running.components["bridge"]
-    bridge.kill()
-    device.ack(command_id, result={"n": 1})  # the broker keeps it for the bridge's session
-    secured.running.restart("bridge").wait_ready(60)
-    done = wait_until(lambda: recent(secured, device_id, command_id))
-    assert done["state"] == "acknowledged"
-    assert done["result"] == {"n": 1}
-    device.close()
-
-
 # -- twin and connectivity ----------------------------------------------------------------------
 
 
@@ -392,8 +388,7 @@ def test_connectivity_timeline_ends_in_the_last_status(secured: Secured) -> None
     assert (secured.view(device_id) or {})["status"] == "active"
     for status in (b"offline", b"online", b"offline", b"online", b"online"):
         device.publish("status", status, retain=True)
-    device.client.disconnect()  # ungraceful for the test: no `offline` of its own
-    device.client.loop_stop()
+    shut(device.client)  # no `offline` of its own
     again = secured.device(device_id, device.secret)
     assert again.connect()
     again.publish("status", b"offline", retain=True)
@@ -407,5 +402,22 @@ def test_connectivity_timeline_ends_in_the_last_status(secured: Secured) -> None
     assert kinds[-1] == "device.disconnected.v1"
     # Alternating, never two of a kind in a row: repeats changed nothing.
     assert all(a != b for a, b in itertools.pairwise(kinds))
-    again.client.disconnect()
-    again.client.loop_stop()
+    shut(again.client)
+
+
+# -- last: it kills the bridge, whose lease the restarted one takes over only after its TTL
+
+
+def test_the_bridge_killed_between_send_and_ack_loses_nothing(secured: Secured) -> None:
+    device_id = "kil-" + secrets.token_hex(3)
+    device = online_device(secured, device_id)
+    command_id = secured.post(f"/devices/{device_id}/commands", {"name": "x"}).json()["command_id"]
+    assert device.commands(timeout=30)["command_id"] == command_id
+    bridge = secured.running.components["bridge"]
+    bridge.kill()
+    device.ack(command_id, result={"n": 1})  # the broker keeps it for the bridge's session
+    secured.running.restart("bridge").wait_ready(60)
+    done = wait_until(lambda: recent(secured, device_id, command_id))
+    assert done["state"] == "acknowledged"
+    assert done["result"] == {"n": 1}
+    device.close()

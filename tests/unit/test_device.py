@@ -286,7 +286,33 @@ def test_device_can_be_suspended_and_resumed_repeatedly() -> None:
         device.resume(at(10 * i + 3))
 
     assert device.status == Status.ACTIVE
-    assert device.version == 8
+    assert device.version == 9  # the first suspension also disconnected it
+
+
+def test_suspending_rotating_or_decommissioning_an_online_device_records_its_disconnection() -> (
+    None
+):
+    for change in (
+        lambda d: d.suspend("stolen", at(5)),
+        lambda d: d.rotate_secret("new-hash", at(5)),
+        lambda d: d.decommission("scrapped", at(5)),
+    ):
+        device = registered()
+        device.connect(at(1))
+        change(device)
+        kinds = [type(e).__qualname__ for e in device.collect_events()]
+        assert "Device.Disconnected" in kinds
+        assert device.online is False
+        assert device.last_disconnected_at == at(5)
+
+
+def test_a_stale_online_after_a_kick_changes_nothing() -> None:
+    device = registered()
+    device.connect(at(1))
+    device.suspend("stolen", at(5))
+
+    assert device.connect(at(4)) is False
+    assert device.online is False
 
 
 def _provisioned() -> Device:
@@ -500,10 +526,11 @@ def _full_life() -> Device:
     device.disconnect(at(3))
     device.suspend("maintenance", at(4))
     device.connect(at(5))
-    device.rotate_secret("other-hash", at(6))
-    device.resume(at(7))
-    device.configure({"interval_s": 20}, at(8))
-    device.decommission("end of life", at(9))
+    device.disconnect(at(6))
+    device.rotate_secret("other-hash", at(7))
+    device.resume(at(8))
+    device.configure({"interval_s": 20}, at(9))
+    device.decommission("end of life", at(10))
     return device
 
 
@@ -517,6 +544,7 @@ def test_every_event_carries_the_device_id_the_given_time_and_the_next_version()
         "Disconnected",
         "Suspended",
         "Connected",
+        "Disconnected",
         "SecretRotated",
         "Resumed",
         "Configured",
@@ -584,7 +612,7 @@ def test_reloaded_device_keeps_deciding_like_the_original() -> None:
     final: object = app.repository.get(device.id)
     assert isinstance(final, Device)
     assert final.status == Status.ACTIVE
-    assert final.version == 4
+    assert final.version == 5  # registered, connected, suspended, disconnected, resumed
 
 
 # -- commands to the device -------------------------------------------------------------------
