@@ -1,8 +1,8 @@
 """`python -m bench roundtrip`: command round trip through the whole system.
 
-100 simulated devices (this process, `iot.simulator`), online on a private Mosquitto with the
-dynamic security plugin (each device authenticates with its own secret); `iot run commands`,
-`relay`, `bridge`, `projector views`, `projector auth` and `gateway` as processes. Open loop:
+100 simulated devices (`iot simulate`, a process of its own), online on a private Mosquitto
+with the dynamic security plugin (each device authenticates with its own secret); `iot run
+commands`, `relay`, `bridge`, `projector views` and `projector auth` as processes. Open loop:
 commands are POSTed on a constant schedule at each offered rate, round-robin over the devices;
 a command's latency runs from its scheduled POST until its `acknowledged` outcome is in the
 device view (the `commands` field of the device's Redis hash that the gateway serves, checked on
@@ -17,17 +17,21 @@ import argparse
 import asyncio
 import contextlib
 import math
+import os
 import secrets
+import signal
+import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import msgspec
 
-from bench.processes import Component, Components, progress
+from bench.loadclient import RawClient
+from bench.processes import Component, Components, iot_command, progress
 from bench.registry import register
 from bench.report import Report
 from bench.stats import percentile
@@ -46,6 +50,8 @@ from iot.settings import Settings
 from iot.views import ViewKeys
 
 TOKEN = "bench-roundtrip-admin-token-0123"
+COMMANDS = "/api/v1/devices"
+PING = b'{"name": "ping", "ttl_s": 60}'
 TARGET_RATE = 200.0
 TARGET_P99_MS = 200.0
 
@@ -64,6 +70,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--roundtrip-duration", type=float, default=10.0, help="seconds per step (10)"
     )
     group.add_argument(
+        "--roundtrip-commands",
+        type=int,
+        default=1,
+        help="`iot run commands` replicas, POSTs spread over them (1; on 2 cores a second"
+        " replica measured slower: its writes conflict with the first's)",
+    )
+    group.add_argument(
         "--roundtrip-drain", type=float, default=20.0, help="max seconds to wait for stragglers"
     )
 
@@ -74,8 +87,8 @@ class Step:
     sent: int = 0
     post_errors: int = 0
     post_ms: list[float] = field(default_factory=list)
-    device_ms: list[float] = field(default_factory=list)  # POST -> device's ack PUBACKed
     visible_ms: list[float] = field(default_factory=list)  # POST -> acknowledged in the view
+    acked_ms: list[float] = field(default_factory=list)  # POST -> its ack reached the bridge
     first: float = math.inf
     last_visible: float = 0.0
 
@@ -97,15 +110,18 @@ class Watcher:
         self.redis = redis
         self.keys = keys
         self.outstanding: dict[str, dict[str, float]] = {}  # device -> command id -> t0
-        self.device_ack: dict[str, float] = {}
+        self.wall: dict[str, float] = {}  # command id -> t0 on the wall clock
+        self._checks: set[asyncio.Task[None]] = set()
         self.step: Step | None = None
         self.done = asyncio.Event()
 
     def expect(self, device_id: str, command_id: str, t0: float) -> None:
         self.outstanding.setdefault(device_id, {})[command_id] = t0
-
-    def on_ack(self, device_id: str, command_id: str, status: str) -> None:
-        self.device_ack[command_id] = time.monotonic()
+        self.wall[command_id] = time.time() - (time.monotonic() - t0)
+        # Its outcome may be in the view already (the 202 can arrive after the last change).
+        task = asyncio.get_running_loop().create_task(self._check(device_id))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
 
     def pending(self) -> int:
         return sum(len(v) for v in self.outstanding.values())
@@ -139,15 +155,15 @@ class Watcher:
             if command["state"] == "acknowledged":
                 self.step.visible_ms.append((now - t0) * 1000)
                 self.step.last_visible = max(self.step.last_visible, now)
-                acked = self.device_ack.pop(command["command_id"], None)
-                if acked is not None:
-                    self.step.device_ms.append((acked - t0) * 1000)
+                acked = datetime.fromisoformat(command["finished_at"]).timestamp()
+                started = self.wall.pop(command["command_id"], acked)
+                self.step.acked_ms.append((acked - started) * 1000)
         if not self.pending():
             self.done.set()
 
 
 async def _offer(
-    client: httpx.AsyncClient,
+    clients: list[RawClient],
     watcher: Watcher,
     device_ids: list[str],
     step: Step,
@@ -160,14 +176,16 @@ async def _offer(
 
     async def one(device_id: str, at: float) -> None:
         t0 = time.monotonic() - (loop.time() - at)  # the scheduled time, in monotonic terms
-        response = await client.post(
-            f"/api/v1/devices/{device_id}/commands", json={"name": "ping", "ttl_s": 60}
-        )
-        if response.status_code != 202:
+        try:
+            client = clients[hash(device_id) % len(clients)]
+            status, body = await client.send("POST", f"{COMMANDS}/{device_id}/commands", PING)
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            status, body = 0, b""
+        if status != 202:
             step.post_errors += 1
             return
         step.post_ms.append((time.monotonic() - t0) * 1000)
-        watcher.expect(device_id, response.json()["command_id"], t0)
+        watcher.expect(device_id, msgspec.json.decode(body)["command_id"], t0)
 
     i = 0
     while (at := start + i * interval) < start + duration:
@@ -183,18 +201,17 @@ async def _offer(
 
 
 async def _step(
-    client: httpx.AsyncClient, watcher: Watcher, devices: list[str], rate: float, args: Any
+    clients: list[RawClient], watcher: Watcher, devices: list[str], rate: float, args: Any
 ) -> Step:
     step = Step(rate)
     watcher.step = step
     watcher.done.clear()
-    await _offer(client, watcher, devices, step, args.roundtrip_duration)
+    await _offer(clients, watcher, devices, step, args.roundtrip_duration)
     if watcher.pending():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(watcher.done.wait(), args.roundtrip_drain)
     lost = watcher.pending()
     watcher.outstanding.clear()
-    watcher.device_ack.clear()
     if lost:
         progress(f"{lost} commands not visible within {args.roundtrip_drain:g} s of the last POST")
     return step
@@ -203,21 +220,23 @@ async def _step(
 async def _run(args: argparse.Namespace) -> Report:
     import redis.asyncio as aioredis
 
-    from iot.simulator import Hooks, make_fleet, register_fleet, run_fleet, wait_ready
-
     rates = [float(r) for r in str(args.roundtrip_rates).split(",") if r.strip()]
-    report = Report(f"command round trip: {args.roundtrip_devices} online devices")
+    report = Report(
+        f"command round trip: {args.roundtrip_devices} online devices,"
+        f" {args.roundtrip_commands} command service replicas"
+    )
     report.note(f"machine: {machine()}")
     report.note(
         "latency: scheduled POST -> `acknowledged` in the device view (open loop, no"
-        " coordinated omission); device: scheduled POST -> the device's ack PUBACKed by the"
-        " broker; rate: completed / (first POST -> last outcome visible)"
+        " coordinated omission); POST: scheduled POST -> its 202; to the ack: scheduled POST"
+        " -> the device's ack received by the bridge (its `finished_at`, wall clock); rate:"
+        " completed /"
+        " (first POST -> last outcome visible); a keep-alive HTTP/1.1 pool of 32 per replica"
     )
     settings: Settings = settings_for(unique_namespace("rt"), {TOKEN: "admin"})
     await create_namespace(settings)
     auth = BrokerAuth(secrets.token_hex(16), secrets.token_hex(16))
     redis = aioredis.Redis.from_url(settings.redis_url)
-    stop = asyncio.Event()
     with tempfile.TemporaryDirectory(prefix="bench-roundtrip-") as tmp:
         broker = PrivateBroker(Path(tmp), free_port(), auth=auth)
         broker.start()
@@ -236,62 +255,100 @@ async def _run(args: argparse.Namespace) -> Report:
             "IOT_MQTT_PASSWORD": auth.bridge_password,
             "IOT_MQTT_CLIENT_ID": f"bench-bridge-{settings.namespace}",
         }
+        replicas = [Component("commands", env, free_port()) for _ in range(args.roundtrip_commands)]
         children = [
-            Component("commands", env, free_port()),
+            *replicas,
             Component("relay", env, free_port()),
             Component("auth", {**env, **admin}, free_port(), ["projector", "auth"]),
             Component("views", env, free_port(), ["projector", "views"]),
             Component("bridge", {**env, **bridge}, free_port()),
         ]
-        fleet_task: asyncio.Task[None] | None = None
+        prefix = f"rt{secrets.token_hex(2)}"
+        fleet = SimulatorProcess(env, children[0].port, args.roundtrip_devices, prefix)
         watch_task: asyncio.Task[None] | None = None
+        clients = [RawClient("127.0.0.1", c.port, TOKEN, 32) for c in replicas]
         try:
             with Components(*children):
                 await asyncio.gather(*(c.wait_ready() for c in children))
-                api = children[0].url
-                fleet = make_fleet(args.roundtrip_devices, prefix=f"rt{secrets.token_hex(2)}")
-                progress(f"registering {len(fleet)} devices")
-                await register_fleet(api, TOKEN, fleet, {"fleet": "bench"})
+                progress(f"starting {args.roundtrip_devices} simulated devices")
+                fleet.start()
                 keys = ViewKeys.for_namespace(settings.namespace)
-                watcher = Watcher(redis, keys)
-                hooks = Hooks(on_ack=watcher.on_ack)
-                fleet_task = asyncio.create_task(
-                    run_fleet(fleet, "127.0.0.1", broker.port, math.inf, stop, hooks)
-                )
-                await asyncio.wait_for(wait_ready(fleet), 120)
-                deadline = time.monotonic() + 120
-                while await redis.scard(keys.online) < len(fleet):
-                    if time.monotonic() > deadline:
-                        raise RuntimeError("the devices never all showed online in the views")
+                deadline = time.monotonic() + 180
+                while await redis.scard(keys.online) < args.roundtrip_devices:
+                    if time.monotonic() > deadline or not fleet.running():
+                        raise RuntimeError(
+                            f"the devices never all showed online in the views: {fleet.tail()}"
+                        )
                     await asyncio.sleep(0.2)
+                watcher = Watcher(redis, keys)
                 watch_task = asyncio.create_task(watcher.run())
-                device_ids = [d.device_id for d in fleet]
-                headers = {"Authorization": f"Bearer {TOKEN}"}
-                limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-                async with httpx.AsyncClient(
-                    base_url=api, headers=headers, timeout=30, limits=limits
-                ) as client:
-                    progress("warm-up: 5 s at 50 commands/s")
-                    await _step(client, watcher, device_ids, 50.0, _Warm(args))
-                    for run in range(args.repeats):
-                        for rate in rates:
-                            progress(f"run {run + 1}: {rate:g} commands/s")
-                            step = await _step(client, watcher, device_ids, rate, args)
-                            _rows(report, run, step)
+                device_ids = [f"{prefix}-{i:04d}" for i in range(args.roundtrip_devices)]
+                progress("warm-up: 5 s at 50 commands/s")
+                await _step(clients, watcher, device_ids, 50.0, _Warm(args))
+                for run in range(args.repeats):
+                    for rate in rates:
+                        progress(f"run {run + 1}: {rate:g} commands/s")
+                        step = await _step(clients, watcher, device_ids, rate, args)
+                        _rows(report, run, step)
+                for replica in replicas:
+                    report.note(await _commit_note(replica.url))
                 _verdict(report)
         finally:
-            stop.set()  # the devices say `offline` and disconnect
+            fleet.stop()
+            for client in clients:
+                await client.close()
             if watch_task is not None:
                 watch_task.cancel()
-            for task in (watch_task, fleet_task):
-                if task is not None:
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await asyncio.wait_for(task, 30)
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await watch_task
             broker.stop()
             await redis.aclose()
             await drop_namespace(settings)
             await _drop_views(settings)
     return report
+
+
+class SimulatorProcess:
+    """`iot simulate` registering its devices through the command API, no telemetry."""
+
+    def __init__(self, env: dict[str, str], api_port: int, devices: int, prefix: str) -> None:
+        self.argv = [
+            *iot_command(),
+            "simulate",
+            "--devices",
+            str(devices),
+            "--rate",
+            "0",
+            "--prefix",
+            prefix,
+            "--api",
+            f"http://127.0.0.1:{api_port}",
+        ]
+        self.env = {**os.environ, **env}
+        self.log = Path(tempfile.mkstemp(prefix="bench-simulate-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self) -> str:
+        return " | ".join(self.log.read_text(errors="replace").splitlines()[-5:])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # the devices say `offline` and disconnect
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.unlink(missing_ok=True)
 
 
 class _Warm:
@@ -314,6 +371,29 @@ async def _drop_views(settings: Settings) -> None:
         await client.aclose()
 
 
+async def _commit_note(url: str) -> str:
+    """What the command service's group committer and policies did over the whole bench."""
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        text = (await client.get("/metrics")).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("iot_") and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = values.get(name, 0.0) + float(value)
+    batches = values.get("iot_group_commit_size_count", 0.0)
+    changes = values.get("iot_group_commit_size_sum", 0.0)
+    seconds = values.get("iot_group_commit_seconds_sum", 0.0)
+    return (
+        f"command service: {changes:.0f} changes in {batches:.0f} group commits"
+        f" ({changes / max(batches, 1):.1f} per commit, {1000 * seconds / max(batches, 1):.1f} ms"
+        f" each), {values.get('iot_group_commit_conflicts_total', 0):.0f} split on a conflict,"
+        f" {values.get('iot_command_conflict_retries_total', 0):.0f} changes re-run after a"
+        " lost race"
+    )
+
+
 def _rows(report: Report, run: int, step: Step) -> None:
     report.section = f"offered {step.offered:g} commands/s"
     tag = f"@{step.offered:g}"
@@ -321,8 +401,8 @@ def _rows(report: Report, run: int, step: Step) -> None:
     report.add(run, f"completed {tag}", "%", 100.0 * step.completed / max(1, step.sent))
     report.add(run, f"POST p50 {tag}", "ms", percentile(step.post_ms, 50))
     report.add(run, f"POST p99 {tag}", "ms", percentile(step.post_ms, 99))
-    report.add(run, f"device acked p50 {tag}", "ms", percentile(step.device_ms, 50))
-    report.add(run, f"device acked p99 {tag}", "ms", percentile(step.device_ms, 99))
+    report.add(run, f"to the ack p50 {tag}", "ms", percentile(step.acked_ms, 50))
+    report.add(run, f"to the ack p99 {tag}", "ms", percentile(step.acked_ms, 99))
     report.add(run, f"round trip p50 {tag}", "ms", percentile(step.visible_ms, 50))
     report.add(run, f"round trip p90 {tag}", "ms", percentile(step.visible_ms, 90))
     report.add(run, f"round trip p99 {tag}", "ms", percentile(step.visible_ms, 99))

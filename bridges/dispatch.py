@@ -298,7 +298,9 @@ class Dispatcher:
         body = encode_ingest(
             CommandSent(device_id=device_id, received_at=received_at, command_id=command_id)
         )
-        subject = self.streams.ingest_subject("sent", device_id)
+        # On the ack subject, so the policy that records acks sees a command's sent report and
+        # its ack in order, often in one batch (one aggregate write for both).
+        subject = self.streams.ingest_subject("ack", device_id)
         headers = {"Nats-Msg-Id": f"sent:{command_id}"}
         delay = 0.1
         while True:

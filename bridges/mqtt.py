@@ -26,6 +26,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridges import metrics
+from iot.runtime import paho_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class MqttSource:
             protocol=paho.MQTTv5,
             reconnect_on_failure=True,
         )
+        client.on_socket_open = paho_nodelay
         client.manual_ack_set(True)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
         if username:
@@ -212,6 +214,7 @@ class MqttSink:
             protocol=paho.MQTTv5,
             reconnect_on_failure=True,
         )
+        client.on_socket_open = paho_nodelay
         client.max_inflight_messages_set(max_inflight)
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         if username:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
 from domain.device import Device, device_uuid
+from iot import metrics
 from iot.settings import Settings
 
 APPLICATION_NAME = "Devices"
@@ -233,24 +235,55 @@ class GroupCommitter:
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:
+        # Two changes of one device in a batch were decided on the same version: the later
+        # would make the whole shared transaction fail. It loses its race now, alone, and its
+        # caller re-runs it on the fresh state; the others commit together.
+        seen: set[Any] = set()
+        unique = []
+        for pending in batch:
+            if pending.device.id in seen:
+                pending.device.collect_events()
+                pending.future.set_exception(IntegrityError("another change of this device won"))
+            else:
+                seen.add(pending.device.id)
+                unique.append(pending)
+        batch = unique
         if len(batch) == 1:
+            started = time.perf_counter()
+            metrics.GROUP_COMMIT_SIZE.observe(1)
             self._commit_one(batch[0], batch[0].device)
+            metrics.GROUP_COMMIT_SECONDS.observe(time.perf_counter() - started)
             return
         events = [list(p.device.pending_events) for p in batch]
-        records = [p.idempotency for p in batch if p.idempotency is not None]
+        started = time.perf_counter()
+        metrics.GROUP_COMMIT_SIZE.observe(len(batch))
+        self._group(list(zip(batch, events, strict=True)), whole=True)
+        metrics.GROUP_COMMIT_SECONDS.observe(time.perf_counter() - started)
+
+    def _group(self, items: list[tuple[_Pending, list[Any]]], whole: bool = False) -> None:
+        """Save the items in one transaction. On a conflict (a stale change) halve and retry,
+        so one or two losers cost a few transactions, not one per device. The whole batch is
+        saved as devices (the cache takes their new state); after a conflict emptied them, as
+        their collected events."""
+        if len(items) == 1 and not whole:
+            self._commit_one(items[0][0], *items[0][1])
+            return
+        objs = [p.device for p, _ in items] if whole else [e for _, own in items for e in own]
+        records = [p.idempotency for p, _ in items if p.idempotency is not None]
         try:
-            recordings = self.store.save(*(p.device for p in batch), idempotency=records)
+            recordings = self.store.save(*objs, idempotency=records)
         except IntegrityError:
-            # collect_events emptied the devices; save each one's events on its own
-            for pending, own in zip(batch, events, strict=True):
-                self._commit_one(pending, *own)
+            metrics.GROUP_COMMIT_CONFLICTS.inc()
+            half = len(items) // 2
+            self._group(items[:half])
+            self._group(items[half:])
             return
         except BaseException as e:
-            for pending in batch:
+            for pending, _ in items:
                 pending.future.set_exception(e)
             return
         last = {r.domain_event.originator_id: r.notification.id for r in recordings}
-        for pending in batch:
+        for pending, _ in items:
             pending.future.set_result(last.get(pending.device.id, 0))
 
     def _commit_one(self, pending: _Pending, *objs: Any) -> None:

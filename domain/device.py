@@ -27,7 +27,7 @@ COMMAND_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MIN_TTL_S = 1
 MAX_TTL_S = 7 * 24 * 3600
 MAX_PENDING_COMMANDS = 100
-RECENT_COMMANDS = 20
+RECENT_COMMANDS = 5  # finished commands the aggregate remembers (the view keeps 20)
 
 
 class CommandState(StrEnum):

@@ -39,6 +39,8 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from iot.runtime import paho_nodelay
+
 log = logging.getLogger(__name__)
 
 CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
@@ -342,6 +344,7 @@ class DynsecClient:
             protocol=paho.MQTTv5,
             reconnect_on_failure=True,
         )
+        client.on_socket_open = paho_nodelay
         client.reconnect_delay_set(min_delay=1, max_delay=10)
         client.username_pw_set(username, password)
         if tls:

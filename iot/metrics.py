@@ -36,3 +36,17 @@ PROJECTION_LAG = Gauge(
     "Now minus the event time (or bridge receipt) of the newest message a projection applied",
     ["projection"],
 )
+GROUP_COMMIT_SIZE = Histogram(
+    "iot_group_commit_size",
+    "Changes saved per group-commit transaction (the first attempt of a batch)",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+GROUP_COMMIT_SECONDS = Histogram(
+    "iot_group_commit_seconds",
+    "Time to save one group-commit batch, conflicts and their retries included",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+GROUP_COMMIT_CONFLICTS = Counter(
+    "iot_group_commit_conflicts_total",
+    "Group-commit transactions that failed on a stale change and were split",
+)

@@ -48,6 +48,8 @@ import aiomqtt
 import httpx
 import msgspec
 
+from iot.runtime import tcp_nodelay
+
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
 REMEMBERED_COMMANDS = 1024  # command ids a device remembers to drop redeliveries
@@ -220,6 +222,7 @@ async def run_device(
                 keepalive=30,
                 clean_session=True,
             ) as client:
+                tcp_nodelay(client._client.socket())  # aiomqtt's paho client leaves Nagle on
                 await client.subscribe(
                     [(f"{device.topic}/commands", 1), (f"{device.topic}/desired", 1)]
                 )

@@ -16,7 +16,6 @@ from typing import Any
 
 import msgspec
 
-from domain.device import RECENT_COMMANDS
 from domain.ingest import CommandAck, CommandSent, IngestMessage, Reported, Status, Telemetry, Value
 from domain.published import (
     CommandEvent,
@@ -41,6 +40,7 @@ from iot.views import CONFIG_VERSION_KEY, METRIC_FIELD, ViewKeys
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 HLL_TTL_S = 180
+RECENT_COMMANDS = 20  # finished commands a device view shows, newest first
 _encode = msgspec.json.encode
 _decode_doc = msgspec.json.Decoder(dict[str, Any]).decode
 _decode_commands = msgspec.json.Decoder(dict[str, list[dict[str, Any]]]).decode

@@ -243,7 +243,7 @@ async def test_a_command_to_an_online_device_is_delivered_once_and_reported_sent
     streams = Streams(migrated.namespace)
     assert len(reports) == 30
     for i, (subject, data, msg_id) in enumerate(reports):
-        assert subject == streams.ingest_subject("sent", "dev-1")
+        assert subject == streams.ingest_subject("ack", "dev-1")
         assert msg_id == f"sent:c{i}"
         sent = decode_ingest(data)
         assert isinstance(sent, CommandSent)

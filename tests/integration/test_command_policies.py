@@ -331,9 +331,9 @@ async def test_sent_report_marks_the_command_sent_once(harness: Harness) -> None
         device_id="dev-1", received_at=ms(T0 + timedelta(seconds=1)), command_id="cmd-1"
     )
 
-    await harness.publish(sent, "sent")
-    await harness.publish(sent, "sent")
-    await harness.settled("sent")
+    await harness.publish(sent, "ack")  # the bridge reports on the ack subject
+    await harness.publish(sent, "ack")
+    await harness.settled("ack")
 
     device = harness.device()
     assert device.commands["cmd-1"]["state"] == "sent"

@@ -292,11 +292,12 @@ def test_device_can_be_suspended_and_resumed_repeatedly() -> None:
 def test_suspending_rotating_or_decommissioning_an_online_device_records_its_disconnection() -> (
     None
 ):
-    for change in (
+    changes: list[Callable[[Device], None]] = [
         lambda d: d.suspend("stolen", at(5)),
         lambda d: d.rotate_secret("new-hash", at(5)),
         lambda d: d.decommission("scrapped", at(5)),
-    ):
+    ]
+    for change in changes:
         device = registered()
         device.connect(at(1))
         change(device)
@@ -765,16 +766,17 @@ def test_suspend_and_decommission_cancel_every_pending_command(end: str) -> None
     assert event_names(device)[1:] == ["CommandCancelled"]
 
 
-def test_only_the_20_most_recent_finished_commands_are_kept() -> None:
+def test_only_the_5_most_recent_finished_commands_are_kept() -> None:
     device = registered()
     for n in range(25):
-        device.request_command(f"c{n}", "ping", {}, 60, at(1))
+        device.request_command(f"c{n}", "ping", {"n": n}, 60, at(1))
         device.acknowledge_command(f"c{n}", True, {}, at(2))
-    device.request_command("live", "ping", {}, 60, at(3))
+    device.request_command("live", "ping", {"n": 99}, 60, at(3))
 
-    assert len(device.commands) == 21
-    assert "c4" not in device.commands
-    assert "c5" in device.commands
+    assert len(device.commands) == 6
+    assert "c19" not in device.commands
+    assert device.commands["c20"]["state"] == "acknowledged"
+    assert device.commands["live"]["args"] == {"n": 99}
     assert device.pending_commands() == ["live"]
 
 

@@ -156,7 +156,7 @@ async def test_a_command_for_an_online_device_is_published_once_with_the_contrac
     }
     assert message.expiry_s == 3600 - 60
     [(subject, body, headers)] = harness.journal.stored
-    assert subject == "ns.ingest.sent.dev-1"
+    assert subject == "ns.ingest.ack.dev-1"  # acks and sent reports share a subject
     assert headers == {"Nats-Msg-Id": "sent:c1"}
     sent = decode_ingest(body)
     assert isinstance(sent, CommandSent)
