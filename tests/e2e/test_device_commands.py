@@ -251,6 +251,25 @@ def test_a_device_connects_with_its_secret_and_not_with_a_wrong_one(secured: Sec
     shut(anonymous)
 
 
+def test_a_device_publishing_on_another_devices_topic_never_reaches_the_pipeline(
+    secured: Secured,
+) -> None:
+    intruder = online_device(secured, "ina-" + secrets.token_hex(3))
+    victim_id = "inb-" + secrets.token_hex(3)
+    victim = online_device(secured, victim_id)
+    # The broker drops the denied publish (an MQTT 3.1.1 client still gets its PUBACK).
+    intruder.client.publish(
+        f"devices/{victim_id}/telemetry", b'{"forged": 1}', qos=1
+    ).wait_for_publish(10)
+    victim.publish("telemetry", b'{"genuine": 1}')  # after the forged one, on the same broker
+    view = wait_until(
+        lambda: "genuine" in ((v := secured.view(victim_id)) or {}).get("metrics", {}) and v
+    )
+    assert "forged" not in view["metrics"]
+    intruder.close()
+    victim.close()
+
+
 def test_suspend_disconnects_the_device_and_keeps_it_out_until_resumed(secured: Secured) -> None:
     device_id = "sus-" + secrets.token_hex(3)
     device = online_device(secured, device_id)

@@ -374,12 +374,13 @@ async def test_one_message_at_a_time_in_any_order_gives_the_same_views(env: Env)
 
 
 async def test_readings_are_counted_once_per_minute_of_receipt(env: Env) -> None:
+    now = int(time.time() * 1000)  # not the module's NOW_MS: the count expires 3 min after
     _, msgs = await env.ingest(
-        telemetry(NOW_MS, (NOW_MS, {"a": 1}), (NOW_MS + 1, {"a": 2}), (NOW_MS + 2, {"a": 3})),
-        telemetry(NOW_MS, (NOW_MS + 3, {"a": 4}), (NOW_MS + 4, {"a": 5})),
+        telemetry(now, (now, {"a": 1}), (now + 1, {"a": 2}), (now + 2, {"a": 3})),
+        telemetry(now, (now + 3, {"a": 4}), (now + 4, {"a": 5})),
     )
     await env.projector.handle_ingest(msgs)
-    key = env.keys.readings(NOW_MS // 60_000)
+    key = env.keys.readings(now // 60_000)
     assert await env.redis.pfcount(key) == 5
     ttl = await env.redis.ttl(key)
     assert 0 < ttl <= 240
