@@ -91,6 +91,7 @@ class Step:
     acked_ms: list[float] = field(default_factory=list)  # POST -> its ack reached the bridge
     first: float = math.inf
     last_visible: float = 0.0
+    unfinished: dict[str, int] = field(default_factory=dict)  # state in the view -> commands
 
     @property
     def completed(self) -> int:
@@ -122,6 +123,19 @@ class Watcher:
         task = asyncio.get_running_loop().create_task(self._check(device_id))
         self._checks.add(task)
         task.add_done_callback(self._checks.discard)
+
+    async def states_of_outstanding(self) -> dict[str, int]:
+        """Where the commands not seen acknowledged are, by their state in the device view."""
+        states: dict[str, int] = {}
+        for device_id, waiting in self.outstanding.items():
+            raw = await self.redis.hget(self.keys.device(device_id), "commands")
+            view = msgspec.json.decode(raw) if raw else {}
+            known = {c["command_id"]: c["state"] for c in view.get("pending", [])}
+            known.update({c["command_id"]: c["state"] for c in view.get("recent", [])})
+            for command_id in waiting:
+                state = known.get(command_id, "not in the view")
+                states[state] = states.get(state, 0) + 1
+        return states
 
     def pending(self) -> int:
         return sum(len(v) for v in self.outstanding.values())
@@ -205,15 +219,20 @@ async def _step(
 ) -> Step:
     step = Step(rate)
     watcher.step = step
-    watcher.done.clear()
     await _offer(clients, watcher, devices, step, args.roundtrip_duration)
+    watcher.done.clear()  # it was set whenever nothing happened to be in flight
     if watcher.pending():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(watcher.done.wait(), args.roundtrip_drain)
     lost = watcher.pending()
-    watcher.outstanding.clear()
     if lost:
-        progress(f"{lost} commands not visible within {args.roundtrip_drain:g} s of the last POST")
+        states = await watcher.states_of_outstanding()
+        progress(
+            f"{lost} commands not acknowledged in the view within {args.roundtrip_drain:g} s"
+            f" of the last POST; their states there: {states}"
+        )
+        step.unfinished = states
+    watcher.outstanding.clear()
     return step
 
 
@@ -292,6 +311,7 @@ async def _run(args: argparse.Namespace) -> Report:
                         _rows(report, run, step)
                 for replica in replicas:
                     report.note(await _commit_note(replica.url))
+                report.note(await _bridge_note(children[-1].url))
                 _verdict(report)
         finally:
             fleet.stop()
@@ -371,6 +391,30 @@ async def _drop_views(settings: Settings) -> None:
         await client.aclose()
 
 
+async def _metrics(url: str) -> dict[str, float]:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=5) as client:
+        text = (await client.get("/metrics")).text
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("iot_"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+async def _bridge_note(url: str) -> str:
+    """What the dispatcher did over the whole bench (failures would explain stragglers)."""
+    values = await _metrics(url)
+    parts = [
+        f"{name.split('{', 1)[1].rstrip('}')} {value:.0f}"
+        for name, value in sorted(values.items())
+        if name.startswith(("iot_bridge_commands_dispatched_total{", "iot_bridge_dispatch_fail"))
+    ]
+    return "bridge dispatcher: " + (", ".join(parts) or "nothing dispatched")
+
+
 async def _commit_note(url: str) -> str:
     """What the command service's group committer and policies did over the whole bench."""
     import httpx
@@ -408,6 +452,8 @@ def _rows(report: Report, run: int, step: Step) -> None:
     report.add(run, f"round trip p99 {tag}", "ms", percentile(step.visible_ms, 99))
     report.add(run, f"round trip max {tag}", "ms", max(step.visible_ms, default=math.nan))
     report.add(run, f"POST errors {tag}", "count", float(step.post_errors), digits=0)
+    if step.unfinished:
+        report.note(f"run {run + 1} @{tag}/s, not acknowledged in time: {step.unfinished}")
 
 
 def _verdict(report: Report) -> None:
