@@ -26,8 +26,9 @@ from bridges.lease import Bucket, Lease
 from bridges.mqtt import MqttSink, MqttSource
 from bridges.pipeline import Pipeline, pump
 from bridges.publisher import Publisher
-from bridges.registry import DeviceRegistry, follow
+from bridges.registry import DeviceRegistry
 from iot.httpkit import build_app, serve
+from iot.jetstream import follow_events
 from iot.runtime import connect_nats, stop_on_signals
 from iot.settings import Settings
 from iot.streams import Streams
@@ -96,7 +97,7 @@ async def run(settings: Settings) -> None:
         registry.listener = dispatcher.on_event
         lease.on_change = dispatcher.on_leadership
         metrics.LEADER.set_function(lambda: float(lease.is_leader()))
-        tasks.append(asyncio.create_task(follow(js, streams, registry, caught_up, stop)))
+        tasks.append(asyncio.create_task(follow_events(js, streams, registry, caught_up, stop)))
         tasks.append(asyncio.create_task(dispatcher.run(stop)))
         await _first(caught_up.wait(), stop.wait())
         if stop.is_set():

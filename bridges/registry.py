@@ -9,8 +9,6 @@ changes nothing; a `listener` hears every applied event (the dispatcher's trigge
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,8 +16,6 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-from nats.js.api import DeliverPolicy
-from nats.js.client import JetStreamContext
 
 from bridges import metrics
 from domain.device import MAX_PENDING_COMMANDS
@@ -40,7 +36,6 @@ from domain.published import (
     PublishedEvent,
     decode_event,
 )
-from iot.streams import Streams
 
 log = logging.getLogger(__name__)
 
@@ -164,58 +159,3 @@ def _apply(state: DeviceState, event: PublishedEvent) -> None:
         | DeviceCommandCancelled,
     ):
         state.pending.pop(event.command_id, None)
-
-
-async def follow(
-    js: JetStreamContext,
-    streams: Streams,
-    registry: DeviceRegistry,
-    caught_up: asyncio.Event,
-    stop: asyncio.Event,
-) -> None:
-    """Follow the EVENTS stream into `registry`; set `caught_up` once the last sequence seen
-    at start is applied. Survives NATS outages (the ordered consumer recreates itself)."""
-    target = None
-    backoff = 0.2
-    while target is None and not stop.is_set():
-        try:
-            info = await js.stream_info(streams.events)
-            target = int(info.state.last_seq)
-        except Exception as e:
-            log.warning("EVENTS stream not reachable; retrying", extra={"error": repr(e)})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
-            backoff = min(backoff * 2, 5.0)
-    if target is None:
-        return
-
-    def check() -> None:
-        if registry.sequence >= target:
-            caught_up.set()
-
-    async def on_message(msg: Any) -> None:
-        registry.apply_raw(msg.metadata.sequence.stream, msg.data)
-        if not caught_up.is_set():
-            check()
-
-    check()
-    sub = None
-    while sub is None and not stop.is_set():
-        try:
-            sub = await js.subscribe(
-                streams.events_wildcard,
-                stream=streams.events,
-                cb=on_message,
-                ordered_consumer=True,
-                idle_heartbeat=2.0,
-                deliver_policy=DeliverPolicy.ALL,
-            )
-        except Exception as e:
-            log.warning("cannot follow EVENTS; retrying", extra={"error": repr(e)})
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), backoff)
-            backoff = min(backoff * 2, 5.0)
-    await stop.wait()
-    if sub is not None:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()

@@ -11,15 +11,12 @@ aggregate caps them per device) plus lazily deleted heap entries, compacted when
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import msgspec
-from nats.js.api import DeliverPolicy
 from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Gauge
 
@@ -34,6 +31,7 @@ from domain.published import (
     PublishedEvent,
     decode_event,
 )
+from iot.jetstream import follow_events
 from iot.streams import Streams
 
 log = logging.getLogger(__name__)
@@ -212,60 +210,13 @@ def expire_with(store: handlers.Store, run: Run) -> Expire:
     return expire
 
 
-async def follow(
-    js: JetStreamContext, streams: Streams, scheduler: ExpiryScheduler, stop: asyncio.Event
-) -> None:
-    """Follow the EVENTS stream into `scheduler`; set its `caught_up` once the last sequence
-    seen at start is applied. Survives NATS outages (the ordered consumer recreates itself)."""
-    target = None
-    backoff = 0.2
-    while target is None and not stop.is_set():
-        try:
-            info = await js.stream_info(streams.events)
-            target = int(info.state.last_seq)
-        except Exception as e:
-            log.warning("EVENTS stream not reachable; retrying", extra={"error": repr(e)})
-            await _first(stop, seconds=backoff)
-            backoff = min(backoff * 2, 5.0)
-    if target is None:
-        return
-
-    def check() -> None:
-        if scheduler.sequence >= target:
-            scheduler.caught_up.set()
-
-    async def on_message(msg: Any) -> None:
-        scheduler.apply_raw(msg.metadata.sequence.stream, msg.data)
-        if not scheduler.caught_up.is_set():
-            check()
-
-    check()
-    sub = None
-    while sub is None and not stop.is_set():
-        try:
-            sub = await js.subscribe(
-                streams.events_wildcard,
-                stream=streams.events,
-                cb=on_message,
-                ordered_consumer=True,
-                idle_heartbeat=2.0,
-                deliver_policy=DeliverPolicy.ALL,
-            )
-        except Exception as e:
-            log.warning("cannot follow EVENTS; retrying", extra={"error": repr(e)})
-            await _first(stop, seconds=backoff)
-            backoff = min(backoff * 2, 5.0)
-    await stop.wait()
-    if sub is not None:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-
-
 async def run_expiry(
     js: JetStreamContext, streams: Streams, scheduler: ExpiryScheduler, stop: asyncio.Event
 ) -> None:
     """Follow the log and expire due commands until `stop` is set."""
-    await asyncio.gather(follow(js, streams, scheduler, stop), scheduler.run(stop))
+    await asyncio.gather(
+        follow_events(js, streams, scheduler, scheduler.caught_up, stop), scheduler.run(stop)
+    )
 
 
 async def _first(*events: asyncio.Event, seconds: float | None = None) -> None:

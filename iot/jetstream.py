@@ -15,13 +15,15 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Gauge
+
+from iot.streams import Streams
 
 log = logging.getLogger(__name__)
 STATUS_HEADER = "Status"
@@ -199,3 +201,65 @@ async def report_lag(js: JetStreamContext, spec: ConsumerSpec, stop: asyncio.Eve
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), timeout=seconds)
+
+
+class Follower(Protocol):
+    """What `follow_events` feeds: the last stream sequence it applied, and one message."""
+
+    sequence: int
+
+    def apply_raw(self, sequence: int, data: bytes) -> None: ...
+
+
+async def follow_events(
+    js: JetStreamContext,
+    streams: Streams,
+    follower: Follower,
+    caught_up: asyncio.Event,
+    stop: asyncio.Event,
+) -> None:
+    """Feed the whole EVENTS stream, from its start and then live, into `follower` with an
+    ordered consumer; set `caught_up` once the last sequence seen at start is applied. Survives
+    NATS outages (the ordered consumer recreates itself) until `stop` is set."""
+    target = None
+    backoff = 0.2
+    while target is None and not stop.is_set():
+        try:
+            info = await js.stream_info(streams.events)
+            target = int(info.state.last_seq)
+        except Exception as e:
+            log.warning("EVENTS stream not reachable; retrying", extra={"error": repr(e)})
+            await _sleep_or_stop(stop, backoff)
+            backoff = min(backoff * 2, 5.0)
+    if target is None:
+        return
+
+    def check() -> None:
+        if follower.sequence >= target:
+            caught_up.set()
+
+    async def on_message(msg: Msg) -> None:
+        follower.apply_raw(msg.metadata.sequence.stream, msg.data)
+        if not caught_up.is_set():
+            check()
+
+    check()
+    sub = None
+    while sub is None and not stop.is_set():
+        try:
+            sub = await js.subscribe(
+                streams.events_wildcard,
+                stream=streams.events,
+                cb=on_message,
+                ordered_consumer=True,
+                idle_heartbeat=2.0,
+                deliver_policy=DeliverPolicy.ALL,
+            )
+        except Exception as e:
+            log.warning("cannot follow EVENTS; retrying", extra={"error": repr(e)})
+            await _sleep_or_stop(stop, backoff)
+            backoff = min(backoff * 2, 5.0)
+    await stop.wait()
+    if sub is not None:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
