@@ -21,12 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridges import metrics
-from iot.runtime import paho_nodelay
+from iot.runtime import paho_client
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +77,8 @@ class MqttSource:
         self._port = port
         self._keepalive = keepalive
         self._receive_maximum = receive_maximum
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=paho.MQTTv5,
-            reconnect_on_failure=True,
-        )
-        client.on_socket_open = paho_nodelay
+        client = paho_client(client_id, username, password, tls=tls)
         client.manual_ack_set(True)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
-        if username:
-            client.username_pw_set(username, password or None)
-        if tls:
-            client.tls_set()
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -208,19 +196,8 @@ class MqttSink:
         self._host = host
         self._port = port
         self._keepalive = keepalive
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id,
-            protocol=paho.MQTTv5,
-            reconnect_on_failure=True,
-        )
-        client.on_socket_open = paho_nodelay
+        client = paho_client(client_id, username, password, tls=tls, max_reconnect_delay=10)
         client.max_inflight_messages_set(max_inflight)
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
-        if username:
-            client.username_pw_set(username, password or None)
-        if tls:
-            client.tls_set()
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish

@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
-from iot.runtime import paho_nodelay
+from iot.runtime import paho_client
 
 log = logging.getLogger(__name__)
 
@@ -338,17 +337,13 @@ class DynsecClient:
         self._sub_mid: int | None = None
         self._stopping = False
         self.last_error = ""
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"iot-auth-{secrets.token_hex(4)}",
-            protocol=paho.MQTTv5,
-            reconnect_on_failure=True,
+        client = paho_client(
+            client_id or f"iot-auth-{secrets.token_hex(4)}",
+            username,
+            password,
+            tls=tls,
+            max_reconnect_delay=10,
         )
-        client.on_socket_open = paho_nodelay
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
-        client.username_pw_set(username, password)
-        if tls:
-            client.tls_set()
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe

@@ -99,3 +99,30 @@ def tcp_nodelay(sock: Any) -> None:
 def paho_nodelay(client: Any, _userdata: Any, sock: Any) -> None:
     """paho's `on_socket_open` callback: `tcp_nodelay` on every (re)connection's socket."""
     tcp_nodelay(sock)
+
+
+def paho_client(
+    client_id: str,
+    username: str = "",
+    password: str = "",
+    *,
+    tls: bool = False,
+    max_reconnect_delay: int = 30,
+) -> Any:
+    """A backend MQTT 5 client (paho): reconnects by itself, Nagle off, optional login/TLS."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5,
+        reconnect_on_failure=True,
+    )
+    client.on_socket_open = paho_nodelay
+    client.reconnect_delay_set(min_delay=1, max_delay=max_reconnect_delay)
+    if username:
+        client.username_pw_set(username, password or None)
+    if tls:
+        client.tls_set()
+    return client

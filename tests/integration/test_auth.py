@@ -405,6 +405,7 @@ async def test_bridge_user_receives_device_messages_and_sends_commands_and_desir
         assert bridge.pubacks[telemetry] is False  # the bridge does not speak for devices
 
     with mqtt(port, device, secret) as dev:  # the retained desired state waits for the device
+        await eventually(lambda: dev.connected, "the device is connected again")
         desired = dev.subscribe(f"devices/{device}/desired")
         await eventually(lambda: dev.received(f"devices/{device}/desired"), "desired arrives")
         assert dev.subacks[desired] == [True]
