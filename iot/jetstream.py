@@ -263,3 +263,52 @@ async def follow_events(
     if sub is not None:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+
+
+MAX_DETAIL = 1024  # characters of a rejection's detail kept in its header
+
+
+async def publish_dead_letter(
+    js: JetStreamContext,
+    streams: Streams,
+    *,
+    source: str,
+    reason: str,
+    topic: str,
+    detail: str,
+    data: bytes,
+    msg_id: str | None = None,
+) -> None:
+    """Store rejected input on the DEADLETTER stream with its reason (the headers of README's
+    dead-letter section); `msg_id` makes a repeated rejection of one message a duplicate."""
+    headers = {
+        "Iot-Reason": reason,
+        "Iot-Topic": topic,
+        "Iot-Detail": " ".join(detail.split())[:MAX_DETAIL],  # no line breaks in a header
+        "Iot-Source": source,
+    }
+    if msg_id:
+        headers["Nats-Msg-Id"] = msg_id
+    await js.publish(
+        streams.deadletter_subject(reason), data, stream=streams.deadletter, headers=headers
+    )
+
+
+async def dead_letter_message(
+    js: JetStreamContext, streams: Streams, source: str, reason: str, msg: Msg, detail: str
+) -> None:
+    """Dead-letter a consumed stream message, named by its stream sequence (stored once)."""
+    msg_id = None
+    with contextlib.suppress(Exception):  # a message without JetStream metadata
+        meta = msg.metadata
+        msg_id = f"{source}:{meta.stream}:{meta.sequence.stream}"
+    await publish_dead_letter(
+        js,
+        streams,
+        source=source,
+        reason=reason,
+        topic=msg.subject,
+        detail=detail,
+        data=msg.data,
+        msg_id=msg_id,
+    )

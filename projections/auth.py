@@ -46,7 +46,7 @@ from domain.published import (
 from iot import dynsec, metrics, secrets
 from iot.dynsec import DynsecClient, DynsecCommandError, DynsecUnavailable
 from iot.httpkit import build_app, serve
-from iot.jetstream import ConsumerSpec, Outcome, consume, report_lag
+from iot.jetstream import ConsumerSpec, Outcome, consume, dead_letter_message, report_lag
 from iot.runtime import close_nats, connect_nats, retry_async, stop_on_signals
 from iot.settings import Settings, SettingsError
 from iot.streams import SECRET_TTL_S, Streams
@@ -290,16 +290,7 @@ class AuthProjector:
         log.error("auth: event dead-lettered", extra={"reason": reason, "detail": detail})
         if self.js is None:
             raise RuntimeError(f"cannot dead-letter ({reason}): no JetStream")
-        headers = {
-            "Iot-Reason": reason,
-            "Iot-Topic": msg.subject,
-            "Iot-Detail": " ".join(detail.split())[:512],
-            "Iot-Source": "auth",
-        }
-        with contextlib.suppress(Exception):  # a redelivered poison message is stored once
-            meta = msg.metadata
-            headers["Nats-Msg-Id"] = f"auth:{meta.stream}:{meta.sequence.stream}"
-        await self.js.publish(self.streams.deadletter_subject(reason), msg.data, headers=headers)
+        await dead_letter_message(self.js, self.streams, "auth", reason, msg, detail)
 
 
 def _check_id(device_id: str) -> None:

@@ -36,7 +36,14 @@ from prometheus_client import Counter, Histogram
 
 from domain.ingest import Telemetry, decode_ingest
 from iot import metrics
-from iot.jetstream import ConsumerSpec, Outcome, consume, ensure_consumer, report_lag
+from iot.jetstream import (
+    ConsumerSpec,
+    Outcome,
+    consume,
+    ensure_consumer,
+    publish_dead_letter,
+    report_lag,
+)
 from iot.settings import Settings
 from iot.streams import Streams
 from projections.influx import DatabaseNotFound, InfluxError, InfluxRejected, InfluxUnavailable
@@ -49,7 +56,6 @@ PROJECTION = "timeseries"
 FETCH_BATCH = 500  # messages per consumer fetch
 FETCHERS = 2  # concurrent fetch loops: one decodes and encodes while another waits on InfluxDB
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a batch is split into requests of about this size
-MAX_DETAIL = 1024  # characters of InfluxDB's error kept in a dead letter's header
 
 POINTS_WRITTEN = Counter("iot_timeseries_points_written_total", "Points stored in InfluxDB")
 WRITE_BATCHES = Counter(
@@ -234,24 +240,16 @@ class JetStreamDeadLetters:
     async def publish(
         self, reason: str, topic: str, detail: str, data: bytes, msg_id: str | None
     ) -> None:
-        headers = {
-            "Iot-Reason": reason,
-            "Iot-Detail": _header_value(detail),
-            "Iot-Topic": topic,
-            "Iot-Source": PROJECTION,
-        }
-        if msg_id:
-            headers["Nats-Msg-Id"] = msg_id
-        await self.js.publish(
-            self.streams.deadletter_subject(reason),
-            data,
-            stream=self.streams.deadletter,
-            headers=headers,
+        await publish_dead_letter(
+            self.js,
+            self.streams,
+            source=PROJECTION,
+            reason=reason,
+            topic=topic,
+            detail=detail,
+            data=data,
+            msg_id=msg_id,
         )
-
-
-def _header_value(text: str) -> str:
-    return " ".join(text.split())[:MAX_DETAIL]
 
 
 @dataclass(frozen=True)

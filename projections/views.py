@@ -30,7 +30,7 @@ from domain.ingest import CommandSent, decode_ingest
 from domain.published import PublishedEvent, decode_event
 from iot import metrics
 from iot.httpkit import build_app, serve
-from iot.jetstream import ConsumerSpec, Outcome, consume, report_lag
+from iot.jetstream import ConsumerSpec, Outcome, consume, dead_letter_message, report_lag
 from iot.runtime import close_nats, connect_nats, retry_async, stop_on_signals
 from iot.settings import Settings
 from iot.streams import Streams
@@ -220,16 +220,7 @@ class ViewsProjector:
         MESSAGES.labels(_input_of(msg.subject), "poison").inc()
         if self.js is None:
             raise RuntimeError(f"cannot dead-letter ({reason}): no JetStream")
-        headers = {
-            "Iot-Reason": reason,
-            "Iot-Topic": msg.subject,
-            "Iot-Detail": " ".join(detail.split())[:512],  # no line breaks in a header
-            "Iot-Source": "views",
-        }
-        with contextlib.suppress(Exception):  # a redelivered poison message is stored once
-            meta = msg.metadata
-            headers["Nats-Msg-Id"] = f"views:{meta.stream}:{meta.sequence.stream}"
-        await self.js.publish(self.streams.deadletter_subject(reason), msg.data, headers=headers)
+        await dead_letter_message(self.js, self.streams, "views", reason, msg, detail)
 
 
 def _input_of(subject: str) -> str:

@@ -330,7 +330,9 @@ class FakeJs:
     def __init__(self) -> None:
         self.published: list[tuple[str, bytes, dict[str, str]]] = []
 
-    async def publish(self, subject: str, data: bytes, headers: dict[str, str]) -> None:
+    async def publish(
+        self, subject: str, data: bytes, stream: str, headers: dict[str, str]
+    ) -> None:
         self.published.append((subject, data, headers))
 
 
