@@ -168,9 +168,21 @@ def _headers(outcome: Outcome) -> dict[str, str]:
     return {"ETag": f'"{outcome.device.version}"', "Iot-Position": str(outcome.position)}
 
 
-def _replay(record: IdempotencyRecord) -> Response:
+def _replay(record: IdempotencyRecord, store: DeviceStore) -> Response:
+    """The first answer again; a success with its position, as the first one had it (the
+    record is written before the position is known, so it is looked up)."""
     media = "application/problem+json" if record.status >= 400 else "application/json"
-    return Response(record.body, record.status, {"Idempotent-Replayed": "true"}, media_type=media)
+    headers = {"Idempotent-Replayed": "true"}
+    body = record.body
+    if record.status < 300:
+        stored = msgspec.json.decode(body)
+        device_id, version = stored.get("device_id"), stored.get("version")
+        if isinstance(device_id, str) and isinstance(version, int):
+            position = store.position_of(device_id, version)
+            if position is not None:
+                body = _encode({**stored, "position": position})
+                headers["Iot-Position"] = str(position)
+    return Response(body, record.status, headers, media_type=media)
 
 
 class Idempotency:
@@ -207,7 +219,7 @@ class Idempotency:
                 "Unprocessable Content",
                 "this Idempotency-Key was used for a different request",
             )
-        return _replay(found)
+        return _replay(found, self.service.store)
 
     def answer(
         self, status: int, shape: Callable[[Device, str | None], dict[str, Any]]
@@ -276,6 +288,7 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
                         return replay, None
                 return problem.response(request.url.path), None
             metrics.COMMANDS.labels(command, str(status)).inc()
+            body = {**body, "position": outcome.position}  # = Iot-Position: pass as `after`
             headers = _headers(outcome)
             if status == 201:
                 headers["Location"] = f"{PREFIX}/devices/{outcome.device.device_id}"

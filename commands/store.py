@@ -70,6 +70,9 @@ class IdempotentRecorder(PostgresApplicationRecorder):
             "SELECT fingerprint, status, body, created_at FROM {} WHERE principal=%s AND key=%s"
         ).format(table)
         self._purge_idem = SQL("DELETE FROM {} WHERE created_at < %s").format(table)
+        self._select_position = SQL(
+            "SELECT notification_id FROM {} WHERE originator_id=%s AND originator_version=%s"
+        ).format(Identifier(self.datastore.schema, self.events_table_name))
 
     def _insert_events(
         self, curs: psycopg.Cursor[DictRow], stored_events: Any, **kwargs: Any
@@ -98,6 +101,13 @@ class IdempotentRecorder(PostgresApplicationRecorder):
         """Store an answer that wrote no events (an error), unless one is there already."""
         with self.datastore.transaction(commit=True) as curs:
             curs.execute(self._insert_idem_if_absent, _row(record), prepare=True)
+
+    def position_of(self, originator_id: UUID, version: int) -> int | None:
+        """The position (notification id) of one stored event; None if there is none."""
+        with self.datastore.get_connection() as conn, conn.cursor() as curs:
+            curs.execute(self._select_position, (originator_id, version), prepare=True)
+            row = curs.fetchone()
+        return None if row is None else int(row["notification_id"])
 
     def purge_idempotency(self, older_than: datetime) -> int:
         with self.datastore.transaction(commit=True) as curs:
@@ -139,6 +149,10 @@ class DeviceStore(Application[UUID]):
         """Append the device's pending events; return the position of the last one."""
         recordings = self.save(device, idempotency=[idempotency] if idempotency else None)
         return recordings[-1].notification.id if recordings else 0
+
+    def position_of(self, device_id: str, version: int) -> int | None:
+        """The position of the device's event at `version` (None if it has none)."""
+        return self.idem.position_of(device_uuid(device_id), version)
 
     def max_position(self) -> int:
         return self.recorder.max_notification_id() or 0

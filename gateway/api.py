@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 import msgspec
 import redis.exceptions
+from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,7 +23,7 @@ from domain.device import DEVICE_ID, LABEL_KEY
 from gateway import metrics
 from gateway.dashboard import DASHBOARD_HTML
 from gateway.influx import InfluxQL, InfluxQueryError, InfluxUnavailable
-from gateway.openapi import openapi_document
+from gateway.openapi import AFTER_WAIT_S, openapi_document
 from gateway.ratelimit import RateLimiter, Verdict
 from gateway.telemetry import (
     AGGS,
@@ -48,9 +49,23 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 DEFAULT_RANGE_MS = 3_600_000
 KEEPALIVE_S = 15.0
+AFTER_POLL_S = 0.02
+AFTER_HEADER = "Iot-After"
+POSITION_HEADER = "Iot-Position"
+MAX_POSITION = 2**63 - 1
 _encode = msgspec.json.Encoder().encode
 
 Handler = Callable[[Request], Awaitable[Any]]
+
+AFTER_WAIT = Histogram(
+    "iot_gateway_after_wait_seconds",
+    "Time reads with `after` waited for the views to reach the position",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0),
+)
+AFTER_TIMEOUTS = Counter(
+    "iot_gateway_after_timeouts_total",
+    "Reads with `after` answered 503 because the views did not catch up in time",
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,8 @@ class Gateway:
     redis: Redis
     clock: Callable[[], float] = time.time
     max_points: int = MAX_POINTS
+    after_wait_s: float = AFTER_WAIT_S
+    after_poll_s: float = AFTER_POLL_S
 
 
 def invalid(field: str, message: str) -> Problem:
@@ -120,6 +137,28 @@ def too_many_points(
         ),
         **extra,
     )
+
+
+def parse_after(request: Request) -> int | None:
+    """The position a read must reflect: `?after=` or `Iot-After` (the larger if both)."""
+    wanted: int | None = None
+    for source, raw in (
+        ("after", request.query_params.get("after")),
+        (AFTER_HEADER, request.headers.get(AFTER_HEADER.lower())),
+    ):
+        if raw is None:
+            continue
+        text = raw.strip()
+        if not (text.isascii() and text.isdigit()) or int(text) > MAX_POSITION:
+            raise Problem(
+                400,
+                "Bad Request",
+                f"{source} must be an event position, a non-negative integer "
+                "(the Iot-Position of a command API answer)",
+                errors=[{"field": source, "message": "a non-negative integer"}],
+            )
+        wanted = max(wanted or 0, int(text))
+    return wanted
 
 
 def parse_limit(raw: str | None) -> int:
@@ -179,10 +218,41 @@ def telemetry_query(device_id: str, request: Request, now_ms: int) -> TelemetryQ
     return TelemetryQuery(device_id, start, end, metric_names, every_ms, agg)
 
 
+async def caught_up(gateway: Gateway, after: int | None) -> int:
+    """The views position once it has reached `after`; 503 if it has not within the bound."""
+    position = await gateway.views.position()
+    if after is None or position >= after:
+        return position
+    deadline = time.monotonic() + gateway.after_wait_s
+    started = time.perf_counter()
+    while position < after and time.monotonic() < deadline:
+        await anyio.sleep(min(gateway.after_poll_s, max(0.0, deadline - time.monotonic())))
+        position = await gateway.views.position()
+    AFTER_WAIT.observe(time.perf_counter() - started)
+    if position >= after:
+        return position
+    AFTER_TIMEOUTS.inc()
+    problem = Problem(
+        503,
+        "Service Unavailable",
+        f"the views have not reached position {after} within {gateway.after_wait_s:g} s "
+        f"(they are at {position}); retry shortly",
+        position=position,
+        after=after,
+    )
+    problem.headers["Retry-After"] = "1"
+    problem.headers[POSITION_HEADER] = str(position)
+    raise problem
+
+
 def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
-    def endpoint(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def endpoint(
+        handler: Handler, consistent: bool = True
+    ) -> Callable[[Request], Awaitable[Response]]:
         async def wrapped(request: Request) -> Response:
             principal = gateway.authorizer.authorize(request, "viewer")
+            after = parse_after(request) if consistent else None
+            headers: dict[str, str] = {}
             try:
                 verdict = await gateway.limiter.hit(principal)
                 if not verdict.allowed:
@@ -195,16 +265,19 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
                     problem.headers.update(rate_headers(verdict))
                     problem.headers["Retry-After"] = str(verdict.retry_after_s)
                     raise problem
+                if consistent:
+                    headers[POSITION_HEADER] = str(await caught_up(gateway, after))
                 body = await handler(request)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
                 log.warning("Redis unavailable", extra={"error": repr(e)})
                 problem = Problem(503, "Service Unavailable", "the views store is unreachable")
                 problem.headers["Retry-After"] = "1"
                 raise problem from e
+            headers.update(rate_headers(verdict))
             if isinstance(body, Response):
-                body.headers.update(rate_headers(verdict))
+                body.headers.update(headers)
                 return body
-            return conditional(request, body, rate_headers(verdict))
+            return conditional(request, body, headers)
 
         return wrapped
 
@@ -328,7 +401,7 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         Route(device, endpoint(get_device), methods=["GET"]),
         Route(device + "/telemetry", endpoint(telemetry), methods=["GET"]),
         Route(PREFIX + "/fleet", endpoint(fleet), methods=["GET"]),
-        Route(PREFIX + "/stream", endpoint(stream), methods=["GET"]),
+        Route(PREFIX + "/stream", endpoint(stream, consistent=False), methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route(PREFIX + "/openapi.json", openapi, methods=["GET"]),
         Route("/", dashboard, methods=["GET"]),

@@ -6,6 +6,8 @@ from typing import Any
 
 from gateway.telemetry import AGGS, MAX_POINTS
 
+AFTER_WAIT_S = 2.0  # how long a read with `after` waits for the views to catch up
+
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
 
 
@@ -16,7 +18,10 @@ def _ref(name: str) -> dict[str, str]:
 def _ok(schema: str, description: str) -> dict[str, Any]:
     return {
         "description": description,
-        "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
+        "headers": {
+            "ETag": {"$ref": "#/components/headers/ETag"},
+            "Iot-Position": {"$ref": "#/components/headers/IotPosition"},
+        },
         "content": {"application/json": {"schema": _ref(schema)}},
     }
 
@@ -24,11 +29,12 @@ def _ok(schema: str, description: str) -> dict[str, Any]:
 def _common(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     responses: dict[str, Any] = {
         "304": {"description": "Not modified: `If-None-Match` matched the current ETag"},
+        "400": _PROBLEM,
         "401": _PROBLEM,
         "403": _PROBLEM,
         "422": _PROBLEM,
         "429": {"$ref": "#/components/responses/TooManyRequests"},
-        "503": _PROBLEM,
+        "503": {"$ref": "#/components/responses/Unavailable"},
     }
     responses.update(extra or {})
     return responses
@@ -50,6 +56,26 @@ _DEVICE_ID = {
     "in": "path",
     "required": True,
     "schema": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+}
+_AFTER_TEXT = (
+    "Consistency token: an event position, e.g. the `Iot-Position` header or `position` of a "
+    "command API answer. The gateway answers once its views reflect every domain event up to "
+    f"it, waiting at most {AFTER_WAIT_S:g} s (then 503 with Retry-After); 400 if not a "
+    "non-negative integer"
+)
+_AFTER = {
+    "name": "after",
+    "in": "query",
+    "required": False,
+    "description": _AFTER_TEXT + ". `Iot-After` is the same as a header (the larger wins).",
+    "schema": {"type": "integer", "minimum": 0},
+}
+_IOT_AFTER = {
+    "name": "Iot-After",
+    "in": "header",
+    "required": False,
+    "description": _AFTER_TEXT + "; the same as the `after` query parameter.",
+    "schema": {"type": "integer", "minimum": 0},
 }
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 
@@ -254,6 +280,14 @@ def openapi_document() -> dict[str, Any]:
                 "hint": {"type": "string"},
                 "suggested_every": {"type": "string"},
                 "max_points": {"type": "integer"},
+                "position": {
+                    "type": "integer",
+                    "description": "503 to a read with `after`: the views' current position",
+                },
+                "after": {
+                    "type": "integer",
+                    "description": "503 to a read with `after`: the position asked for",
+                },
             },
         },
     }
@@ -264,7 +298,10 @@ def openapi_document() -> dict[str, Any]:
             "version": "1.0.0",
             "description": "Views of the device fleet for dashboards. Bearer token with the "
             "viewer role or above; answers carry an ETag and honour If-None-Match; each token "
-            "may make a limited number of requests a minute (429 with Retry-After beyond).",
+            "may make a limited number of requests a minute (429 with Retry-After beyond). "
+            "Read your writes: pass the `Iot-Position` of a command API answer as `after` (or "
+            "the `Iot-After` header) and the answer reflects that change; every view answer "
+            "carries `Iot-Position`, how far its views have caught up.",
         },
         "servers": [{"url": "/api/v1"}],
         "security": [{"bearer": []}],
@@ -289,6 +326,8 @@ def openapi_document() -> dict[str, Any]:
                             {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
                         ),
                         _IF_NONE_MATCH,
+                        _AFTER,
+                        _IOT_AFTER,
                     ],
                     "responses": _common({"200": _ok("DevicePage", "A page of devices")}),
                 }
@@ -297,7 +336,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "The device view",
                     "operationId": "getDevice",
-                    "parameters": [_DEVICE_ID, _IF_NONE_MATCH],
+                    "parameters": [_DEVICE_ID, _IF_NONE_MATCH, _AFTER, _IOT_AFTER],
                     "responses": _common({"200": _ok("Device", "The device"), "404": _PROBLEM}),
                 }
             },
@@ -334,6 +373,8 @@ def openapi_document() -> dict[str, Any]:
                             {"type": "string", "enum": list(AGGS)},
                         ),
                         _IF_NONE_MATCH,
+                        _AFTER,
+                        _IOT_AFTER,
                     ],
                     "responses": _common(
                         {
@@ -349,7 +390,7 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "Fleet counts",
                     "operationId": "getFleet",
-                    "parameters": [_IF_NONE_MATCH],
+                    "parameters": [_IF_NONE_MATCH, _AFTER, _IOT_AFTER],
                     "responses": _common({"200": _ok("Fleet", "Counts")}),
                 }
             },
@@ -373,11 +414,30 @@ def openapi_document() -> dict[str, Any]:
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "headers": {
-                "ETag": {"description": "Entity tag of the body", "schema": {"type": "string"}}
+                "ETag": {"description": "Entity tag of the body", "schema": {"type": "string"}},
+                "IotPosition": {
+                    "description": "The views' position when the answer was read: it reflects "
+                    "every domain event up to this event-store position (compare with the "
+                    "`Iot-Position` of a command API answer)",
+                    "schema": {"type": "integer", "minimum": 0},
+                },
             },
             "responses": {
                 "Problem": {
                     "description": "An error",
+                    "content": {"application/problem+json": {"schema": _ref("Problem")}},
+                },
+                "Unavailable": {
+                    "description": "The views store is unreachable, or the views did not "
+                    f"reach `after` within {AFTER_WAIT_S:g} s (the body's `position` says where "
+                    "they are)",
+                    "headers": {
+                        "Retry-After": {
+                            "description": "Seconds to wait before retrying",
+                            "schema": {"type": "integer"},
+                        },
+                        "Iot-Position": {"$ref": "#/components/headers/IotPosition"},
+                    },
                     "content": {"application/problem+json": {"schema": _ref("Problem")}},
                 },
                 "TooManyRequests": {

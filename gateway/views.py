@@ -200,6 +200,11 @@ class ViewReader:
         self._redis = redis
         self.keys = keys
 
+    async def position(self) -> int:
+        """The views position: every domain event up to this event-store position is applied."""
+        raw = cast(str | None, await self._redis.get(self.keys.position))
+        return _int(raw) or 0
+
     async def device(self, device_id: str) -> dict[str, Any] | None:
         fields = cast(dict[str, str], await self._redis.hgetall(self.keys.device(device_id)))
         return device_view(fields) if fields else None

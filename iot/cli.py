@@ -42,6 +42,21 @@ def _parser() -> argparse.ArgumentParser:
         help="no device authentication: the broker accepts anonymous clients, no auth projector",
     )
 
+    backup = sub.add_parser(
+        "backup",
+        help="back up the namespace's event store (pg_dump) and JetStream streams (snapshots)",
+    )
+    backup.add_argument("dir", help="a new or empty directory to write the backup into")
+    restore = sub.add_parser(
+        "restore", help="restore a backup into an empty namespace, then verify it"
+    )
+    restore.add_argument("dir", help="a directory written by `iot backup`")
+    restore.add_argument(
+        "--force",
+        action="store_true",
+        help="drop the namespace's schema and streams first if they hold data",
+    )
+
     dyn = sub.add_parser(
         "dynsec-init",
         help="create or update the broker's dynamic security file with the backend's MQTT users "
@@ -136,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "simulate":
         return asyncio.run(_simulate(args, settings))
+    if args.command in ("backup", "restore"):
+        return _backup_or_restore(args, settings)
     return 2
 
 
@@ -157,6 +174,44 @@ def _dynsec_init(file: str) -> int:
         print(f"iot dynsec-init: {e}", file=sys.stderr)
         return 1
     print(f"iot dynsec-init: {file}: users {dynsec.ADMIN_USERNAME}, {dynsec.BRIDGE_USERNAME} ready")
+    return 0
+
+
+def _backup_or_restore(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from iot import backup
+
+    def progress(line: str) -> None:
+        print(f"iot {args.command}: {line}", file=sys.stderr, flush=True)
+
+    try:
+        if args.command == "backup":
+            manifest = asyncio.run(backup.backup(settings, Path(args.dir), progress))
+            print(
+                f"iot backup: {args.dir}: event store up to position "
+                f"{manifest['postgres']['max_position']}, "
+                + ", ".join(f"{s['name']} {s['messages']} messages" for s in manifest["streams"])
+            )
+            return 0
+        summary = asyncio.run(backup.restore(settings, Path(args.dir), progress, force=args.force))
+    except backup.Refused as e:
+        print(f"iot {args.command}: refused: {e}", file=sys.stderr)
+        return 2
+    except backup.BackupError as e:
+        print(f"iot {args.command}: failed: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a service that went away mid-way: one line, not a traceback
+        print(f"iot {args.command}: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    from projections.main import PROJECTORS
+
+    for line in summary:
+        print(f"iot restore: {line}")
+    print(
+        "iot restore: next: start the relay (it resumes after the stream's last Iot-Position), "
+        "then rebuild each projection: " + "; ".join(f"iot replay {name}" for name in PROJECTORS)
+    )
     return 0
 
 

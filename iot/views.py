@@ -30,6 +30,14 @@ Indexes (maintained with the hash in the same script):
   `{p}:readings:{minute}`    HyperLogLog of reading ids (`<stream seq>:<index>`) received in
                              that epoch minute (idempotent under redelivery), expiring after 3 min
   `{p}:changes`              pub/sub channel: a device id per change (for the SSE stream)
+The checkpoint of domain events (the consistency token's other half, written by the projector
+after each batch, never backwards):
+  `{p}:position`             the views position P: every domain event with an event-store
+                             position <= P is applied (int as text; absent = 0)
+  `{p}:position:seq`         the EVENTS stream sequence S behind it: every message up to S is
+                             applied, skipped as applied, or dead-lettered
+  `{p}:position:ahead`       hash stream sequence -> position of messages done after a gap
+                             (beyond S + 1), folded into S and P once the gap closes
 """
 
 from __future__ import annotations
@@ -72,6 +80,18 @@ class ViewKeys:
     @property
     def changes(self) -> str:
         return f"{self.prefix}:changes"
+
+    @property
+    def position(self) -> str:
+        return f"{self.prefix}:position"
+
+    @property
+    def position_seq(self) -> str:
+        return f"{self.prefix}:position:seq"
+
+    @property
+    def position_ahead(self) -> str:
+        return f"{self.prefix}:position:ahead"
 
 
 STATUSES = ("provisioned", "active", "suspended", "decommissioned")

@@ -22,7 +22,8 @@ import msgspec
 import redis.asyncio as aioredis
 from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
-from prometheus_client import Counter, Histogram
+from nats.js.errors import NotFoundError
+from prometheus_client import Counter, Gauge, Histogram
 from redis.exceptions import NoScriptError
 from starlette.routing import BaseRoute
 
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 VIEWS_PORT = 8083
 EVENTS_CONSUMER = "views_events"
 INGEST_CONSUMER = "views_ingest"
+POSITION_HEADER = "Iot-Position"  # set by the relay on every EVENTS message
 ACK_WAIT_S = 10.0  # a batch takes milliseconds; a killed instance's batch moves on after this
 
 MESSAGES = Counter(
@@ -67,6 +69,10 @@ CHANGES = Counter(
 
 
 LAG = metrics.PROJECTION_LAG.labels(projection="views")
+POSITION = Gauge(
+    "iot_views_position",
+    "Event-store position up to which every domain event is applied in the views",
+)
 
 
 class Scripts:
@@ -77,14 +83,16 @@ class Scripts:
         self.sha = {
             "event": _sha1(views_scripts.EVENT),
             "ingest": _sha1(views_scripts.INGEST),
+            "checkpoint": _sha1(views_scripts.CHECKPOINT),
         }
 
     async def load(self) -> None:
         await self.redis.script_load(views_scripts.EVENT)
         await self.redis.script_load(views_scripts.INGEST)
+        await self.redis.script_load(views_scripts.CHECKPOINT)
 
     async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Run commands (`("event"|"ingest", keys, args)` or plain ones) in one round trip."""
+        """Run commands (`(script name, keys, args)` or plain ones) in one round trip."""
         for attempt in (1, 2):
             pipe = self.redis.pipeline(transaction=False)
             for command in commands:
@@ -128,6 +136,26 @@ class ViewsProjector:
         self.clock = clock
 
     async def handle_events(self, msgs: Sequence[Msg]) -> Outcome:
+        positions: dict[int, int] = {}  # batch index -> event position (absent: undecodable)
+        outcome = await self._apply_events(msgs, positions)
+        await self._checkpoint(msgs, positions, outcome)
+        return outcome
+
+    async def _checkpoint(
+        self, msgs: Sequence[Msg], positions: Mapping[int, int], outcome: Outcome
+    ) -> None:
+        """Fold the batch's done messages (all but the retried) into the views position."""
+        args: list[int] = []
+        for i, msg in enumerate(msgs):
+            if i not in outcome.retry:
+                args += [msg.metadata.sequence.stream, positions.get(i, 0)]
+        if not args:
+            return
+        keys = [self.keys.position, self.keys.position_seq, self.keys.position_ahead]
+        (position,) = await self.scripts.pipeline([("checkpoint", keys, args)])
+        POSITION.set(int(position))
+
+    async def _apply_events(self, msgs: Sequence[Msg], positions: dict[int, int]) -> Outcome:
         outcome = Outcome()
         by_device: dict[str, list[tuple[int, PublishedEvent]]] = defaultdict(list)
         for i, msg in enumerate(msgs):
@@ -137,6 +165,7 @@ class ViewsProjector:
                 await self._dead_letter(msg, "undecodable_event", str(e))
                 outcome.poison.add(i)
                 continue
+            positions[i] = event.position
             by_device[event.device_id].append((i, event))
         if not by_device:
             return outcome
@@ -227,6 +256,37 @@ def _input_of(subject: str) -> str:
     return "ingest" if ".ingest." in f".{subject}" else "events"
 
 
+async def seed_checkpoint(
+    redis: aioredis.Redis, js: JetStreamContext, keys: ViewKeys, spec: ConsumerSpec
+) -> None:
+    """Start the checkpoint at the consumer's ack floor when the views have none yet (views
+    built before the checkpoint existed); a new consumer starts from 0."""
+    if await redis.exists(keys.position_seq):
+        return
+    try:
+        info = await js.consumer_info(spec.stream, spec.durable)
+    except NotFoundError:
+        return
+    floor = int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0
+    if floor == 0:
+        return
+    stored = await js.get_msg(spec.stream, floor)
+    position = _position_of(stored.headers, stored.data)
+    await redis.eval(views_scripts.SEED, 2, keys.position, keys.position_seq, floor, position)
+    log.info("views checkpoint seeded", extra={"stream_seq": floor, "position": position})
+
+
+def _position_of(headers: Mapping[str, str] | None, data: bytes | None) -> int:
+    """A stored message's event position: its `Iot-Position` header, else its body, else 0."""
+    raw = (headers or {}).get(POSITION_HEADER, "")
+    if raw.isdigit():
+        return int(raw)
+    try:
+        return decode_event(data or b"").position
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return 0
+
+
 def consumer_specs(namespace: str) -> tuple[ConsumerSpec, ConsumerSpec]:
     streams = Streams(namespace)
     events = ConsumerSpec(
@@ -266,6 +326,9 @@ async def run(settings: Settings) -> None:
         return {"nats": nc.is_connected, "redis": redis_ok}
 
     events, ingest = consumer_specs(settings.namespace)
+    await retry_async(
+        "views checkpoint", lambda: seed_checkpoint(redis, js, projector.keys, events)
+    )
     routes: list[BaseRoute] = []
     port = settings.port_for(VIEWS_PORT)
     log.info("views projector listening", extra={"port": port})

@@ -142,3 +142,55 @@ for _, r in ipairs(batch[2]) do
 end
 return changed
 """
+
+# The checkpoint of domain events after a batch (see iot.views): folds the stream sequences of
+# the messages done (applied, skipped as applied, dead-lettered) into the contiguous prefix S of
+# the EVENTS stream and moves the position P to the largest event position in that prefix.
+# A message done past a gap waits in the `ahead` hash until the gap closes; S and P never move
+# backwards, whatever the order or repetition of calls (several instances may call it).
+# KEYS: position, position:seq, position:ahead.
+# ARGV: pairs of stream sequence, event position (0 = unknown), in any order.
+# Returns the position P after the call.
+CHECKPOINT = """
+local function int(n) return string.format('%d', n) end
+local s = tonumber(redis.call('GET', KEYS[2]) or '0')
+local p = tonumber(redis.call('GET', KEYS[1]) or '0')
+local s0, p0 = s, p
+local done = {}
+for i = 1, #ARGV, 2 do
+  local seq = tonumber(ARGV[i])
+  if seq > s then done[seq] = tonumber(ARGV[i + 1]) end
+end
+local parked = redis.call('EXISTS', KEYS[3]) == 1
+while true do
+  local v = done[s + 1]
+  if parked then
+    local held = redis.call('HGET', KEYS[3], int(s + 1))
+    if held then
+      redis.call('HDEL', KEYS[3], int(s + 1))
+      v = v or tonumber(held)
+    end
+  end
+  if not v then break end
+  s = s + 1
+  done[s] = nil
+  if v > p then p = v end
+end
+for seq, position in pairs(done) do
+  if seq > s then redis.call('HSET', KEYS[3], int(seq), int(position)) end
+end
+if s ~= s0 then redis.call('SET', KEYS[2], int(s)) end
+if p ~= p0 then redis.call('SET', KEYS[1], int(p)) end
+return int(p)
+"""
+
+# Seed the checkpoint of a projection that ran before it kept one: every message up to the
+# consumer's ack floor is applied. Only when no checkpoint exists; the position never moves back.
+# KEYS: position, position:seq. ARGV: stream sequence, event position.
+SEED = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+local p = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tonumber(ARGV[2]) > p then redis.call('SET', KEYS[1], ARGV[2]) end
+return 1
+"""

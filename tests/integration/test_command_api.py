@@ -206,7 +206,12 @@ async def test_lifecycle_suspend_resume_and_illegal_transitions_are_409(
     await register(client)
     assert_problem(await client.post("/devices/dev-1/resume", headers=OPERATOR), 409)
     suspended = await client.post("/devices/dev-1/suspend", json={"reason": "x"}, headers=OPERATOR)
-    assert suspended.json() == {"device_id": "dev-1", "version": 2, "status": "suspended"}
+    assert suspended.json() == {
+        "device_id": "dev-1",
+        "version": 2,
+        "status": "suspended",
+        "position": int(suspended.headers["iot-position"]),
+    }
     twice = assert_problem(await client.post("/devices/dev-1/suspend", headers=OPERATOR), 409)
     assert "already suspended" in twice["detail"]
     resumed = await client.post("/devices/dev-1/resume", headers=OPERATOR)
@@ -554,6 +559,7 @@ async def test_command_request_is_accepted_with_its_id_expiry_and_position(
         "expires_at": body["expires_at"],
         "state": "requested",
         "version": 2,
+        "position": store.max_position(),
     }
     assert command["state"] == "requested"
     assert command["expires_at"] - command["requested_at"] == timedelta(seconds=60)
@@ -723,3 +729,42 @@ async def test_command_requests_are_counted_in_metrics(client: httpx.AsyncClient
     base = str(client.base_url).removesuffix("/api/v1/")
     metrics = (await client.get(f"{base}/metrics")).text
     assert 'iot_commands_total{command="request-command",outcome="202"}' in metrics
+
+
+# --- the consistency token in bodies (issue 5) ----------------------------------------------------
+
+
+async def test_every_successful_change_carries_its_position_in_body_and_header(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    answers = [
+        await client.post(
+            "/devices", json={"device_id": "dev-1", "name": "n", "type": "t"}, headers=OPERATOR
+        ),
+        await client.patch("/devices/dev-1/config", json={"config": {"a": 1}}, headers=OPERATOR),
+        await request(client, {"name": "reboot"}),
+        await client.post("/devices/dev-1/suspend", json={"reason": "x"}, headers=OPERATOR),
+        await client.post("/devices/dev-1/resume", headers=OPERATOR),
+        await client.post("/devices/dev-1/rotate-secret", headers=OPERATOR),
+    ]
+    positions = []
+    for answer in answers:
+        assert answer.status_code in (200, 201, 202), answer.text
+        assert answer.json()["position"] == int(answer.headers["iot-position"])
+        positions.append(answer.json()["position"])
+    assert positions == sorted(positions)
+    assert len(set(positions)) == len(positions)
+    assert positions[-1] == store.max_position()
+
+
+async def test_an_idempotent_replay_carries_the_position_of_the_first_answer(
+    client: httpx.AsyncClient,
+) -> None:
+    await register(client)
+    headers = {**OPERATOR, "Idempotency-Key": "pos-1"}
+    first = await client.patch("/devices/dev-1/config", json={"config": {"a": 1}}, headers=headers)
+    await client.patch("/devices/dev-1/config", json={"config": {"a": 2}}, headers=OPERATOR)
+    again = await client.patch("/devices/dev-1/config", json={"config": {"a": 1}}, headers=headers)
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    assert again.headers["iot-position"] == first.headers["iot-position"]

@@ -761,3 +761,91 @@ async def test_unreachable_influxdb_makes_telemetry_503(
     async with client_for(make_gateway(dead, redis, influx_http)) as client:
         response = await client.get("/api/v1/devices/s-1/telemetry", headers=VIEWER)
         assert_problem(response, 503)
+
+
+# --- consistency token: ?after= / Iot-After ------------------------------------------------------
+
+
+async def test_reads_carry_the_views_position(
+    client: httpx.AsyncClient, redis: Redis, keys: ViewKeys
+) -> None:
+    await put_device(redis, keys, "p1")
+    for path in ("/api/v1/devices", "/api/v1/devices/p1", "/api/v1/fleet"):
+        assert (await client.get(path, headers=VIEWER)).headers["iot-position"] == "0"
+    await redis.set(keys.position, "41")
+    response = await client.get("/api/v1/devices/p1", headers=VIEWER)
+    assert response.headers["iot-position"] == "41"
+    cached = await client.get(
+        "/api/v1/devices/p1", headers={**VIEWER, "If-None-Match": response.headers["etag"]}
+    )
+    assert cached.status_code == 304
+    assert cached.headers["iot-position"] == "41"
+
+
+async def test_a_read_after_a_position_already_reached_answers_at_once(
+    client: httpx.AsyncClient, redis: Redis, keys: ViewKeys
+) -> None:
+    await put_device(redis, keys, "p1")
+    await redis.set(keys.position, "10")
+    for params, headers in (({"after": "10"}, VIEWER), ({}, {**VIEWER, "Iot-After": "3"})):
+        for path in ("/api/v1/devices", "/api/v1/devices/p1", "/api/v1/fleet"):
+            response = await client.get(path, params=params, headers=headers)
+            assert response.status_code == 200, response.text
+            assert response.headers["iot-position"] == "10"
+
+
+async def test_a_read_after_a_later_position_waits_until_the_views_reach_it(
+    settings: Settings, redis: Redis, influx_http: httpx.AsyncClient, keys: ViewKeys
+) -> None:
+    await put_device(redis, keys, "p1", config={"mode": "old"})
+    await redis.set(keys.position, "4")
+    gw = dataclasses.replace(make_gateway(settings, redis, influx_http), after_wait_s=60.0)
+    async with client_for(gw) as client:
+        read = asyncio.create_task(client.get("/api/v1/devices/p1?after=5", headers=VIEWER))
+        await asyncio.sleep(0.1)
+        assert not read.done()  # waiting for position 5
+        await put_device(redis, keys, "p1", config={"mode": "new"}, version=2)
+        await redis.set(keys.position, "5")
+        response = await read
+    assert response.status_code == 200
+    assert response.headers["iot-position"] == "5"
+    assert response.json()["desired"]["config"] == {"mode": "new"}
+
+
+async def test_a_read_after_a_position_not_reached_in_time_is_503_with_retry_after(
+    settings: Settings, redis: Redis, influx_http: httpx.AsyncClient, keys: ViewKeys
+) -> None:
+    await put_device(redis, keys, "p1")
+    await redis.set(keys.position, "7")
+    gw = dataclasses.replace(make_gateway(settings, redis, influx_http), after_wait_s=0.1)
+    async with client_for(gw) as client:
+        for path in ("/api/v1/devices/p1", "/api/v1/devices", "/api/v1/fleet"):
+            response = await client.get(path, params={"after": "8"}, headers=VIEWER)
+            body = assert_problem(response, 503)
+            assert response.headers["retry-after"] == "1"
+            assert response.headers["iot-position"] == "7"
+            assert body["position"] == 7
+            assert body["after"] == 8
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "1.5", "", "1e3", "٣", "99999999999999999999"])
+async def test_a_malformed_position_is_400(client: httpx.AsyncClient, value: str) -> None:
+    as_header = [(k.encode(), v.encode()) for k, v in {**VIEWER, "Iot-After": value}.items()]
+    response = await client.get("/api/v1/devices", params={"after": value}, headers=VIEWER)
+    assert "position" in assert_problem(response, 400)["detail"]
+    response = await client.get("/api/v1/devices", headers=as_header)
+    assert "position" in assert_problem(response, 400)["detail"]
+
+
+async def test_openapi_document_describes_the_consistency_token(
+    client: httpx.AsyncClient,
+) -> None:
+    document = (await client.get("/openapi.json")).json()
+    for path in ("/devices", "/devices/{device_id}", "/devices/{device_id}/telemetry", "/fleet"):
+        operation = document["paths"][path]["get"]
+        names = {(p["name"], p["in"]) for p in operation["parameters"]}
+        assert {("after", "query"), ("Iot-After", "header")} <= names
+        assert "Iot-Position" in operation["responses"]["200"]["headers"]
+        assert operation["responses"]["503"] == {"$ref": "#/components/responses/Unavailable"}
+    unavailable = document["components"]["responses"]["Unavailable"]
+    assert {"Retry-After", "Iot-Position"} <= set(unavailable["headers"])

@@ -46,11 +46,11 @@ from domain.published import (
     PublishedEvent,
     encode_event,
 )
-from iot.jetstream import Outcome, consume
+from iot.jetstream import ConsumerSpec, Outcome, consume, ensure_consumer
 from iot.settings import Settings
 from iot.streams import Streams
 from iot.views import ViewKeys
-from projections.views import ViewsProjector, consumer_specs
+from projections.views import ViewsProjector, consumer_specs, seed_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -122,8 +122,14 @@ class Env:
         return {text(m) for m in await self.redis.smembers(key)}
 
     async def dump(self) -> dict[bytes, bytes | None]:
-        """Every key of the views, as Redis serialises it (byte-identical or not)."""
-        return await dump_keys(self.redis, self.keys.prefix)
+        """Every key of the views, as Redis serialises it (byte-identical or not), but the
+        checkpoint's stream sequence (it moves on with every message, repeated or not)."""
+        dumped = await dump_keys(self.redis, self.keys.prefix)
+        dumped.pop(self.keys.position_seq.encode(), None)
+        return dumped
+
+    async def position(self) -> int:
+        return int(await self.redis.get(self.keys.position) or 0)
 
 
 def text(value: bytes | str) -> str:
@@ -689,3 +695,91 @@ async def test_batches_split_across_two_projectors_end_in_the_same_views(env: En
         await asyncio.gather(*tasks)
     with contextlib.suppress(Exception):
         await env.js.delete_consumer(env.streams.events, events_spec.durable)
+
+
+# -- the views position (consistency token, issue 5) -------------------------------------------
+
+
+def at_position(event: PublishedEvent, position: int) -> PublishedEvent:
+    return msgspec.structs.replace(event, position=position)
+
+
+async def test_position_advances_to_the_last_event_of_an_applied_batch(env: Env) -> None:
+    assert await env.position() == 0
+    await env.events(at_position(registered(), 7), at_position(configured(2, {"a": 1}), 9))
+    assert await env.position() == 9
+    await env.events(at_position(configured(3, {"a": 2}), 12))
+    assert await env.position() == 12
+
+
+async def test_position_stops_before_a_retried_gap_and_moves_on_once_it_is_applied(
+    env: Env,
+) -> None:
+    await env.events(
+        at_position(registered("d1"), 10),
+        at_position(registered("d2"), 11),
+    )
+    outcome, batch = await env.events(
+        at_position(configured(2, {"a": 1}, "d2"), 12),
+        at_position(configured(3, {"a": 2}, "d1"), 13),  # its predecessor comes later: a gap
+        at_position(configured(3, {"b": 2}, "d2"), 14),
+    )
+    assert outcome.retry == {1}
+    assert await env.position() == 12  # the message before the gap, not past it
+
+    outcome, _ = await env.events(at_position(configured(4, {"b": 3}, "d2"), 15))
+    assert outcome == Outcome()
+    assert await env.position() == 12  # still held back by the retried message
+
+    await env.events(at_position(configured(2, {"a": 1}, "d1"), 16))
+    assert await env.position() == 12
+    assert await env.projector.handle_events([batch[1]]) == Outcome()  # the retry succeeds
+    assert await env.position() == 16
+    assert await env.redis.exists(env.keys.position_ahead) == 0  # nothing left parked
+
+
+async def test_position_never_moves_backwards(env: Env) -> None:
+    _, msgs = await env.events(at_position(registered(), 20), at_position(configured(2, {}), 21))
+    assert await env.position() == 21
+    assert await env.projector.handle_events(msgs) == Outcome()  # the batch redelivered
+    assert await env.projector.handle_events(list(reversed(msgs[:1]))) == Outcome()
+    assert await env.position() == 21
+    await env.events(at_position(configured(2, {}), 5))  # an old event published again
+    assert await env.position() == 21
+
+
+async def test_dead_lettered_events_do_not_hold_the_position_back(env: Env) -> None:
+    await env.js.publish(env.streams.event_subject("d1"), b"{not json")
+    await env.publish_events(at_position(registered(), 30))
+    msgs = await env.pull(env.streams.events, env.streams.events_wildcard, 2)
+    assert (await env.projector.handle_events(msgs)).poison == {0}
+    assert await env.position() == 30
+
+
+async def test_a_batch_that_fails_moves_no_position(env: Env) -> None:
+    await env.events(at_position(registered(), 40))
+    await env.publish_events(at_position(configured(2, {"a": 1}), 41))
+    msgs = await env.pull(env.streams.events, env.streams.events_wildcard, 1)
+    await env.redis.set(env.keys.device("d1"), "not a hash")  # the event script will fail
+    with pytest.raises(Exception, match="WRONGTYPE"):
+        await env.projector.handle_events(msgs)
+    assert await env.position() == 40
+
+
+async def test_checkpoint_is_seeded_from_the_consumer_ack_floor_once(env: Env) -> None:
+    spec = ConsumerSpec(
+        stream=env.streams.events,
+        durable=env.streams.consumer("seed_test"),
+        filter_subject=env.streams.events_wildcard,
+    )
+    await ensure_consumer(env.js, spec)
+    await env.publish_events(at_position(registered(), 50), at_position(configured(2, {}), 52))
+    sub = await env.js.pull_subscribe_bind(spec.durable, stream=spec.stream)
+    for msg in await sub.fetch(2, timeout=5):
+        await msg.ack_sync()
+    await seed_checkpoint(env.redis, env.js, env.keys, spec)
+    assert await env.position() == 52
+    assert await env.redis.get(env.keys.position_seq) == b"2"
+    await env.redis.set(env.keys.position, "60")
+    await seed_checkpoint(env.redis, env.js, env.keys, spec)  # a checkpoint exists: untouched
+    assert await env.position() == 60

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from starlette.requests import Request
 
-from gateway.api import etag_matches, parse_labels, parse_limit, parse_metrics
+from gateway.api import etag_matches, parse_after, parse_labels, parse_limit, parse_metrics
 from gateway.telemetry import (
     MAX_POINTS,
     TelemetryQuery,
@@ -328,3 +329,27 @@ def test_device_view_without_doc_is_none_and_without_reported_has_null() -> None
 def test_readings_last_minute_weights_the_previous_minute_by_its_overlap() -> None:
     assert readings_last_minute(current=10, previous=60, now_s=60 * 1000 + 15) == 10 + 45
     assert readings_last_minute(current=10, previous=60, now_s=60 * 1000) == 70
+
+
+# --- consistency token -----------------------------------------------------------------------
+
+
+def request_with(query: str = "", after_header: str | None = None) -> Request:
+    headers = [] if after_header is None else [(b"iot-after", after_header.encode())]
+    return Request({"type": "http", "query_string": query.encode(), "headers": headers})
+
+
+def test_after_comes_from_the_query_or_the_header_and_the_larger_wins() -> None:
+    assert parse_after(request_with()) is None
+    assert parse_after(request_with("after=12")) == 12
+    assert parse_after(request_with(after_header=" 7 ")) == 7
+    assert parse_after(request_with("after=3", after_header="9")) == 9
+    assert parse_after(request_with("after=0")) == 0
+
+
+@pytest.mark.parametrize("raw", ["x", "-1", "1.0", "", "3a", "0x10", "9" * 20])
+def test_malformed_after_is_a_400_problem(raw: str) -> None:
+    for request in (request_with(f"after={raw}"), request_with(after_header=raw)):
+        with pytest.raises(Problem) as caught:
+            parse_after(request)
+        assert caught.value.status == 400
