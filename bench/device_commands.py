@@ -38,6 +38,7 @@ from bench.stats import percentile
 from bench.system import (
     create_namespace,
     drop_namespace,
+    drop_redis_keys,
     free_port,
     machine,
     settings_for,
@@ -324,7 +325,7 @@ async def _run(args: argparse.Namespace) -> Report:
             broker.stop()
             await redis.aclose()
             await drop_namespace(settings)
-            await _drop_views(settings)
+            await drop_redis_keys(settings)
     return report
 
 
@@ -377,18 +378,6 @@ class _Warm:
     def __init__(self, args: argparse.Namespace) -> None:
         self.roundtrip_duration = 5.0
         self.roundtrip_drain = args.roundtrip_drain
-
-
-async def _drop_views(settings: Settings) -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.namespace}:*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await client.delete(*keys[start : start + 500])
-    finally:
-        await client.aclose()
 
 
 async def _metrics(url: str) -> dict[str, float]:

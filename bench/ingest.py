@@ -219,9 +219,7 @@ async def register_devices(nc: Any, streams: Streams, devices: list[str]) -> Non
 
 async def drop_everything(settings: Settings) -> None:
     """Schema, streams (and their consumers), InfluxDB database, Redis keys of the namespace."""
-    import redis.asyncio as aioredis
-
-    from bench.system import drop_namespace
+    from bench.system import drop_namespace, drop_redis_keys
     from projections.influx import InfluxClient
 
     with contextlib.suppress(Exception):
@@ -229,13 +227,7 @@ async def drop_everything(settings: Settings) -> None:
     with contextlib.suppress(Exception):
         async with InfluxClient(settings.influx_url, settings.influx_db) as influx:
             await influx.drop_database()
-    client = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        keys = [k async for k in client.scan_iter(match=f"{settings.namespace}:*", count=1000)]
-        for start in range(0, len(keys), 500):
-            await client.delete(*keys[start : start + 500])
-    finally:
-        await client.aclose()
+    await drop_redis_keys(settings)
 
 
 # --- phases -------------------------------------------------------------------------------

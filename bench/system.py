@@ -158,6 +158,19 @@ async def drop_namespace(settings: Settings) -> None:
         await nc.close()
 
 
+async def drop_redis_keys(settings: Settings) -> None:
+    """Remove the namespace's Redis keys (its views)."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{settings.namespace}:*", count=1000)]
+        for start in range(0, len(keys), 500):
+            await client.delete(*keys[start : start + 500])
+    finally:
+        await client.aclose()
+
+
 async def sleep_until(deadline: float) -> None:
     loop = asyncio.get_running_loop()
     delay = deadline - loop.time()
