@@ -7,7 +7,6 @@ import contextlib
 import logging
 import os
 import secrets
-import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -26,7 +25,6 @@ from iot.streams import Streams
 
 log = logging.getLogger(__name__)
 COMMANDS_PORT = 8080
-SWITCH_INTERVAL_S = 0.0005
 RELAY_PORT = 8084
 
 
@@ -62,10 +60,6 @@ async def _purge_idempotency(store: DeviceStore, stop: asyncio.Event) -> None:
 
 async def run_commands(settings: Settings) -> None:
     """The command API, the policies applying device reports, and command expiry."""
-    # The group committer thread gives up the GIL on each of a transaction's round trips to
-    # PostgreSQL and waits up to the switch interval (5 ms) to get it back from busy threads:
-    # a commit took 16 ms under load. 0.5 ms lets it back in sooner.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     stop = stop_on_signals()
     store = await retry_start("event store", lambda: open_store(settings))
     nc = await retry_async("NATS", lambda: connect_nats(settings.nats_url, "iot-commands"))
