@@ -377,11 +377,7 @@ async def _run(args: argparse.Namespace) -> Report:
             nc = await nats.connect(api.nats_url, connect_timeout=5)
             pg = api.postgres
             db = await psycopg.AsyncConnection.connect(
-                host=pg.host,
-                port=pg.port,
-                user=pg.user,
-                password=pg.password,
-                dbname=pg.dbname,
+                **pg.connect_kwargs(),
                 autocommit=True,
             )
             meter = CpuMeter(

@@ -135,11 +135,7 @@ async def drop_namespace(settings: Settings) -> None:
 
     pg = settings.postgres
     async with await psycopg.AsyncConnection.connect(
-        host=pg.host,
-        port=pg.port,
-        user=pg.user,
-        password=pg.password,
-        dbname=pg.dbname,
+        **pg.connect_kwargs(),
         autocommit=True,
     ) as conn:
         await conn.execute(

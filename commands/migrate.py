@@ -24,11 +24,7 @@ def ensure_database(settings: Settings) -> bool:
     """Create the database if it is missing; return True if it was created."""
     pg = settings.postgres
     with psycopg.connect(
-        host=pg.host,
-        port=pg.port,
-        user=pg.user,
-        password=pg.password,
-        dbname="postgres",
+        **pg.connect_kwargs("postgres"),
         autocommit=True,
         connect_timeout=5,
     ) as conn:
@@ -45,11 +41,7 @@ def ensure_database(settings: Settings) -> bool:
 def migrate_postgres(settings: Settings) -> None:
     pg = settings.postgres
     with psycopg.connect(
-        host=pg.host,
-        port=pg.port,
-        user=pg.user,
-        password=pg.password,
-        dbname=pg.dbname,
+        **pg.connect_kwargs(),
         autocommit=True,
         connect_timeout=5,
     ) as conn:

@@ -530,11 +530,7 @@ def _pg(settings: Settings) -> Iterator[psycopg.Connection[Any]]:
     pg = settings.postgres
     try:
         conn = psycopg.connect(
-            host=pg.host,
-            port=pg.port,
-            user=pg.user,
-            password=pg.password,
-            dbname=pg.dbname,
+            **pg.connect_kwargs(),
             autocommit=True,
             connect_timeout=5,
         )

@@ -7,6 +7,7 @@ import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 ROLES = ("viewer", "operator", "admin")
@@ -24,6 +25,16 @@ class PostgresParams:
     user: str
     password: str
     dbname: str
+
+    def connect_kwargs(self, dbname: str | None = None) -> dict[str, Any]:
+        """psycopg's connection arguments (another database of the server with `dbname`)."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "user": self.user,
+            "password": self.password,
+            "dbname": dbname or self.dbname,
+        }
 
 
 @dataclass(frozen=True)
