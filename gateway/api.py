@@ -361,7 +361,7 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         async def events() -> AsyncIterator[bytes]:
             pubsub = gateway.redis.pubsub()
             try:
-                await pubsub.subscribe(gateway.views.keys.changes)
+                await pubsub.subscribe(gateway.views.current.cached.changes)
                 yield b": connected\n\n"
                 last_sent = time.monotonic()
                 while True:

@@ -15,7 +15,6 @@ from gateway.views import ViewReader
 from iot.httpkit import Authorizer, serve
 from iot.runtime import stop_on_signals
 from iot.settings import Settings
-from iot.views import ViewKeys
 
 log = logging.getLogger(__name__)
 GATEWAY_PORT = 8082
@@ -23,7 +22,7 @@ GATEWAY_PORT = 8082
 
 def build_gateway(settings: Settings, redis: Redis, http: httpx.AsyncClient) -> Gateway:
     return Gateway(
-        views=ViewReader(redis, ViewKeys.for_namespace(settings.namespace)),
+        views=ViewReader(redis, settings.namespace),
         influx=InfluxQL(http, settings.influx_url, settings.influx_db),
         authorizer=Authorizer(settings.api_tokens),
         limiter=RateLimiter(

@@ -14,12 +14,13 @@ from redis.asyncio import Redis
 
 from domain.device import DEVICE_ID
 from gateway.telemetry import rfc3339
-from iot.views import METRIC_FIELD, STATUSES, ViewKeys
+from iot.views import METRIC_FIELD, STATUSES, CurrentKeys, ViewKeys
 
 _decode = msgspec.json.decode
 # Below this many candidates, a filtered page intersects the sets; above, it scans the index.
 INTERSECT_MAX = 2_000
 SCAN_CHUNK = 500
+GENERATION_TTL_S = 0.5  # how long a read may use the generation another read resolved
 
 
 def encode_cursor(device_id: str) -> str:
@@ -196,25 +197,34 @@ class Page:
 class ViewReader:
     """Read-only access to one namespace's device views."""
 
-    def __init__(self, redis: Redis, keys: ViewKeys) -> None:
+    def __init__(self, redis: Redis, namespace: str, ttl: float = GENERATION_TTL_S) -> None:
         self._redis = redis
-        self.keys = keys
+        self.current = CurrentKeys(redis, namespace, ttl=ttl)
+
+    async def keys(self) -> ViewKeys:
+        """The keys of the generation in use; each read resolves them once and uses them for
+        all its keys, so it never mixes generations across a replay's switch."""
+        return await self.current.resolve()
 
     async def position(self) -> int:
         """The views position: every domain event up to this event-store position is applied."""
-        raw = cast(str | None, await self._redis.get(self.keys.position))
+        keys = await self.keys()
+        raw = cast(str | None, await self._redis.get(keys.position))
         return _int(raw) or 0
 
     async def device(self, device_id: str) -> dict[str, Any] | None:
-        fields = cast(dict[str, str], await self._redis.hgetall(self.keys.device(device_id)))
+        keys = await self.keys()
+        fields = cast(dict[str, str], await self._redis.hgetall(keys.device(device_id)))
         return device_view(fields) if fields else None
 
     async def metric_names(self, device_id: str) -> list[str]:
-        fields = cast(list[str], await self._redis.hkeys(self.keys.device(device_id)))
+        keys = await self.keys()
+        fields = cast(list[str], await self._redis.hkeys(keys.device(device_id)))
         return [f[len(METRIC_FIELD) :] for f in fields if f.startswith(METRIC_FIELD)]
 
     async def exists(self, device_id: str) -> bool:
-        found: bool = await self._redis.hexists(self.keys.device(device_id), "doc")
+        keys = await self.keys()
+        found: bool = await self._redis.hexists(keys.device(device_id), "doc")
         return found
 
     async def page(
@@ -226,23 +236,26 @@ class ViewReader:
         limit: int,
     ) -> Page:
         """Devices in id order after `after`, matching every filter."""
-        filters = [self.keys.status(status)] if status else []
-        filters += [self.keys.label(k, v) for k, v in labels]
+        keys = await self.keys()
+        filters = [keys.status(status)] if status else []
+        filters += [keys.label(k, v) for k, v in labels]
         if filters:
-            ids = await self._filtered_ids(filters, after, limit + 1)
+            ids = await self._filtered_ids(keys, filters, after, limit + 1)
         else:
             start = f"({after}" if after else "-"
             ids = cast(
                 list[str],
-                await self._redis.zrangebylex(self.keys.devices, start, "+", 0, limit + 1),
+                await self._redis.zrangebylex(keys.devices, start, "+", 0, limit + 1),
             )
-        entries = await self._summaries(ids[: limit + 1])
+        entries = await self._summaries(keys, ids[: limit + 1])
         more = len(ids) > limit
         items = entries[:limit]
         next_cursor = encode_cursor(ids[limit - 1]) if more and limit > 0 else None
         return Page(items, next_cursor)
 
-    async def _filtered_ids(self, filters: list[str], after: str | None, want: int) -> list[str]:
+    async def _filtered_ids(
+        self, keys: ViewKeys, filters: list[str], after: str | None, want: int
+    ) -> list[str]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in filters:
                 pipe.scard(key)
@@ -259,7 +272,7 @@ class ViewReader:
         while len(found) < want:
             chunk = cast(
                 list[str],
-                await self._redis.zrangebylex(self.keys.devices, start, "+", 0, SCAN_CHUNK),
+                await self._redis.zrangebylex(keys.devices, start, "+", 0, SCAN_CHUNK),
             )
             if not chunk:
                 break
@@ -273,12 +286,12 @@ class ViewReader:
             start = f"({chunk[-1]}"
         return found[:want]
 
-    async def _summaries(self, ids: Sequence[str]) -> list[dict[str, Any]]:
+    async def _summaries(self, keys: ViewKeys, ids: Sequence[str]) -> list[dict[str, Any]]:
         if not ids:
             return []
         async with self._redis.pipeline(transaction=False) as pipe:
             for device_id in ids:
-                pipe.hmget(self.keys.device(device_id), ["doc", "online", "last_seen"])
+                pipe.hmget(keys.device(device_id), ["doc", "online", "last_seen"])
             rows: list[list[str | None]] = await pipe.execute()
         out: list[dict[str, Any]] = []
         for device_id, (doc_raw, online, last_seen) in zip(ids, rows, strict=True):
@@ -293,14 +306,15 @@ class ViewReader:
         """Counts by status, total, online, readings in the last minute (estimate), commands
         pending."""
         minute = int(now_s // 60)
+        keys = await self.keys()
         async with self._redis.pipeline(transaction=False) as pipe:
             for status in STATUSES:
-                pipe.scard(self.keys.status(status))
-            pipe.zcard(self.keys.devices)
-            pipe.scard(self.keys.online)
-            pipe.pfcount(self.keys.readings(minute))
-            pipe.pfcount(self.keys.readings(minute - 1))
-            pipe.get(self.keys.commands_pending)
+                pipe.scard(keys.status(status))
+            pipe.zcard(keys.devices)
+            pipe.scard(keys.online)
+            pipe.pfcount(keys.readings(minute))
+            pipe.pfcount(keys.readings(minute - 1))
+            pipe.get(keys.commands_pending)
             answers: list[Any] = await pipe.execute()
         by_status = dict(zip(STATUSES, answers[: len(STATUSES)], strict=True))
         total, online, current, previous, pending = answers[len(STATUSES) :]

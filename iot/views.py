@@ -29,7 +29,6 @@ Indexes (maintained with the hash in the same script):
   `{p}:commands_pending`     integer: pending commands of the whole fleet
   `{p}:readings:{minute}`    HyperLogLog of reading ids (`<stream seq>:<index>`) received in
                              that epoch minute (idempotent under redelivery), expiring after 3 min
-  `{p}:changes`              pub/sub channel: a device id per change (for the SSE stream)
 The checkpoint of domain events (the consistency token's other half, written by the projector
 after each batch, never backwards):
   `{p}:position`             the views position P: every domain event with an event-store
@@ -38,20 +37,55 @@ after each batch, never backwards):
                              applied, skipped as applied, or dead-lettered
   `{p}:position:ahead`       hash stream sequence -> position of messages done after a gap
                              (beyond S + 1), folded into S and P once the gap closes
+
+Generations: `{p}` is `{ns}:views:{generation}`. The first generation is `live`; every
+`iot replay views` builds a new one (`r<epoch ms>`) beside it and switches to it:
+  `{ns}:views:current`       the generation readers and the live projector use (absent = `live`);
+                             one SET switches both, atomically
+  `{ns}:views:replay`        hash `building` / `retiring` -> generation: what a replay is building
+                             or about to remove, so an interrupted one is cleaned up by the next
+  `{ns}:views:changes`       pub/sub channel: a device id per change (for the SSE stream); one
+                             per namespace, so a switch does not cut the stream (a replay
+                             building a generation publishes nothing)
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_GENERATION = "live"
+
+
+def views_root(namespace: str) -> str:
+    return f"{namespace or 'iot'}:views"
+
+
+def current_key(namespace: str) -> str:
+    """The key naming the generation in use."""
+    return f"{views_root(namespace)}:current"
+
+
+def replay_key(namespace: str) -> str:
+    return f"{views_root(namespace)}:replay"
 
 
 @dataclass(frozen=True)
 class ViewKeys:
     prefix: str
+    changes: str  # the namespace's change channel ("" = publish nothing)
+    generation: str = DEFAULT_GENERATION
 
     @classmethod
-    def for_namespace(cls, namespace: str, generation: str = "live") -> ViewKeys:
-        return cls(f"{namespace or 'iot'}:views:{generation}")
+    def for_namespace(cls, namespace: str, generation: str = DEFAULT_GENERATION) -> ViewKeys:
+        root = views_root(namespace)
+        return cls(f"{root}:{generation}", f"{root}:changes", generation)
+
+    def silent(self) -> ViewKeys:
+        """The same keys, publishing no changes (a generation being built)."""
+        return ViewKeys(self.prefix, "", self.generation)
 
     def device(self, device_id: str) -> str:
         return f"{self.prefix}:device:{device_id}"
@@ -78,10 +112,6 @@ class ViewKeys:
         return f"{self.prefix}:commands_pending"
 
     @property
-    def changes(self) -> str:
-        return f"{self.prefix}:changes"
-
-    @property
     def position(self) -> str:
         return f"{self.prefix}:position"
 
@@ -97,3 +127,43 @@ class ViewKeys:
 STATUSES = ("provisioned", "active", "suspended", "decommissioned")
 METRIC_FIELD = "m:"
 CONFIG_VERSION_KEY = "config_version"  # reserved in a device's reported state
+
+
+class CurrentKeys:
+    """Resolves the generation in use (`current_key`), caching it for `ttl` seconds.
+
+    The live projector resolves once per batch with `ttl` 0, so a batch's effects and checkpoint
+    land in one generation; the gateway caches briefly. A replay waits longer than any cache
+    before it relies on everybody having switched (iot.replay.SWITCH_GRACE_S).
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        namespace: str,
+        ttl: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.namespace = namespace
+        self.key = current_key(namespace)
+        self.ttl = ttl
+        self.clock = clock
+        self._keys = ViewKeys.for_namespace(namespace)
+        self._at = float("-inf")
+
+    @property
+    def cached(self) -> ViewKeys:
+        """The keys last resolved (the default generation before the first resolution)."""
+        return self._keys
+
+    async def resolve(self) -> ViewKeys:
+        now = self.clock()
+        if now - self._at >= self.ttl or self.ttl <= 0:
+            raw = await self.redis.get(self.key)
+            generation = raw.decode() if isinstance(raw, bytes) else raw
+            generation = generation or DEFAULT_GENERATION
+            if generation != self._keys.generation:
+                self._keys = ViewKeys.for_namespace(self.namespace, generation)
+            self._at = now
+        return self._keys

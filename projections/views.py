@@ -16,6 +16,7 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
@@ -35,7 +36,7 @@ from iot.jetstream import ConsumerSpec, Outcome, consume, dead_letter_message, r
 from iot.runtime import close_nats, connect_nats, retry_async, stop_on_signals
 from iot.settings import Settings
 from iot.streams import Streams
-from iot.views import ViewKeys
+from iot.views import CurrentKeys, ViewKeys
 from projections import views_scripts
 from projections.views_plan import (
     DeviceState,
@@ -118,8 +119,23 @@ def _sha1(source: str) -> str:
     return hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
 
 
+@dataclass
+class Applied:
+    """What `apply_events` could not apply: indexes to retry later (a gap), and indexes of
+    events for a device never registered (with the reason), which no retry will fix."""
+
+    retry: set[int] = field(default_factory=set)
+    missing: dict[int, str] = field(default_factory=dict)
+    applied: int = 0
+
+
 class ViewsProjector:
-    """The two handlers; each returns only once its batch is applied in Redis."""
+    """The two handlers; each returns only once its batch is applied in Redis.
+
+    Live (`keys` None), each batch resolves the generation in use (`iot.views.CurrentKeys`)
+    and lands wholly in it, so a replay's switch takes effect at the next batch; a replay
+    passes the fixed, silent keys of the generation it builds.
+    """
 
     def __init__(
         self,
@@ -127,37 +143,29 @@ class ViewsProjector:
         js: JetStreamContext | None,
         namespace: str,
         clock: Callable[[], float] = time.time,
+        keys: ViewKeys | None = None,
     ) -> None:
         self.redis = redis
         self.js = js
-        self.keys = ViewKeys.for_namespace(namespace)
+        self.current = CurrentKeys(redis, namespace)
+        self.fixed = keys
         self.streams = Streams(namespace)
         self.scripts = Scripts(redis)
         self.clock = clock
 
+    @property
+    def keys(self) -> ViewKeys:
+        """The keys of the generation the last batch went to."""
+        return self.fixed if self.fixed is not None else self.current.cached
+
+    async def resolve_keys(self) -> ViewKeys:
+        return self.fixed if self.fixed is not None else await self.current.resolve()
+
     async def handle_events(self, msgs: Sequence[Msg]) -> Outcome:
-        positions: dict[int, int] = {}  # batch index -> event position (absent: undecodable)
-        outcome = await self._apply_events(msgs, positions)
-        await self._checkpoint(msgs, positions, outcome)
-        return outcome
-
-    async def _checkpoint(
-        self, msgs: Sequence[Msg], positions: Mapping[int, int], outcome: Outcome
-    ) -> None:
-        """Fold the batch's done messages (all but the retried) into the views position."""
-        args: list[int] = []
-        for i, msg in enumerate(msgs):
-            if i not in outcome.retry:
-                args += [msg.metadata.sequence.stream, positions.get(i, 0)]
-        if not args:
-            return
-        keys = [self.keys.position, self.keys.position_seq, self.keys.position_ahead]
-        (position,) = await self.scripts.pipeline([("checkpoint", keys, args)])
-        POSITION.set(int(position))
-
-    async def _apply_events(self, msgs: Sequence[Msg], positions: dict[int, int]) -> Outcome:
+        keys = await self.resolve_keys()
         outcome = Outcome()
-        by_device: dict[str, list[tuple[int, PublishedEvent]]] = defaultdict(list)
+        positions: dict[int, int] = {}  # batch index -> event position (absent: undecodable)
+        events: list[tuple[int, PublishedEvent]] = []
         for i, msg in enumerate(msgs):
             try:
                 event = decode_event(msg.data)
@@ -166,13 +174,48 @@ class ViewsProjector:
                 outcome.poison.add(i)
                 continue
             positions[i] = event.position
+            events.append((i, event))
+        applied = await self.apply_events(keys, events)
+        outcome.retry |= applied.retry
+        for i, detail in applied.missing.items():
+            await self._dead_letter(msgs[i], "missing_registration", detail)
+            outcome.poison.add(i)
+        await self.checkpoint(keys, msgs, positions, outcome)
+        return outcome
+
+    async def checkpoint(
+        self,
+        keys: ViewKeys,
+        msgs: Sequence[Msg],
+        positions: Mapping[int, int],
+        outcome: Outcome,
+    ) -> None:
+        """Fold the batch's done messages (all but the retried) into the views position."""
+        args: list[int] = []
+        for i, msg in enumerate(msgs):
+            if i not in outcome.retry:
+                args += [msg.metadata.sequence.stream, positions.get(i, 0)]
+        if not args:
+            return
+        script_keys = [keys.position, keys.position_seq, keys.position_ahead]
+        (position,) = await self.scripts.pipeline([("checkpoint", script_keys, args)])
+        if self.fixed is None:
+            POSITION.set(int(position))
+
+    async def apply_events(
+        self, keys: ViewKeys, events: Sequence[tuple[int, PublishedEvent]]
+    ) -> Applied:
+        """Apply decoded events (each tagged with an index of the caller's) in Redis."""
+        result = Applied()
+        by_device: dict[str, list[tuple[int, PublishedEvent]]] = defaultdict(list)
+        for i, event in events:
             by_device[event.device_id].append((i, event))
         if not by_device:
-            return outcome
+            return result
         devices = list(by_device)
         start = time.perf_counter()
         stored = await self.scripts.pipeline(
-            [("HMGET", self.keys.device(d), "version", "doc", "commands") for d in devices]
+            [("HMGET", keys.device(d), "version", "doc", "commands") for d in devices]
         )
         plans: list[tuple[int, EventPlan]] = []
         for device_id, (raw_version, raw_doc, raw_commands) in zip(devices, stored, strict=True):
@@ -182,37 +225,37 @@ class ViewsProjector:
                 if event.version <= version:
                     MESSAGES.labels("events", "skipped").inc()
                 elif event.version > version + 1:
-                    outcome.retry.add(i)  # a gap: its predecessor is elsewhere or later
+                    result.retry.add(i)  # a gap: its predecessor is elsewhere or later
                     MESSAGES.labels("events", "retried").inc()
                 else:
                     try:
-                        plan, state = plan_event(self.keys, event, state)
+                        plan, state = plan_event(keys, event, state)
                     except MissingRegistration as e:
-                        await self._dead_letter(msgs[i], "missing_registration", str(e))
-                        outcome.poison.add(i)
+                        result.missing[i] = str(e)
                         continue
                     plans.append((i, plan))
                     version = event.version
         if not plans:
-            return outcome
+            return result
         results = await self.scripts.pipeline(
-            [("event", *plan.script_args(self.keys)) for _, plan in plans]
+            [("event", *plan.script_args(keys)) for _, plan in plans]
         )
         SCRIPT_LATENCY.labels("events").observe(time.perf_counter() - start)
         newest = None
-        for (i, plan), result in zip(plans, results, strict=True):
-            if result == 1:
+        for (i, plan), outcome in zip(plans, results, strict=True):
+            if outcome == 1:
+                result.applied += 1
                 MESSAGES.labels("events", "applied").inc()
                 CHANGES.inc()
                 newest = plan.at if newest is None or plan.at > newest else newest
-            elif result == 0:
+            elif outcome == 0:
                 MESSAGES.labels("events", "skipped").inc()
             else:
-                outcome.retry.add(i)
+                result.retry.add(i)
                 MESSAGES.labels("events", "retried").inc()
-        if newest is not None:
+        if newest is not None and self.fixed is None:
             LAG.set(max(0.0, self.clock() - newest.timestamp()))
-        return outcome
+        return result
 
     async def handle_ingest(self, msgs: Sequence[Msg]) -> Outcome:
         outcome = Outcome()
@@ -230,18 +273,22 @@ class ViewsProjector:
                 continue
             plan.add(msg.metadata.sequence.stream, message)
             applied += 1
-        if plan.devices or plan.readings:
-            now_ms = int(self.clock() * 1000)
-            keys, args = plan.script_args(self.keys, now_ms)
-            start = time.perf_counter()
-            (changed,) = await self.scripts.pipeline([("ingest", keys, args)])
-            CHANGES.inc(changed)
-            SCRIPT_LATENCY.labels("ingest").observe(time.perf_counter() - start)
+        await self.apply_ingest(await self.resolve_keys(), plan)
         MESSAGES.labels("ingest", "applied").inc(applied)
         MESSAGES.labels("ingest", "ignored").inc(ignored)
-        if plan.newest is not None:
-            LAG.set(max(0.0, self.clock() - plan.newest / 1000))
         return outcome
+
+    async def apply_ingest(self, keys: ViewKeys, plan: IngestPlan) -> None:
+        """Apply one batch's reduced device messages in Redis (one script)."""
+        if plan.devices or plan.readings:
+            now_ms = int(self.clock() * 1000)
+            script_keys, args = plan.script_args(keys, now_ms)
+            start = time.perf_counter()
+            (changed,) = await self.scripts.pipeline([("ingest", script_keys, args)])
+            CHANGES.inc(changed)
+            SCRIPT_LATENCY.labels("ingest").observe(time.perf_counter() - start)
+        if plan.newest is not None and self.fixed is None:
+            LAG.set(max(0.0, self.clock() - plan.newest / 1000))
 
     async def _dead_letter(self, msg: Msg, reason: str, detail: str) -> None:
         """Keep an input we cannot apply on the dead-letter stream, with its reason."""
@@ -326,9 +373,8 @@ async def run(settings: Settings) -> None:
         return {"nats": nc.is_connected, "redis": redis_ok}
 
     events, ingest = consumer_specs(settings.namespace)
-    await retry_async(
-        "views checkpoint", lambda: seed_checkpoint(redis, js, projector.keys, events)
-    )
+    keys = await retry_async("views generation", projector.resolve_keys)
+    await retry_async("views checkpoint", lambda: seed_checkpoint(redis, js, keys, events))
     routes: list[BaseRoute] = []
     port = settings.port_for(VIEWS_PORT)
     log.info("views projector listening", extra={"port": port})

@@ -7,8 +7,8 @@ from __future__ import annotations
 # (a gap: another instance holds its predecessor) is left for a retry.
 # KEYS: device hash, online set, then one key per index operation.
 # ARGV: version, doc, online flag ("1", "0" or ""), online_at (epoch ms), device id, changes
-#       channel, commands JSON ("" = unchanged), then one operation per extra key: zadd, sadd
-#       or srem (of the device id), incr or decr (a counter).
+#       channel ("" = do not publish), commands JSON ("" = unchanged), then one operation per
+#       extra key: zadd, sadd or srem (of the device id), incr or decr (a counter).
 # Returns 1 applied (and publishes the device id), 0 already applied, 2 gap (retry later).
 EVENT = """
 local h = KEYS[1]
@@ -37,14 +37,15 @@ for i = 3, #KEYS do
   elseif op == 'decr' then redis.call('DECR', KEYS[i])
   else redis.call('SREM', KEYS[i], id) end
 end
-redis.call('PUBLISH', ARGV[6], id)
+if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], id) end
 return 1
 """
 
 # One ingest batch, reduced per device to maxima (see views_plan.IngestPlan): every update is
 # "keep the larger" under a total order, so re-applying or reordering changes nothing.
 # KEYS: the online set.
-# ARGV: device key prefix, changes channel, the batch as JSON (numbers as text):
+# ARGV: device key prefix, changes channel ("" = do not publish), the batch as JSON (numbers
+#   as text):
 #   [[[id, last_seen, status_at, flag, reported_at, reported, [field, ts, json, ...],
 #      reported config version], ...],
 #    [[readings key, expire at (epoch s), [reading id, ...]], ...]]   ("" = nothing)
@@ -133,7 +134,7 @@ for _, d in ipairs(batch[1]) do
   end
   if ch then
     changed = changed + 1
-    redis.call('PUBLISH', ARGV[2], id)
+    if ARGV[2] ~= '' then redis.call('PUBLISH', ARGV[2], id) end
   end
 end
 for _, r in ipairs(batch[2]) do

@@ -1,0 +1,402 @@
+"""`iot replay NAME`: rebuild one projection from the log into a fresh namespace, then switch.
+
+The shape every projection's replay follows (`projections/*_replay.py`):
+
+1. one replay of a projection at a time: a PostgreSQL advisory lock held on a dedicated
+   connection (released by the server when the process dies, even by SIGKILL);
+2. clean up what an interrupted replay left (its unfinished namespace), then build a new
+   namespace beside the live one; the live projection keeps running and readers keep reading
+   the live namespace;
+3. follow the log (`LogTail`: an ephemeral consumer without acks, removed by the server when
+   the process dies) until the rebuild is within a batch of the stream's end;
+4. switch readers (and the live projector's writes) to the new namespace in one atomic step;
+5. keep following for a grace period and up to the stream's end as seen after it, so whatever
+   the live projector wrote into the old namespace before it noticed the switch is also in
+   the new one; then remove the old namespace.
+
+An interruption before step 4 leaves the live namespace untouched; one after it leaves the
+switched, complete namespace live and only garbage to collect, which the next run removes.
+`--dry-run` describes what would be rebuilt and how far the log reaches; `--verify` builds
+and compares with the live namespace, reports the differences and switches nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import importlib
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TextIO
+
+import nats
+import psycopg
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+
+from iot.settings import Settings
+
+REPLAYERS = {
+    "views": "projections.views_replay:ViewsReplay",
+    "timeseries": "projections.timeseries_replay:TimeseriesReplay",
+    "auth": "projections.auth_replay:AuthReplay",
+}
+SWITCH_GRACE_S = 2.0  # readers and live projectors notice a switch within this (they poll)
+CAUGHT_UP_MESSAGES = 1_000  # "caught up": at most this many messages left to read per stream
+
+
+class ReplayError(Exception):
+    """The replay cannot go on; the message says why (the live projection is untouched)."""
+
+
+@dataclass
+class Report:
+    """What a replay (or verification) did; `lines` are printed, `differences` make exit 1."""
+
+    lines: list[str] = field(default_factory=list)
+    differences: list[str] = field(default_factory=list)
+
+
+class Replayer(Protocol):
+    """One projection's replay (constructed with the settings and an open `ReplayContext`)."""
+
+    async def plan(self) -> list[str]:
+        """The dry run: what would be rebuilt, from where, how far the log reaches."""
+        ...
+
+    async def run(self, progress: Progress) -> Report:
+        """Rebuild, switch readers, retire the old namespace."""
+        ...
+
+    async def verify(self, progress: Progress) -> Report:
+        """Rebuild, compare with the live namespace, discard the rebuild."""
+        ...
+
+
+class Progress:
+    """A progress line on a terminal (redrawn in place), plain lines every few seconds when the
+    output is not a terminal (logs of a Job). Rates and ETA from the start of the phase."""
+
+    def __init__(
+        self,
+        out: TextIO = sys.stderr,
+        *,
+        enabled: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        every: float | None = None,
+    ) -> None:
+        self.out = out
+        self.enabled = enabled
+        self.clock = clock
+        self.tty = bool(getattr(out, "isatty", lambda: False)())
+        self.every = every if every is not None else (0.2 if self.tty else 5.0)
+        self.label = ""
+        self.unit = ""
+        self.total: int | None = None
+        self.done = 0
+        self._start = clock()
+        self._drawn = 0.0
+        self._open = False
+
+    def phase(self, label: str, total: int | None, unit: str = "events") -> None:
+        """Start a new counted phase (closing the previous line)."""
+        self._close()
+        self.label, self.total, self.unit, self.done = label, total, unit, 0
+        self._start = self.clock()
+        self._drawn = 0.0
+
+    def advance(self, n: int, total: int | None = None) -> None:
+        self.done += n
+        if total is not None:
+            self.total = total
+        now = self.clock()
+        if now - self._drawn >= self.every:
+            self._drawn = now
+            self._draw(now)
+
+    def note(self, text: str) -> None:
+        """A line of its own (a step of the replay)."""
+        self._close()
+        if self.enabled:
+            print(text, file=self.out, flush=True)
+
+    def finish(self) -> None:
+        self._draw(self.clock())
+        self._close()
+
+    def render(self, now: float) -> str:
+        elapsed = max(now - self._start, 1e-9)
+        rate = self.done / elapsed
+        if self.total:
+            share = min(self.done / self.total, 1.0)
+            bar = "#" * int(share * 24)
+            left = max(self.total - self.done, 0)
+            eta = _duration(left / rate) if rate > 0 else "?"
+            return (
+                f"{self.label:<22} [{bar:<24}] {share:4.0%} {self.done:,}/{self.total:,} "
+                f"{self.unit} {rate:,.0f}/s ETA {eta}"
+            )
+        return f"{self.label:<22} {self.done:,} {self.unit} {rate:,.0f}/s {_duration(elapsed)}"
+
+    def _draw(self, now: float) -> None:
+        if not self.enabled or not self.label:
+            return
+        line = self.render(now)
+        if self.tty:
+            self.out.write("\r\x1b[2K" + line)
+            self._open = True
+        else:
+            self.out.write(line + "\n")
+        self.out.flush()
+
+    def _close(self) -> None:
+        if self._open:
+            self.out.write("\n")
+            self.out.flush()
+            self._open = False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+@dataclass
+class ReplayContext:
+    """What every replay needs: settings, NATS (JetStream), the switch timing."""
+
+    settings: Settings
+    nc: NATS
+    grace: float = SWITCH_GRACE_S
+    caught_up: int = CAUGHT_UP_MESSAGES
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.nc.jetstream()
+
+
+@dataclass
+class StreamReach:
+    """How far a stream reaches: its first and last sequence, message count, first time."""
+
+    stream: str
+    first_seq: int
+    last_seq: int
+    messages: int
+    first_time: str | None
+
+    def describe(self) -> str:
+        if not self.messages:
+            return f"stream {self.stream}: empty (last sequence {self.last_seq:,})"
+        since = f", first message stored {self.first_time}" if self.first_time else ""
+        return (
+            f"stream {self.stream}: {self.messages:,} messages, sequences "
+            f"{self.first_seq:,}..{self.last_seq:,}{since}"
+        )
+
+
+async def stream_reach(js: JetStreamContext, stream: str) -> StreamReach:
+    info = await js.stream_info(stream)
+    state = info.state
+    first_time = None
+    if state.messages:
+        raw: Any = getattr(state, "first_ts", None)
+        first_time = str(raw) if raw else None
+    return StreamReach(
+        stream, int(state.first_seq or 0), int(state.last_seq or 0), state.messages, first_time
+    )
+
+
+class LogTail:
+    """Reads one stream (one subject filter) from a sequence on, without acknowledgements.
+
+    The consumer is ephemeral: the server removes it once nobody pulled for
+    `inactive_threshold` seconds, so a killed replay leaves nothing behind. `read()` yields
+    batches in stream order; `remaining()` says how many messages are still to be delivered.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        stream: str,
+        subject: str,
+        start_seq: int,
+        *,
+        batch: int = 1_000,
+        inactive_threshold: float = 30.0,
+    ) -> None:
+        self.js = js
+        self.stream = stream
+        self.subject = subject
+        self.start_seq = max(start_seq, 1)
+        self.batch = batch
+        self.inactive_threshold = inactive_threshold
+        self.last_seq = self.start_seq - 1  # every message up to here has been handed out
+        self._sub: Any = None
+
+    async def open(self) -> None:
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.start_seq,
+            ack_policy=AckPolicy.NONE,
+            inactive_threshold=self.inactive_threshold,
+            max_waiting=4,
+        )
+        self._sub = await self.js.pull_subscribe(
+            self.subject, stream=self.stream, config=config, pending_msgs_limit=0
+        )
+
+    async def fetch(self, wait: float = 0.5) -> list[Msg]:
+        """The next batch (empty when nothing arrived within `wait` seconds)."""
+        assert self._sub is not None, "open() first"
+        try:
+            msgs: list[Msg] = await self._sub.fetch(self.batch, timeout=wait)
+        except nats.errors.TimeoutError:
+            return []
+        if msgs:
+            self.last_seq = msgs[-1].metadata.sequence.stream
+        return msgs
+
+    async def remaining(self) -> int:
+        """Messages matching the filter not yet delivered to this reader."""
+        assert self._sub is not None, "open() first"
+        info = await self._sub.consumer_info()
+        return int(info.num_pending or 0)
+
+    async def close(self) -> None:
+        if self._sub is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._sub.unsubscribe()
+        with contextlib.suppress(Exception):
+            info = await self._sub.consumer_info()
+            await self.js.delete_consumer(self.stream, info.name)
+        self._sub = None
+
+
+async def follow(
+    tail: LogTail,
+    handle: Callable[[Sequence[Msg]], Awaitable[None]],
+    stop: asyncio.Event,
+    until: Callable[[], int | None] = lambda: None,
+) -> None:
+    """Hand every batch to `handle` until `stop` is set, or until the tail has passed the
+    sequence `until()` returns (None: no such bound yet)."""
+    while not stop.is_set():
+        bound = until()
+        if bound is not None and tail.last_seq >= bound:
+            return
+        msgs = await tail.fetch()
+        if msgs:
+            await handle(msgs)
+
+
+async def wait_caught_up(
+    tails: Sequence[LogTail],
+    done: Sequence[asyncio.Task[Any]],
+    threshold: int,
+    poll: float = 0.25,
+    on_wait: Callable[[int], None] = lambda _: None,
+) -> None:
+    """Return once every tail has at most `threshold` messages left; raise the first failure
+    of the `done` tasks (the followers) if one ends meanwhile."""
+    while True:
+        for task in done:
+            if task.done():
+                task.result()  # raises its exception
+                raise ReplayError("a log reader stopped before catching up")
+        left = [await tail.remaining() for tail in tails]
+        on_wait(sum(left))
+        if all(n <= threshold for n in left):
+            return
+        await asyncio.sleep(poll)
+
+
+def digest(fields: dict[Any, Any]) -> str:
+    """A stable digest of a hash's fields (sorted by name, bytes as they are stored)."""
+    h = hashlib.sha256()
+    for name in sorted(fields):
+        for part in (name, fields[name]):
+            raw = part if isinstance(part, bytes) else str(part).encode()
+            h.update(len(raw).to_bytes(4, "big"))
+            h.update(raw)
+    return h.hexdigest()
+
+
+@contextlib.asynccontextmanager
+async def replay_lock(settings: Settings, name: str) -> AsyncIterator[None]:
+    """One replay of `name` per event store at a time; released when the process dies."""
+    key = f"iot-replay:{settings.pg_schema}:{name}"
+    conn = await psycopg.AsyncConnection.connect(
+        **settings.postgres.connect_kwargs(), autocommit=True, connect_timeout=5
+    )
+    try:
+        cur = await conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,))
+        row = await cur.fetchone()
+        if not row or not row[0]:
+            raise ReplayError(f"another replay of {name!r} is running (lock {key})")
+        yield
+    finally:
+        await conn.close()
+
+
+def load_replayer(name: str, context: ReplayContext) -> Replayer:
+    try:
+        target = REPLAYERS[name]
+    except KeyError:
+        raise ReplayError(
+            f"no projection named {name!r}; choose one of {', '.join(REPLAYERS)}"
+        ) from None
+    module, cls = target.split(":")
+    factory: Callable[[ReplayContext], Replayer] = getattr(importlib.import_module(module), cls)
+    return factory(context)
+
+
+async def replay(
+    name: str,
+    settings: Settings,
+    *,
+    dry_run: bool = False,
+    verify: bool = False,
+    out: TextIO = sys.stdout,
+    progress: Progress | None = None,
+    grace: float = SWITCH_GRACE_S,
+) -> int:
+    """The command: 0 done (or no differences), 1 differences found, 2 refused or failed."""
+    progress = progress or Progress()
+    nc = await nats.connect(settings.nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    try:
+        replayer = load_replayer(name, ReplayContext(settings, nc, grace=grace))
+        if dry_run:
+            for line in await replayer.plan():
+                print(line, file=out)
+            return 0
+        async with replay_lock(settings, name):
+            start = time.monotonic()
+            report = await (replayer.verify(progress) if verify else replayer.run(progress))
+        progress.finish()
+        for line in report.lines:
+            print(line, file=out)
+        for line in report.differences:
+            print(f"DIFFERENT {line}", file=out)
+        took = time.monotonic() - start
+        if verify:
+            verdict = (
+                f"{len(report.differences)} difference(s)" if report.differences else "identical"
+            )
+            print(f"{name}: verification done in {took:.1f} s: {verdict}", file=out)
+        else:
+            print(f"{name}: replay done in {took:.1f} s", file=out)
+        return 1 if report.differences else 0
+    except ReplayError as e:
+        progress.finish()
+        print(f"iot replay {name}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()
