@@ -57,6 +57,25 @@ def _parser() -> argparse.ArgumentParser:
         help="drop the namespace's schema and streams first if they hold data",
     )
 
+    replay = sub.add_parser(
+        "replay",
+        help="rebuild one projection from the log into a fresh namespace, then switch readers",
+    )
+    replay.add_argument("name", help="the projection: views, timeseries or auth")
+    mode = replay.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="say what would be rebuilt and how far the log reaches; change nothing",
+    )
+    mode.add_argument(
+        "--verify",
+        action="store_true",
+        help="rebuild, compare with the live namespace, report differences (exit 1 if any), "
+        "discard the rebuild",
+    )
+    replay.add_argument("--quiet", action="store_true", help="no progress bar")
+
     dyn = sub.add_parser(
         "dynsec-init",
         help="create or update the broker's dynamic security file with the backend's MQTT users "
@@ -153,6 +172,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_simulate(args, settings))
     if args.command in ("backup", "restore"):
         return _backup_or_restore(args, settings)
+    if args.command == "replay":
+        from iot.replay import Progress, replay
+
+        try:
+            return asyncio.run(
+                replay(
+                    args.name,
+                    settings,
+                    dry_run=args.dry_run,
+                    verify=args.verify,
+                    progress=Progress(enabled=not args.quiet),
+                )
+            )
+        except KeyboardInterrupt:
+            print(
+                f"iot replay {args.name}: interrupted; readers still use the live namespace "
+                "unless a switch was reported (the next replay removes what this one left)",
+                file=sys.stderr,
+            )
+            return 130
+        except Exception as e:
+            print(f"iot replay {args.name}: failed: {e!r}", file=sys.stderr)
+            return 2
     return 2
 
 

@@ -256,7 +256,7 @@ class LogTail:
         assert self._sub is not None, "open() first"
         try:
             msgs: list[Msg] = await self._sub.fetch(self.batch, timeout=wait)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats.errors.TimeoutError or asyncio's, depending on the path
             return []
         if msgs:
             self.last_seq = msgs[-1].metadata.sequence.stream
@@ -285,8 +285,9 @@ async def follow(
     stop: asyncio.Event,
     until: Callable[[], int | None] = lambda: None,
 ) -> None:
-    """Hand every batch to `handle` until `stop` is set, or until the tail has passed the
-    sequence `until()` returns (None: no such bound yet)."""
+    """Hand every batch to `handle` until `stop` is set, or until the tail has read the stream
+    up to the sequence `until()` returns (None: no such bound yet): it delivered that sequence,
+    or nothing more matching its filter is left."""
     while not stop.is_set():
         bound = until()
         if bound is not None and tail.last_seq >= bound:
@@ -294,6 +295,8 @@ async def follow(
         msgs = await tail.fetch()
         if msgs:
             await handle(msgs)
+        elif bound is not None and await tail.remaining() == 0:
+            return
 
 
 async def wait_caught_up(
@@ -340,7 +343,11 @@ async def replay_lock(settings: Settings, name: str) -> AsyncIterator[None]:
         row = await cur.fetchone()
         if not row or not row[0]:
             raise ReplayError(f"another replay of {name!r} is running (lock {key})")
-        yield
+        try:
+            yield
+        finally:  # at once: closing alone frees the lock a moment later
+            with contextlib.suppress(psycopg.Error):
+                await conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
     finally:
         await conn.close()
 
