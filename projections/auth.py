@@ -181,7 +181,7 @@ class AuthProjector:
     async def _issue(self, event: DeviceRegistered | DeviceSecretRotated, deliveries: int) -> None:
         device_id = event.device_id
         secret = await self._await_secret(event, deliveries)
-        await self._ensure_role(device_id)
+        await ensure_role(self.plugin, device_id)
         rotated = isinstance(event, DeviceSecretRotated)
         if secret is not None:
             await self._set_secret(device_id, secret, rotated)
@@ -195,10 +195,10 @@ class AuthProjector:
             self._missing(event)
             await self._set_secret(device_id, self.password_factory(), rotated)
             return
-        client_kept = await self._ensure_client(device_id)
+        client_kept = await ensure_client(self.plugin, device_id)
         if not client_kept:
             self._missing(event)
-            await self._create_client(device_id, self.password_factory())
+            await create_client(self.plugin, device_id, self.password_factory())
 
     async def _await_secret(
         self, event: DeviceRegistered | DeviceSecretRotated, deliveries: int
@@ -212,16 +212,6 @@ class AuthProjector:
             secret = await self.secrets.take(event.device_id, event.version)
         return secret
 
-    async def _ensure_role(self, device_id: str) -> None:
-        role = dynsec.device_role(device_id)
-        acls = [acl.as_json() for acl in dynsec.device_acls(device_id)]
-        try:
-            await self.plugin.command("createRole", rolename=role, acls=acls)
-        except DynsecCommandError as e:
-            if not e.exists:
-                raise
-            await self.plugin.command("modifyRole", rolename=role, acls=acls)
-
     async def _set_secret(self, device_id: str, password: str, rotated: bool) -> None:
         """The client with this password; existing connections of the device are dropped."""
         if rotated:
@@ -232,39 +222,15 @@ class AuthProjector:
             except DynsecCommandError as e:
                 if not e.not_found:
                     raise
-                await self._create_client(device_id, password)
+                await create_client(self.plugin, device_id, password)
             return
         try:
-            await self._create_client(device_id, password)
+            await create_client(self.plugin, device_id, password)
         except DynsecCommandError as e:
             if not e.exists:
                 raise
-            await self._ensure_client(device_id)
+            await ensure_client(self.plugin, device_id)
             await self.plugin.command("setClientPassword", username=device_id, password=password)
-
-    async def _create_client(self, device_id: str, password: str) -> None:
-        await self.plugin.command(
-            "createClient",
-            username=device_id,
-            password=password,
-            clientid=device_id,
-            roles=[{"rolename": dynsec.device_role(device_id)}],
-        )
-
-    async def _ensure_client(self, device_id: str) -> bool:
-        """Client id and role of an existing client set right; False if there is no client."""
-        try:
-            await self.plugin.command(
-                "modifyClient",
-                username=device_id,
-                clientid=device_id,
-                roles=[{"rolename": dynsec.device_role(device_id)}],
-            )
-        except DynsecCommandError as e:
-            if e.not_found:
-                return False
-            raise
-        return True
 
     async def _tolerant(self, command: str, device_id: str, **fields: Any) -> None:
         """A command whose target may be gone already (a redelivery, or no client at all)."""
@@ -291,6 +257,44 @@ class AuthProjector:
         if self.js is None:
             raise RuntimeError(f"cannot dead-letter ({reason}): no JetStream")
         await dead_letter_message(self.js, self.streams, "auth", reason, msg, detail)
+
+
+async def ensure_role(plugin: Plugin, device_id: str) -> None:
+    """The device's role with exactly its ACLs (created, or an existing one's ACLs replaced)."""
+    role = dynsec.device_role(device_id)
+    acls = [acl.as_json() for acl in dynsec.device_acls(device_id)]
+    try:
+        await plugin.command("createRole", rolename=role, acls=acls)
+    except DynsecCommandError as e:
+        if not e.exists:
+            raise
+        await plugin.command("modifyRole", rolename=role, acls=acls)
+
+
+async def create_client(plugin: Plugin, device_id: str, password: str) -> None:
+    await plugin.command(
+        "createClient",
+        username=device_id,
+        password=password,
+        clientid=device_id,
+        roles=[{"rolename": dynsec.device_role(device_id)}],
+    )
+
+
+async def ensure_client(plugin: Plugin, device_id: str) -> bool:
+    """Client id and role of an existing client set right; False if there is no client."""
+    try:
+        await plugin.command(
+            "modifyClient",
+            username=device_id,
+            clientid=device_id,
+            roles=[{"rolename": dynsec.device_role(device_id)}],
+        )
+    except DynsecCommandError as e:
+        if e.not_found:
+            return False
+        raise
+    return True
 
 
 def _check_id(device_id: str) -> None:
