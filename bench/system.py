@@ -127,6 +127,8 @@ async def create_namespace(settings: Settings) -> None:
 
 async def drop_namespace(settings: Settings) -> None:
     """Remove what a namespace created: its schema and its streams (as tests/conftest.py does)."""
+    if not settings.namespace:  # the default namespace's schema is `public`, its database `iot`
+        raise ValueError("refusing to drop the default namespace")
     import nats
     import psycopg
     from psycopg import sql
@@ -156,6 +158,8 @@ async def drop_namespace(settings: Settings) -> None:
 
 async def drop_redis_keys(settings: Settings) -> None:
     """Remove the namespace's Redis keys (its views)."""
+    if not settings.namespace:  # the default namespace's schema is `public`, its database `iot`
+        raise ValueError("refusing to drop the default namespace")
     import redis.asyncio as aioredis
 
     client = aioredis.Redis.from_url(settings.redis_url)

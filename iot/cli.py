@@ -193,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 130
         except Exception as e:
+            import traceback
+
+            # unexpected: where it happened helps the operator and the bug report
+            traceback.print_exc(file=sys.stderr)
             print(f"iot replay {args.name}: failed: {e!r}", file=sys.stderr)
             return 2
     return 2

@@ -8,11 +8,11 @@ own code (`ViewsProjector.apply_events` / `apply_ingest`) into the new generatio
 change notifications off. The checkpoint of the new generation starts at (stream sequence
 before the store read, largest position read), so consistency tokens hold across the switch.
 
-The switch is one SET of `{ns}:views:current` (see iot.views): the gateway and the live
-projector pick the new generation up within `iot.replay.SWITCH_GRACE_S`. The rebuild keeps
-following both streams for that grace and up to their end as seen after it, so whatever the
-live projector put into the old generation before it noticed is in the new one too. Then the
-old generation's keys are removed.
+The switch is one SET of `{ns}:views:current` (see iot.views): the live projector picks the
+new generation up at its next batch, the gateway within its cache time. The rebuild keeps
+following both streams up to their end as read right after the switch, so whatever the live
+projector put into the old generation before it noticed is in the new one too. The old
+generation's keys are removed once `iot.replay.SWITCH_GRACE_S` has passed since the switch.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from projections import views_scripts
 from projections.views import ViewsProjector
 from projections.views_plan import IngestPlan
 
-STORE_PAGE = 1_000  # notifications per event-store read
+STORE_PAGE = 2_000  # notifications per event-store read
 VERIFY_ROUNDS = 5  # a difference must persist this many comparisons (1 s apart) to count
 DELETE_CHUNK = 1_000
 
@@ -188,7 +188,10 @@ class ViewsReplay:
         progress.note(f"views: building generation {generation!r}")
 
         ingest_tail = LogTail(
-            js, self.streams.ingest, self.streams.ingest_wildcard, ingest_reach.first_seq
+            self.context.nc,
+            self.streams.ingest,
+            self.streams.ingest_wildcard,
+            ingest_reach.first_seq,
         )
         await ingest_tail.open()
         tails = [ingest_tail]
@@ -223,7 +226,7 @@ class ViewsReplay:
                 max_position,
             )
             events_tail = LogTail(
-                js,
+                self.context.nc,
                 self.streams.events,
                 self.streams.events_wildcard,
                 events_reach.last_seq + 1,
@@ -255,31 +258,44 @@ class ViewsReplay:
         counts: Counts,
         progress: Progress,
     ) -> None:
-        """Every domain event up to `max_position`, in commit order, one page at a time."""
-        start = 1
+        """Every domain event up to `max_position`, in commit order, a page at a time; the
+        next page is read (in a thread) while this one is applied."""
         mapper = store.mapper
-        while start <= max_position:
-            page = await asyncio.to_thread(
-                store.recorder.select_notifications, start, STORE_PAGE, max_position
-            )
-            if not page:
-                break
-            events: list[tuple[int, PublishedEvent]] = []
-            for i, notification in enumerate(page):
-                stored = mapper.to_domain_event(notification)
-                # the published form exactly as the live projector decodes it off the stream
-                published = decode_event(encode_event(to_published(stored, notification.id)))
-                events.append((i, published))
-            applied = await projector.apply_events(keys, events)
-            if applied.retry:
-                raise ReplayError(
-                    f"event store positions {page[0].id}..{page[-1].id}: "
-                    f"{len(applied.retry)} event(s) out of version order"
-                )
-            counts.events += len(page)
-            counts.skip("missing_registration", len(applied.missing))
-            progress.advance(page[-1].id - start + 1)
-            start = page[-1].id + 1
+
+        def read(start: int) -> list[PublishedEvent]:
+            page = store.recorder.select_notifications(start, STORE_PAGE, max_position)
+            # the published form exactly as the live projector decodes it off the stream
+            return [
+                decode_event(encode_event(to_published(mapper.to_domain_event(n), n.id)))
+                for n in page
+            ]
+
+        start = 1
+        pending = asyncio.create_task(asyncio.to_thread(read, start)) if max_position else None
+        try:
+            while pending is not None:
+                page = await pending
+                pending = None
+                if not page:
+                    break
+                last = page[-1].position
+                if last < max_position:
+                    pending = asyncio.create_task(asyncio.to_thread(read, last + 1))
+                applied = await projector.apply_events(keys, list(enumerate(page)))
+                if applied.retry:
+                    raise ReplayError(
+                        f"event store positions {page[0].position}..{last}: "
+                        f"{len(applied.retry)} event(s) out of version order"
+                    )
+                counts.events += len(page)
+                counts.skip("missing_registration", len(applied.missing))
+                progress.advance(last - start + 1)
+                start = last + 1
+        finally:
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
 
     async def _apply_stream_events(
         self, projector: ViewsProjector, keys: ViewKeys, msgs: Sequence[Msg], counts: Counts
@@ -334,14 +350,21 @@ class ViewsReplay:
         progress.note(f"views: readers switched from {old!r} to {build.generation!r}")
 
     async def _drain(self, build: Build, progress: Progress) -> None:
-        """Follow for the grace period, then up to the streams' ends as seen after it."""
-        await asyncio.sleep(self.context.grace)
+        """Follow up to the streams' ends as read right after the switch, then wait out the
+        rest of the grace period.
+
+        A live projector resolves the generation after it fetched a batch, so a batch it puts
+        into the old generation holds messages fetched before the switch: at or below these
+        ends. The gateway may read the old generation for up to its cache time after the switch:
+        the old generation is removed only after the grace period."""
+        switched = time.monotonic()
         js = self.context.js
         build.bounds["events"] = (await stream_reach(js, self.streams.events)).last_seq
         build.bounds["ingest"] = (await stream_reach(js, self.streams.ingest)).last_seq
         for task in build.tasks:
             await task
         progress.note("views: the new generation holds everything the old one received")
+        await asyncio.sleep(max(0.0, self.context.grace - (time.monotonic() - switched)))
 
     async def _stop(self, build: Build) -> None:
         build.stop.set()

@@ -38,6 +38,8 @@ def settings_for(namespace: str) -> Settings:
 
 def drop_namespace(settings: Settings) -> None:
     """Remove what a test namespace created: schema, streams, InfluxDB database, Redis keys."""
+    if not settings.namespace:  # the default namespace's schema is `public`, its database `iot`
+        raise ValueError("refusing to drop the default namespace")
     import nats
     import psycopg
     from psycopg import sql
