@@ -156,6 +156,26 @@ ensure_influxdb() {
     }
 }
 
+# ------------------------------------------------- test tools (Debian packages)
+# kubectl renders the cluster manifests (tests/deploy); prometheus and promtool scrape a
+# running system and check the alert rules (tests/e2e/test_observability.py). Debian's
+# prometheus package may start its services where systemd runs: the tests start their own.
+ensure_test_tools() {
+    if ! command -v kubectl >/dev/null; then
+        _apt_install kubectl ||
+            { echo "CI: could not install kubectl (apt-get install kubectl failed)" >&2; return 1; }
+    fi
+    if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+        _apt_install prometheus ||
+            { echo "CI: could not install prometheus (apt-get install prometheus failed)" >&2; return 1; }
+        if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+            systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+        fi
+    fi
+    echo "kubectl: $(kubectl version --client 2>/dev/null | head -n 1)"
+    echo "prometheus: $(prometheus --version 2>&1 | head -n 1)"
+}
+
 # ------------------------------------------------------------------ versions
 print_service_versions() {
     local v
@@ -180,4 +200,5 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     set -euo pipefail
     ensure_services || exit 1
     print_service_versions
+    ensure_test_tools || exit 1
 fi

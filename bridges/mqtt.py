@@ -25,6 +25,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridges import metrics
+from iot import tracing
 from iot.runtime import paho_client
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class Inbound:
     qos: int
     dup: bool
     received_at_ns: int
+    traceparent: str | None = None  # the MQTT 5 user property, read only while tracing
 
 
 def subscriptions(group: str = SHARE_GROUP) -> list[tuple[str, int]]:
@@ -147,6 +149,9 @@ class MqttSource:
             topic = message.topic
         except UnicodeDecodeError:
             topic = message._topic.decode("utf-8", "replace")
+        parent = None
+        if tracing.TRACER is not None and message.properties is not None:
+            parent = tracing.mqtt_traceparent(message.properties)
         self._push(
             Inbound(
                 self.generation,
@@ -156,6 +161,7 @@ class MqttSource:
                 message.qos,
                 bool(message.dup),
                 time.time_ns(),
+                parent,
             )
         )
 

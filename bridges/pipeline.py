@@ -22,6 +22,7 @@ from bridges.mqtt import Inbound
 from bridges.validation import Accepted, validate
 from bridges.window import AckWindow, Entry
 from domain.ingest import encode_ingest
+from iot import tracing
 from iot.streams import Streams
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,15 @@ class Pipeline:
         await self._publish(entry)
 
     def prepare(self, item: Inbound) -> Entry:
-        """Validate and build the JetStream message of one MQTT message."""
+        """Validate and build the JetStream message of one MQTT message (traced if on)."""
+        entry = self._build(item)
+        if tracing.TRACER is not None:
+            entry.spans = tracing.start_bridge_spans(
+                item.topic, item.received_at_ns, item.traceparent, entry.headers
+            )
+        return entry
+
+    def _build(self, item: Inbound) -> Entry:
         assert item.payload is not None
         payload = item.payload
         received_ms = item.received_at_ns // 1_000_000
@@ -201,6 +210,8 @@ class Pipeline:
             entry.outcome = "duplicate" if duplicate else "stored"
         self._count(entry.kind, entry.outcome)
         metrics.PUBLISH_LATENCY.observe((time.time_ns() - entry.received_at_ns) / 1e9)
+        if entry.spans is not None:
+            tracing.end_bridge_spans(entry.spans, entry.subject, entry.outcome)
         self.window.complete(entry)
         if not len(self.window):
             self._idle.set()
@@ -244,6 +255,9 @@ class Pipeline:
     def _abandon(self, generation: int) -> None:
         dropped = self.window.abandon()
         self._idle.set()
+        for entry in dropped:
+            if entry.spans is not None:
+                tracing.end_bridge_spans(entry.spans, entry.subject, "abandoned")
         if dropped:
             log.info(
                 "MQTT connection changed; in-flight messages will be redelivered",

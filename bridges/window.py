@@ -32,6 +32,7 @@ class Entry:
     future: Any = None  # the pending publish_async future, if any
     done: bool = False
     abandoned: bool = False  # its connection is gone; the broker will redeliver it
+    spans: Any = None  # (bridge.receive, bridge.publish) while tracing
 
 
 class AckWindow:

@@ -28,12 +28,37 @@ from nats.errors import Error as NatsError
 from nats.js.errors import APIError
 
 from commands.store import DeviceStore
-from domain.published import encode_event, to_published
+from domain.published import (
+    DeviceCommandAcknowledged,
+    DeviceCommandCancelled,
+    DeviceCommandExpired,
+    DeviceCommandFailed,
+    DeviceCommandRequested,
+    DeviceCommandSent,
+    PublishedEvent,
+    encode_event,
+    to_published,
+)
 from iot import metrics
 from iot.streams import Streams
 
 log = logging.getLogger(__name__)
 POSITION_HEADER = "Iot-Position"
+COMMAND_STEPS = {
+    DeviceCommandRequested: "requested",
+    DeviceCommandSent: "sent",
+    DeviceCommandAcknowledged: "acknowledged",
+    DeviceCommandFailed: "failed",
+    DeviceCommandExpired: "expired",
+    DeviceCommandCancelled: "cancelled",
+}
+
+
+def count_command_step(event: PublishedEvent) -> None:
+    """Count a command event in `iot_device_commands_total` (the relay publishes each once)."""
+    step = COMMAND_STEPS.get(type(event))
+    if step is not None:
+        metrics.DEVICE_COMMANDS.labels(step).inc()
 
 
 class FenceError(Exception):
@@ -214,6 +239,7 @@ class Relay:
             self.state.position = notification.id
             self.state.last_seq = ack.seq
             metrics.RELAY_PUBLISHED.inc()
+            count_command_step(event)
             metrics.RELAY_LAG.observe(max(0.0, (now - event.at).total_seconds()))
         metrics.RELAY_POSITION.set(self.state.position)
 

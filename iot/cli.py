@@ -136,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     component = args.component if args.command == "run" else args.command
     logs.configure(component, settings.log_level)
+    from iot import tracing
+
+    tracing.configure(component)  # OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set
     if args.command == "run":
         try:
             _run_component(args.component, args.name, settings)

@@ -50,3 +50,12 @@ GROUP_COMMIT_CONFLICTS = Counter(
     "iot_group_commit_conflicts_total",
     "Group-commit transactions that failed on a stale change and were split",
 )
+DEVICE_COMMANDS = Counter(
+    "iot_device_commands_total",
+    "Commands to devices by step, counted once as the relay publishes each event (requested,"
+    " sent; outcomes: acknowledged, failed, expired, cancelled)",
+    ["outcome"],
+)
+DEVICES_ONLINE = Gauge(
+    "iot_devices_online", "Devices whose latest status message says online (the views' online set)"
+)

@@ -35,7 +35,7 @@ from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Histogram
 
 from domain.ingest import Telemetry, decode_ingest
-from iot import metrics
+from iot import metrics, tracing
 from iot.jetstream import (
     ConsumerSpec,
     Outcome,
@@ -287,6 +287,11 @@ class TimeseriesProjection:
         self.clock = clock
 
     async def handle(self, msgs: Sequence[Msg]) -> Outcome:
+        """Store a batch; its span `projection.timeseries.write` continues the readings' traces."""
+        with tracing.batch_span("projection.timeseries.write", msgs, **{"db.system": "influxdb"}):
+            return await self._handle(msgs)
+
+    async def _handle(self, msgs: Sequence[Msg]) -> Outcome:
         groups: list[bytes] = [b""] * len(msgs)
         lines: list[int] = [0] * len(msgs)
         dead: list[DeadLetter] = []

@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute
 
 from domain.ingest import CommandSent, decode_ingest
 from domain.published import PublishedEvent, decode_event
-from iot import metrics
+from iot import metrics, tracing
 from iot.httpkit import build_app, serve
 from iot.jetstream import ConsumerSpec, Outcome, consume, dead_letter_message, report_lag
 from iot.runtime import close_nats, connect_nats, retry_async, stop_on_signals
@@ -162,6 +162,10 @@ class ViewsProjector:
         return self.fixed if self.fixed is not None else await self.current.resolve()
 
     async def handle_events(self, msgs: Sequence[Msg]) -> Outcome:
+        with tracing.batch_span("projection.views.apply", msgs, **{"iot.input": "events"}):
+            return await self._handle_events(msgs)
+
+    async def _handle_events(self, msgs: Sequence[Msg]) -> Outcome:
         keys = await self.resolve_keys()
         outcome = Outcome()
         positions: dict[int, int] = {}  # batch index -> event position (absent: undecodable)
@@ -258,6 +262,10 @@ class ViewsProjector:
         return result
 
     async def handle_ingest(self, msgs: Sequence[Msg]) -> Outcome:
+        with tracing.batch_span("projection.views.apply", msgs, **{"iot.input": "ingest"}):
+            return await self._handle_ingest(msgs)
+
+    async def _handle_ingest(self, msgs: Sequence[Msg]) -> Outcome:
         outcome = Outcome()
         plan = IngestPlan()
         applied = ignored = 0
@@ -297,6 +305,16 @@ class ViewsProjector:
         if self.js is None:
             raise RuntimeError(f"cannot dead-letter ({reason}): no JetStream")
         await dead_letter_message(self.js, self.streams, "views", reason, msg, detail)
+
+
+async def report_online(projector: ViewsProjector, stop: asyncio.Event, every: float = 5.0) -> None:
+    """Keep `iot_devices_online` at the size of the online set of the generation in use."""
+    while not stop.is_set():
+        with contextlib.suppress(Exception):  # Redis down: the readiness check says so
+            keys = await projector.resolve_keys()
+            metrics.DEVICES_ONLINE.set(await projector.redis.scard(keys.online))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), every)
 
 
 def _input_of(subject: str) -> str:
@@ -383,6 +401,7 @@ async def run(settings: Settings) -> None:
         asyncio.create_task(consume(js, ingest, projector.handle_ingest, stop)),
         asyncio.create_task(report_lag(js, events, stop)),
         asyncio.create_task(report_lag(js, ingest, stop)),
+        asyncio.create_task(report_online(projector, stop)),
     ]
     try:
         await serve(build_app(routes, ready), settings.http_host, port, stop)
