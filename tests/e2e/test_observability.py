@@ -1,14 +1,18 @@
-"""Prometheus (Debian's binary) scrapes the running components with the shipped local scrape
+"""Prometheus (Debian's binary) scrapes a running `iot up` with the shipped local scrape
 configuration and sees every component up with its metrics; promtool accepts the shipped
 configurations and alert rules. Prometheus missing is a failure, never a skip."""
 
 from __future__ import annotations
 
-import secrets
+import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +20,9 @@ import httpx
 import pytest
 import yaml
 
-from iot import dynsec
-from iot.broker import BrokerAuth, PrivateBroker
 from iot.settings import Settings
-from tests.e2e.pipeline import System, wait_until
+from tests.conftest import TOKENS
+from tests.e2e.pipeline import wait_until
 from tests.e2e.processes import free_port
 
 pytestmark = pytest.mark.e2e
@@ -27,15 +30,15 @@ pytestmark = pytest.mark.e2e
 OBSERVABILITY = Path(__file__).resolve().parents[2] / "deploy" / "observability"
 INSTALL = "install Debian's `prometheus` package (apt-get install -y prometheus)"
 
-# component (the scrape config's `component` label) -> `iot run` arguments, a metric of its own
+# component (the scrape config's `component` label) -> a metric of its own
 COMPONENTS = {
-    "commands": (("commands",), "iot_expiry_pending_commands"),
-    "bridge": (("bridge",), "iot_bridge_mqtt_connected"),
-    "gateway": (("gateway",), "iot_gateway_rate_limited_total"),
-    "relay": (("relay",), "iot_relay_leader"),
-    "projector-timeseries": (("projector", "timeseries"), "iot_timeseries_write_retries_total"),
-    "projector-views": (("projector", "views"), "iot_devices_online"),
-    "projector-auth": (("projector", "auth"), "iot_auth_ignored_total"),
+    "commands": "iot_expiry_pending_commands",
+    "bridge": "iot_bridge_mqtt_connected",
+    "gateway": "iot_gateway_rate_limited_total",
+    "relay": "iot_relay_leader",
+    "projector-timeseries": "iot_timeseries_write_retries_total",
+    "projector-views": "iot_devices_online",
+    "projector-auth": "iot_auth_ignored_total",
 }
 
 
@@ -45,37 +48,82 @@ def binary(name: str) -> str:
     return found
 
 
+@dataclass
+class Up:
+    """A running `iot up`: the shipped ports, its own Mosquitto, authentication on."""
+
+    ports: dict[str, int]
+
+
 @pytest.fixture
-def components(migrated: Settings) -> Iterator[System]:
-    """Every component as a process, against a private broker with authentication on."""
-    auth = BrokerAuth(admin_password=secrets.token_hex(16), bridge_password=secrets.token_hex(16))
-    logins = {
-        "bridge": {"IOT_MQTT_USERNAME": dynsec.BRIDGE_USERNAME},
-        "projector-auth": {"IOT_MQTT_USERNAME": dynsec.ADMIN_USERNAME},
+def iot_up(migrated: Settings) -> Iterator[Up]:
+    """`iot up` as an operator runs it (in a scratch directory for its `.iot/` state), on the
+    shipped ports, which must be free: the shipped scrape configuration names them."""
+    shipped = shipped_targets()
+    busy = [f"{c} ({p})" for c, p in shipped.items() if not _port_free(p)]
+    assert not busy, f"`iot up` needs these ports, in use here: {', '.join(busy)}"
+    env = {
+        **os.environ,
+        "IOT_NAMESPACE": migrated.namespace,
+        "IOT_INFLUX_DB": migrated.influx_db,
+        "IOT_API_TOKENS": ",".join(f"{t}={r}" for t, r in TOKENS.items()),
     }
-    logins["bridge"]["IOT_MQTT_PASSWORD"] = auth.bridge_password
-    logins["projector-auth"]["IOT_MQTT_PASSWORD"] = auth.admin_password
-    with tempfile.TemporaryDirectory() as tmp:
-        broker = PrivateBroker(tmp, free_port(), auth=auth)
-        broker.start()
-        running = System(migrated, broker.port)
+    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "up.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "iot.cli", "up", "--no-migrate"],
+            cwd=tmp,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
-            for name, (args, _) in COMPONENTS.items():
-                running.start(name, *args, **logins.get(name, {})).wait_ready(60)
-            yield running
+            ready = wait_until(lambda: _all_ready(shipped, proc), timeout=90)
+            assert ready, (Path(tmp) / "up.log").read_text()[-3000:]
+            yield Up(shipped)
         finally:
-            running.stop_all()
-            broker.stop()
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
 
 
-def local_config(running: System, directory: Path) -> Path:
-    """The shipped `prometheus-local.yml` with each target moved to the test's port."""
+def shipped_targets() -> dict[str, int]:
+    """component -> port, as the shipped `prometheus-local.yml` names them."""
     config = yaml.safe_load((OBSERVABILITY / "prometheus-local.yml").read_text())
     (job,) = config["scrape_configs"]
-    shipped = {group["labels"]["component"] for group in job["static_configs"]}
-    assert shipped == set(COMPONENTS)
+    targets: dict[str, int] = {}
     for group in job["static_configs"]:
-        group["targets"] = [f"127.0.0.1:{running.components[group['labels']['component']].port}"]
+        (target,) = group["targets"]
+        targets[group["labels"]["component"]] = int(target.rsplit(":", 1)[1])
+    assert set(targets) == set(COMPONENTS)
+    return targets
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _all_ready(ports: dict[str, int], proc: subprocess.Popen[bytes]) -> bool:
+    assert proc.poll() is None, f"iot up exited with {proc.returncode}"
+    for port in ports.values():
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code != 200:
+                return False
+        except httpx.HTTPError:
+            return False
+    return True
+
+
+def local_config(directory: Path) -> Path:
+    """The shipped `prometheus-local.yml` as it is, scraping every second for the test."""
+    config = yaml.safe_load((OBSERVABILITY / "prometheus-local.yml").read_text())
     config["global"]["scrape_interval"] = "1s"
     config["rule_files"] = [str(OBSERVABILITY / "alerts.yml")]
     path = directory / "prometheus.yml"
@@ -84,8 +132,8 @@ def local_config(running: System, directory: Path) -> Path:
 
 
 @pytest.fixture
-def prometheus(components: System) -> Iterator[str]:
-    """Prometheus on a free port with temporary storage, scraping the components."""
+def prometheus(iot_up: Up) -> Iterator[str]:
+    """Prometheus on a free port with temporary storage, scraping `iot up`."""
     executable = binary("prometheus")
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
@@ -95,7 +143,7 @@ def prometheus(components: System) -> Iterator[str]:
             proc = subprocess.Popen(
                 [
                     executable,
-                    f"--config.file={local_config(components, directory)}",
+                    f"--config.file={local_config(directory)}",
                     f"--storage.tsdb.path={directory / 'data'}",
                     f"--web.listen-address=127.0.0.1:{port}",
                 ],
@@ -139,7 +187,7 @@ def test_prometheus_scrapes_every_component_with_the_shipped_configuration(
 
     up = query(prometheus, 'up{job="iot"}')
     assert {s["metric"]["component"]: s["value"][1] for s in up} == dict.fromkeys(COMPONENTS, "1")
-    for component, (_, own_metric) in COMPONENTS.items():
+    for component, own_metric in COMPONENTS.items():
         selector = f'{own_metric}{{job="iot", component="{component}"}}'
         assert wait_until(lambda s=selector: bool(query(prometheus, s)), timeout=15), selector
     # every HTTP server counts its requests by route template: here, the scrapes themselves
