@@ -225,27 +225,36 @@ async def burst(
         files = await asyncio.to_thread(
             _write_burst_files, Path(tmp), devices, metric, counts, base_ts
         )
-        handles = [path.open("rb") for path in files]
-        try:
-            load.started = time.monotonic()
-            procs = [
-                await asyncio.create_subprocess_exec(
-                    *publisher_argv(port, device, f"{tag}-burst-{d}"),
-                    stdin=handles[d],
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
-                )
-                for d, device in enumerate(devices)
-            ]
-            codes = await asyncio.gather(*(p.wait() for p in procs))
-            load.ended = time.monotonic()
-        finally:
-            for handle in handles:
-                handle.close()
+        load.started, load.ended, pids = await run_publishers(port, devices, files, f"{tag}-burst")
+    return load, pids
+
+
+async def run_publishers(
+    port: int, devices: Sequence[str], files: Sequence[Path], tag: str
+) -> tuple[float, float, list[int]]:
+    """One `mosquitto_pub -l` per device, each fed its own file, all at once; wait for all.
+    Returns when they started and when the last exited (monotonic) and their pids."""
+    handles = [path.open("rb") for path in files]
+    try:
+        started = time.monotonic()
+        procs = [
+            await asyncio.create_subprocess_exec(
+                *publisher_argv(port, device, f"{tag}-{d}"),
+                stdin=handles[d],
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+            for d, device in enumerate(devices)
+        ]
+        codes = await asyncio.gather(*(p.wait() for p in procs))
+        ended = time.monotonic()
+    finally:
+        for handle in handles:
+            handle.close()
     failed = [c for c in codes if c != 0]
     if failed:
         raise RuntimeError(f"{len(failed)} burst publishers failed (exit {failed[0]})")
-    return load, [p.pid for p in procs]
+    return started, ended, [p.pid for p in procs]
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ingest import drop_everything
-from bench.ingest_load import Load, publisher_argv
+from bench.ingest_load import Load, run_publishers
 from bench.ingest_probe import (
     MEASUREMENT,
     CpuSpan,
@@ -302,26 +302,9 @@ async def mqtt_burst(ctx: Context, metric: str, messages: int, per_message: int)
         files = await asyncio.to_thread(
             _burst_files, Path(tmp), metric, per_message, per_device, base_ts
         )
-        handles = [path.open("rb") for path in files]
-        try:
-            load.started = time.monotonic()
-            procs = [
-                await asyncio.create_subprocess_exec(
-                    *publisher_argv(ctx.broker.port, device, f"{ctx.tag}-{metric}-{d}"),
-                    stdin=handles[d],
-                    stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.DEVNULL,
-                )
-                for d, device in enumerate(devices)
-            ]
-            codes = await asyncio.gather(*(p.wait() for p in procs))
-            load.ended = time.monotonic()
-        finally:
-            for handle in handles:
-                handle.close()
-    failed = [c for c in codes if c != 0]
-    if failed:
-        raise RuntimeError(f"{len(failed)} burst publishers failed (exit {failed[0]})")
+        load.started, load.ended, _ = await run_publishers(
+            ctx.broker.port, devices, files, f"{ctx.tag}-{metric}"
+        )
     return load
 
 
