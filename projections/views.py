@@ -82,13 +82,13 @@ class Scripts:
     def __init__(self, redis: aioredis.Redis) -> None:
         self.redis = redis
         self.sha = {
-            "event": _sha1(views_scripts.EVENT),
+            "events": _sha1(views_scripts.EVENTS),
             "ingest": _sha1(views_scripts.INGEST),
             "checkpoint": _sha1(views_scripts.CHECKPOINT),
         }
 
     async def load(self) -> None:
-        await self.redis.script_load(views_scripts.EVENT)
+        await self.redis.script_load(views_scripts.EVENTS)
         await self.redis.script_load(views_scripts.INGEST)
         await self.redis.script_load(views_scripts.CHECKPOINT)
 
@@ -241,9 +241,8 @@ class ViewsProjector:
                     version = event.version
         if not plans:
             return result
-        results = await self.scripts.pipeline(
-            [("event", *plan.script_args(keys)) for _, plan in plans]
-        )
+        batch = msgspec.json.encode([plan.batch_entry(keys) for _, plan in plans])
+        (results,) = await self.scripts.pipeline([("events", [], [batch])])
         SCRIPT_LATENCY.labels("events").observe(time.perf_counter() - start)
         newest = None
         for (i, plan), outcome in zip(plans, results, strict=True):

@@ -164,8 +164,16 @@ class EventPlan:
     ops: tuple[tuple[str, str], ...]  # (op, key): op in zadd, sadd, srem, incr, decr
     at: datetime
 
+    def batch_entry(self, keys: ViewKeys) -> list[list[str]]:
+        """This event's [keys, args] in the batch of the events script, all as text."""
+        script_keys, args = self.script_args(keys)
+        return [
+            script_keys,
+            [a.decode() if isinstance(a, bytes) else str(a) for a in args],
+        ]
+
     def script_args(self, keys: ViewKeys) -> tuple[list[str], list[str | bytes | int]]:
-        """KEYS and ARGV of the event script."""
+        """Keys and arguments of this event in the events script (views_scripts.EVENTS)."""
         script_keys = [keys.device(self.device_id), keys.online, *(key for _, key in self.ops)]
         args: list[str | bytes | int] = [
             self.version,

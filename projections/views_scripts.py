@@ -2,43 +2,52 @@
 
 from __future__ import annotations
 
-# One domain event. The device's `version` is the checkpoint: the event applies only directly
-# after its predecessor (compare-and-set on version - 1); an older one is skipped, a newer one
-# (a gap: another instance holds its predecessor) is left for a retry.
-# KEYS: device hash, online set, then one key per index operation.
-# ARGV: version, doc, online flag ("1", "0" or ""), online_at (epoch ms), device id, changes
-#       channel ("" = do not publish), commands JSON ("" = unchanged), then one operation per
-#       extra key: zadd, sadd or srem (of the device id), incr or decr (a counter).
-# Returns 1 applied (and publishes the device id), 0 already applied, 2 gap (retry later).
-EVENT = """
-local h = KEYS[1]
-local v = tonumber(ARGV[1])
-local cur = tonumber(redis.call('HGET', h, 'version') or '0')
-if cur >= v then return 0 end
-if cur ~= v - 1 then return 2 end
-redis.call('HSET', h, 'version', ARGV[1], 'doc', ARGV[2])
-if ARGV[7] ~= '' then redis.call('HSET', h, 'commands', ARGV[7]) end
-local id = ARGV[5]
-local flag = ARGV[3]
-if flag ~= '' then
-  local at = tonumber(ARGV[4])
-  local old_at = tonumber(redis.call('HGET', h, 'online_at') or '-1')
-  local old = redis.call('HGET', h, 'online') or ''
-  if at > old_at or (at == old_at and flag > old) then
-    redis.call('HSET', h, 'online', flag, 'online_at', ARGV[4])
-    if flag == '1' then redis.call('SADD', KEYS[2], id) else redis.call('SREM', KEYS[2], id) end
+# A batch of domain events, each applied as it comes (one script call instead of one per event:
+# packing a call per event cost the projector more than Redis spent on it). For each event the
+# device's `version` is the checkpoint: the event applies only directly after its predecessor
+# (compare-and-set on version - 1); an older one is skipped, a newer one (a gap: another
+# instance holds its predecessor) is left for a retry.
+# ARGV[1]: JSON [[keys, args], ...] (all strings), per event:
+#   keys: device hash, online set, then one key per index operation;
+#   args: version, doc, online flag ("1", "0" or ""), online_at (epoch ms), device id, changes
+#         channel ("" = do not publish), commands JSON ("" = unchanged), then one operation per
+#         extra key: zadd, sadd or srem (of the device id), incr or decr (a counter).
+# Returns per event: 1 applied (and publishes the device id), 0 already applied, 2 gap.
+EVENTS = """
+local function apply(K, A)
+  local h = K[1]
+  local v = tonumber(A[1])
+  local cur = tonumber(redis.call('HGET', h, 'version') or '0')
+  if cur >= v then return 0 end
+  if cur ~= v - 1 then return 2 end
+  redis.call('HSET', h, 'version', A[1], 'doc', A[2])
+  if A[7] ~= '' then redis.call('HSET', h, 'commands', A[7]) end
+  local id = A[5]
+  local flag = A[3]
+  if flag ~= '' then
+    local at = tonumber(A[4])
+    local old_at = tonumber(redis.call('HGET', h, 'online_at') or '-1')
+    local old = redis.call('HGET', h, 'online') or ''
+    if at > old_at or (at == old_at and flag > old) then
+      redis.call('HSET', h, 'online', flag, 'online_at', A[4])
+      if flag == '1' then redis.call('SADD', K[2], id) else redis.call('SREM', K[2], id) end
+    end
   end
+  for i = 3, #K do
+    local op = A[i + 5]
+    if op == 'zadd' then redis.call('ZADD', K[i], 0, id)
+    elseif op == 'sadd' then redis.call('SADD', K[i], id)
+    elseif op == 'incr' then redis.call('INCR', K[i])
+    elseif op == 'decr' then redis.call('DECR', K[i])
+    else redis.call('SREM', K[i], id) end
+  end
+  if A[6] ~= '' then redis.call('PUBLISH', A[6], id) end
+  return 1
 end
-for i = 3, #KEYS do
-  local op = ARGV[i + 5]
-  if op == 'zadd' then redis.call('ZADD', KEYS[i], 0, id)
-  elseif op == 'sadd' then redis.call('SADD', KEYS[i], id)
-  elseif op == 'incr' then redis.call('INCR', KEYS[i])
-  elseif op == 'decr' then redis.call('DECR', KEYS[i])
-  else redis.call('SREM', KEYS[i], id) end
-end
-if ARGV[6] ~= '' then redis.call('PUBLISH', ARGV[6], id) end
-return 1
+
+local out = {}
+for i, e in ipairs(cjson.decode(ARGV[1])) do out[i] = apply(e[1], e[2]) end
+return out
 """
 
 # One ingest batch, reduced per device to maxima (see views_plan.IngestPlan): every update is
