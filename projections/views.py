@@ -129,6 +129,48 @@ class Applied:
     applied: int = 0
 
 
+@dataclass
+class DecodedEvents:
+    events: list[tuple[int, PublishedEvent]]  # (batch index, event)
+    undecodable: dict[int, str]  # batch index -> why
+
+
+def decode_events(msgs: Sequence[Msg]) -> DecodedEvents:
+    """The batch's domain events, tagged with their index; the undecodable ones with why."""
+    batch = DecodedEvents([], {})
+    for i, msg in enumerate(msgs):
+        try:
+            batch.events.append((i, decode_event(msg.data)))
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            batch.undecodable[i] = str(e)
+    return batch
+
+
+@dataclass
+class PlannedIngest:
+    plan: IngestPlan
+    undecodable: dict[int, str]  # batch index -> why
+    applied: int = 0
+    ignored: int = 0  # the bridge's CommandSent reports: the aggregate's event shows them
+
+
+def plan_ingest(msgs: Sequence[Msg]) -> PlannedIngest:
+    """The batch's device messages reduced to one ingest plan; the undecodable ones with why."""
+    batch = PlannedIngest(IngestPlan(), {})
+    for i, msg in enumerate(msgs):
+        try:
+            message = decode_ingest(msg.data)
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            batch.undecodable[i] = str(e)
+            continue
+        if isinstance(message, CommandSent):
+            batch.ignored += 1
+            continue
+        batch.plan.add(msg.metadata.sequence.stream, message)
+        batch.applied += 1
+    return batch
+
+
 class ViewsProjector:
     """The two handlers; each returns only once its batch is applied in Redis.
 
@@ -168,18 +210,12 @@ class ViewsProjector:
     async def _handle_events(self, msgs: Sequence[Msg]) -> Outcome:
         keys = await self.resolve_keys()
         outcome = Outcome()
-        positions: dict[int, int] = {}  # batch index -> event position (absent: undecodable)
-        events: list[tuple[int, PublishedEvent]] = []
-        for i, msg in enumerate(msgs):
-            try:
-                event = decode_event(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                await self._dead_letter(msg, "undecodable_event", str(e))
-                outcome.poison.add(i)
-                continue
-            positions[i] = event.position
-            events.append((i, event))
-        applied = await self.apply_events(keys, events)
+        batch = decode_events(msgs)
+        for i, detail in batch.undecodable.items():
+            await self._dead_letter(msgs[i], "undecodable_event", detail)
+            outcome.poison.add(i)
+        positions = {i: event.position for i, event in batch.events}
+        applied = await self.apply_events(keys, batch.events)
         outcome.retry |= applied.retry
         for i, detail in applied.missing.items():
             await self._dead_letter(msgs[i], "missing_registration", detail)
@@ -266,23 +302,13 @@ class ViewsProjector:
 
     async def _handle_ingest(self, msgs: Sequence[Msg]) -> Outcome:
         outcome = Outcome()
-        plan = IngestPlan()
-        applied = ignored = 0
-        for i, msg in enumerate(msgs):
-            try:
-                message = decode_ingest(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as e:
-                await self._dead_letter(msg, "undecodable_ingest", str(e))
-                outcome.poison.add(i)
-                continue
-            if isinstance(message, CommandSent):
-                ignored += 1  # the bridge's report: the aggregate's CommandSent event shows it
-                continue
-            plan.add(msg.metadata.sequence.stream, message)
-            applied += 1
-        await self.apply_ingest(await self.resolve_keys(), plan)
-        MESSAGES.labels("ingest", "applied").inc(applied)
-        MESSAGES.labels("ingest", "ignored").inc(ignored)
+        batch = plan_ingest(msgs)
+        for i, detail in batch.undecodable.items():
+            await self._dead_letter(msgs[i], "undecodable_ingest", detail)
+            outcome.poison.add(i)
+        await self.apply_ingest(await self.resolve_keys(), batch.plan)
+        MESSAGES.labels("ingest", "applied").inc(batch.applied)
+        MESSAGES.labels("ingest", "ignored").inc(batch.ignored)
         return outcome
 
     async def apply_ingest(self, keys: ViewKeys, plan: IngestPlan) -> None:

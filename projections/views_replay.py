@@ -24,12 +24,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import redis.asyncio as aioredis
 from nats.aio.msg import Msg
 
 from commands.store import DeviceStore, open_store
-from domain.ingest import CommandSent, decode_ingest
 from domain.published import PublishedEvent, decode_event, encode_event, to_published
 from iot.jetstream import Outcome
 from iot.replay import (
@@ -53,8 +51,7 @@ from iot.views import (
     views_root,
 )
 from projections import views_scripts
-from projections.views import ViewsProjector
-from projections.views_plan import IngestPlan
+from projections.views import ViewsProjector, decode_events, plan_ingest
 
 STORE_PAGE = 2_000  # notifications per event-store read
 VERIFY_ROUNDS = 5  # a difference must persist this many comparisons (1 s apart) to count
@@ -300,16 +297,10 @@ class ViewsReplay:
     async def _apply_stream_events(
         self, projector: ViewsProjector, keys: ViewKeys, msgs: Sequence[Msg], counts: Counts
     ) -> None:
-        positions: dict[int, int] = {}
-        events: list[tuple[int, PublishedEvent]] = []
-        for i, msg in enumerate(msgs):
-            try:
-                event = decode_event(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                counts.skip("undecodable_event")
-                continue
-            positions[i] = event.position
-            events.append((i, event))
+        batch = decode_events(msgs)
+        counts.skip("undecodable_event", len(batch.undecodable))
+        positions = {i: event.position for i, event in batch.events}
+        events = batch.events
         for _ in range(50):
             applied = await projector.apply_events(keys, events)
             counts.skip("missing_registration", len(applied.missing))
@@ -327,16 +318,9 @@ class ViewsReplay:
     async def _apply_ingest(
         self, projector: ViewsProjector, keys: ViewKeys, msgs: Sequence[Msg], counts: Counts
     ) -> None:
-        plan = IngestPlan()
-        for msg in msgs:
-            try:
-                message = decode_ingest(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                counts.skip("undecodable_ingest")
-                continue
-            if not isinstance(message, CommandSent):
-                plan.add(msg.metadata.sequence.stream, message)
-        await projector.apply_ingest(keys, plan)
+        batch = plan_ingest(msgs)
+        counts.skip("undecodable_ingest", len(batch.undecodable))
+        await projector.apply_ingest(keys, batch.plan)
         counts.messages += len(msgs)
 
     # --- switch, drain, retire ------------------------------------------------------------

@@ -15,6 +15,8 @@ import pytest
 from iot.settings import Settings, load
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
     from commands.store import DeviceStore
 
 TOKENS = {
@@ -102,3 +104,21 @@ def store(migrated: Settings) -> Iterator[DeviceStore]:
     opened = open_store(migrated)
     yield opened
     opened.close()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    """Tracing on for the test, into memory (`iot.tracing`); off again afterwards."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from iot import tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing.install(provider)
+    yield exporter
+    tracing.install(None)
+    provider.shutdown()

@@ -13,7 +13,6 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import nats
@@ -41,7 +40,6 @@ from iot.jetstream import consume
 from iot.settings import Settings
 from iot.streams import Streams
 from projections.auth import AuthProjector, KvSecrets, consumer_spec
-from tests.e2e.processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -49,19 +47,6 @@ WAIT_S = 20.0
 
 
 # --- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture
-def auth() -> BrokerAuth:
-    return BrokerAuth(dynsec.random_password(), dynsec.random_password())
-
-
-@pytest.fixture
-def broker(tmp_path: Path, auth: BrokerAuth) -> Iterator[PrivateBroker]:
-    mosquitto = PrivateBroker(tmp_path / "mosquitto", free_port(), auth=auth)
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
-
-
 @dataclass
 class Harness:
     settings: Settings
@@ -123,11 +108,13 @@ class Harness:
 
 @pytest.fixture
 async def harness(
-    migrated: Settings, broker: PrivateBroker, auth: BrokerAuth
+    migrated: Settings, secured_broker: PrivateBroker, auth: BrokerAuth
 ) -> AsyncIterator[Harness]:
     nc = await nats.connect(migrated.nats_url)
     js = nc.jetstream()
-    client = DynsecClient("127.0.0.1", broker.port, dynsec.ADMIN_USERNAME, auth.admin_password)
+    client = DynsecClient(
+        "127.0.0.1", secured_broker.port, dynsec.ADMIN_USERNAME, auth.admin_password
+    )
     await client.start()
     await client.wait_ready(within=WAIT_S)
     streams = Streams(migrated.namespace)
@@ -137,7 +124,7 @@ async def harness(
         consume(js, consumer_spec(migrated.namespace), projector.handle, stop)
     )
     try:
-        yield Harness(migrated, broker, auth, nc, js, projector)
+        yield Harness(migrated, secured_broker, auth, nc, js, projector)
     finally:
         stop.set()
         await task

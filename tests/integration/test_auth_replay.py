@@ -12,10 +12,9 @@ import asyncio
 import dataclasses
 import io
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 
 import nats
 import pytest
@@ -34,26 +33,12 @@ from iot.settings import Settings
 from iot.streams import Streams
 from projections.auth import AuthProjector, KvSecrets
 from projections.auth_replay import AuthReplay
-from tests.e2e.processes import free_port
 from tests.integration.test_auth import accepts, login
 
 pytestmark = pytest.mark.integration
 
 WAIT_S = 20.0
 QUIET = Progress(enabled=False)
-
-
-@pytest.fixture
-def auth() -> BrokerAuth:
-    return BrokerAuth(dynsec.random_password(), dynsec.random_password())
-
-
-@pytest.fixture
-def broker(tmp_path: Path, auth: BrokerAuth) -> Iterator[PrivateBroker]:
-    mosquitto = PrivateBroker(tmp_path / "mosquitto", free_port(), auth=auth)
-    mosquitto.start()
-    yield mosquitto
-    mosquitto.stop()
 
 
 @dataclass
@@ -158,25 +143,27 @@ class Fleet:
 
 @pytest.fixture
 async def fleet(
-    migrated: Settings, broker: PrivateBroker, auth: BrokerAuth
+    migrated: Settings, secured_broker: PrivateBroker, auth: BrokerAuth
 ) -> AsyncIterator[Fleet]:
     settings = dataclasses.replace(
         migrated,
-        mqtt_url=broker.url,
+        mqtt_url=secured_broker.url,
         mqtt_username=dynsec.ADMIN_USERNAME,
         mqtt_password=auth.admin_password,
     )
     store = open_store(settings)
     nc = await nats.connect(settings.nats_url)
     js = nc.jetstream()
-    plugin = DynsecClient("127.0.0.1", broker.port, dynsec.ADMIN_USERNAME, auth.admin_password)
+    plugin = DynsecClient(
+        "127.0.0.1", secured_broker.port, dynsec.ADMIN_USERNAME, auth.admin_password
+    )
     await plugin.start()
     await plugin.wait_ready(within=WAIT_S)
     projector = AuthProjector(
         plugin, KvSecrets(js, Streams(settings.namespace)), js, settings.namespace
     )
     try:
-        yield Fleet(settings, broker, store, nc, js, plugin, projector)
+        yield Fleet(settings, secured_broker, store, nc, js, plugin, projector)
     finally:
         await plugin.stop()
         await nc.close()

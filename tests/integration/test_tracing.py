@@ -14,8 +14,7 @@ from pathlib import Path
 import nats
 import paho.mqtt.client as paho
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,7 +24,6 @@ from paho.mqtt.properties import Properties
 from bridges.mqtt import MqttSource
 from bridges.pipeline import Pipeline, pump
 from bridges.publisher import Publisher
-from iot import tracing
 from iot.broker import PrivateBroker
 from iot.settings import Settings
 from iot.streams import Streams
@@ -42,17 +40,6 @@ pytestmark = pytest.mark.integration
 
 DEVICE_TRACE = 0x0AF7651916CD43DD8448EB211C80319C
 DEVICE_SPAN = 0xB7AD6B7169203331
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    yield exporter
-    tracing.install(None)
-    provider.shutdown()
 
 
 @pytest.fixture
