@@ -19,7 +19,7 @@ services:
 up: install services
 	$(BIN)/iot up --simulate 20
 
-test: install
+test: install services
 	$(BIN)/pytest
 
 test-unit: install
