@@ -159,7 +159,7 @@ class CurrentKeys:
 
     async def resolve(self) -> ViewKeys:
         now = self.clock()
-        if now - self._at >= self.ttl or self.ttl <= 0:
+        if now - self._at >= self.ttl:  # always with ttl 0
             raw = await self.redis.get(self.key)
             generation = raw.decode() if isinstance(raw, bytes) else raw
             generation = generation or DEFAULT_GENERATION
