@@ -379,7 +379,7 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
                     yield b"event: change\ndata: " + _encode({"device_id": device_id}) + b"\n\n"
             finally:
                 with anyio.CancelScope(shield=True):  # also when the client went away
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
 
         return StreamingResponse(
             events(),

@@ -409,7 +409,7 @@ async def test_each_changed_device_is_published_once_per_batch(env: Env) -> None
         assert message is not None
         seen.append(message["data"].decode())
     assert sorted(seen[:-1]) == ["d1", "d2"]
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()
 
 
 async def test_each_applied_event_is_published_and_a_repeated_one_is_not(env: Env) -> None:
@@ -425,7 +425,7 @@ async def test_each_applied_event_is_published_and_a_repeated_one_is_not(env: En
         assert message is not None
         seen.append(message["data"].decode())
     assert seen == ["e1", "e1", "sentinel"]
-    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    await pubsub.aclose()
 
 
 async def test_undecodable_input_is_dead_lettered_and_terminated(env: Env) -> None:
