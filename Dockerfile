@@ -17,6 +17,7 @@ WORKDIR /src
 # README.md: pyproject.toml names it as the package's readme, so the build needs it.
 COPY pyproject.toml README.md ./
 COPY iot ./iot
+COPY infra ./infra
 COPY domain ./domain
 COPY commands ./commands
 COPY projections ./projections

@@ -45,9 +45,9 @@ from bench.system import (
     settings_for,
     unique_namespace,
 )
-from commands.store import EVENTS_TABLE
-from iot.settings import Settings
-from iot.streams import Streams
+from infra.eventstore import EVENTS_TABLE
+from infra.settings import Settings
+from infra.streams import Streams
 
 TARGET_RATIO = 0.80
 TARGET_HALF_P99_MS = 50.0
@@ -87,7 +87,7 @@ class Context:
     raw: Settings
     commands: Component
     relay: Component
-    store: Any  # commands.store.DeviceStore of the raw namespace
+    store: Any  # infra.eventstore.DeviceStore of the raw namespace
     nc: Any  # nats.aio.client.Client
     db: psycopg.AsyncConnection[Any]
     meter: CpuMeter
@@ -342,8 +342,8 @@ def _verdicts(report: Report) -> None:
 async def _run(args: argparse.Namespace) -> Report:
     import nats
 
-    from commands.store import open_store
     from domain.credentials import hash_secret
+    from infra.eventstore import open_store
 
     report = Report("commands: HTTP registrations + config changes vs the library's save")
     report.note(f"machine: {machine()}")

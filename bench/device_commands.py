@@ -45,10 +45,10 @@ from bench.system import (
     sleep_until,
     unique_namespace,
 )
-from iot import dynsec
+from infra import dynsec
+from infra.settings import Settings
+from infra.views import ViewKeys
 from iot.broker import BrokerAuth, PrivateBroker
-from iot.settings import Settings
-from iot.views import ViewKeys
 
 TOKEN = "bench-roundtrip-admin-token-0123"
 COMMANDS = "/api/v1/devices"

@@ -58,9 +58,9 @@ from bench.processes import Component, Components, progress
 from bench.registry import register
 from bench.report import Report
 from bench.system import free_port, machine, unique_namespace
+from infra.settings import Settings, load
+from infra.streams import Streams
 from iot.broker import PrivateBroker
-from iot.settings import Settings, load
-from iot.streams import Streams
 
 TARGET_UNBATCHED = 7_500.0
 TARGET_BATCHED = 60_000.0

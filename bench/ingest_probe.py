@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from bench.ingest_load import Load
 from bench.stats import percentile
 from bench.system import CLOCK_TICKS, _busy_seconds
-from iot.views import METRIC_FIELD, ViewKeys
+from infra.views import METRIC_FIELD, ViewKeys
 from projections.influx import InfluxClient
 
 MEASUREMENT = "telemetry"

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from domain.published import decode_event
-from iot.streams import Streams
+from infra.streams import Streams
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """`python -m bench replay`: how fast `iot replay` rebuilds the projections, against live ingest.
 
-The target (issue 5): replaying 1,000,000 readings and 100,000 domain events runs at least 3x
+The target: replaying 1,000,000 readings and 100,000 domain events runs at least 3x
 the live end-to-end ingest rate measured in the same run, so a rebuilt projection catches up
 quickly. One system for all runs, on a fresh namespace (PostgreSQL schema, JetStream streams,
 InfluxDB database and Redis keys of its own, all dropped at the end): a private Mosquitto,
@@ -62,11 +62,11 @@ from bench.processes import Component, Components, progress
 from bench.registry import register
 from bench.report import Report
 from bench.system import free_port, machine, unique_namespace
+from infra.settings import Settings
+from infra.settings import load as load_settings
+from infra.streams import Streams
+from infra.views import ViewKeys, current_key
 from iot.broker import PrivateBroker
-from iot.settings import Settings
-from iot.settings import load as load_settings
-from iot.streams import Streams
-from iot.views import ViewKeys, current_key
 
 TARGET_RATIO = 3.0
 CONFIGURATIONS = 7  # a device's events: registration, 7 configurations, suspend, resume
@@ -166,8 +166,8 @@ def event_plan(events: int) -> list[int]:
 def save_devices(settings: Settings, devices: Sequence[str], plan: Sequence[int]) -> int:
     """Save each device with its planned number of events, many devices per transaction;
     return the event store's last position."""
-    from commands.store import open_store
     from domain.device import Device
+    from infra.eventstore import open_store
 
     store = open_store(settings)
     try:

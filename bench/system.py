@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from iot.settings import Settings, load
+from infra.settings import Settings, load
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -133,7 +133,7 @@ async def drop_namespace(settings: Settings) -> None:
     import psycopg
     from psycopg import sql
 
-    from iot.streams import Streams
+    from infra.streams import Streams
 
     pg = settings.postgres
     async with await psycopg.AsyncConnection.connect(

@@ -1,1 +1,1 @@
-"""MQTT <-> JetStream bridge (issue 3)."""
+"""MQTT <-> JetStream bridge: validates device messages into the log, delivers commands back."""

@@ -38,7 +38,7 @@ from domain.published import (
     DeviceDecommissioned,
     PublishedEvent,
 )
-from iot.streams import Streams
+from infra.streams import Streams
 
 log = logging.getLogger(__name__)
 

@@ -27,11 +27,11 @@ from bridges.mqtt import MqttSink, MqttSource
 from bridges.pipeline import Pipeline, pump
 from bridges.publisher import Publisher
 from bridges.registry import DeviceRegistry
-from iot.httpkit import build_app, serve
-from iot.jetstream import follow_events
-from iot.runtime import connect_nats, stop_on_signals
-from iot.settings import Settings
-from iot.streams import Streams
+from infra.httpkit import build_app, serve
+from infra.jetstream import follow_events
+from infra.runtime import connect_nats, stop_on_signals
+from infra.settings import Settings
+from infra.streams import Streams
 
 log = logging.getLogger(__name__)
 BRIDGE_PORT = 8081

@@ -25,8 +25,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from bridges import metrics
-from iot import tracing
-from iot.runtime import paho_client
+from infra import tracing
+from infra.runtime import paho_client
 
 log = logging.getLogger(__name__)
 

@@ -22,8 +22,8 @@ from bridges.mqtt import Inbound
 from bridges.validation import Accepted, validate
 from bridges.window import AckWindow, Entry
 from domain.ingest import encode_ingest
-from iot import tracing
-from iot.streams import Streams
+from infra import tracing
+from infra.streams import Streams
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,6 @@ from starlette.routing import Route
 
 from commands import handlers
 from commands.handlers import Answer, Credentials, Outcome
-from commands.store import DeviceStore, GroupCommitter, IdempotencyRecord
 from domain.device import (
     COMMAND_NAME,
     DEVICE_ID,
@@ -32,8 +31,9 @@ from domain.device import (
     Device,
 )
 from domain.errors import DomainError, IllegalTransition, InvalidCommand
-from iot import metrics
-from iot.httpkit import Authorizer, Problem, ReadyCheck, build_app, decode_body, read_body
+from infra import metrics
+from infra.eventstore import DeviceStore, GroupCommitter, IdempotencyRecord
+from infra.httpkit import Authorizer, Problem, ReadyCheck, build_app, decode_body, read_body
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"

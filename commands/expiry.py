@@ -31,8 +31,8 @@ from domain.published import (
     PublishedEvent,
     decode_event,
 )
-from iot.jetstream import follow_events
-from iot.streams import Streams
+from infra.jetstream import follow_events
+from infra.streams import Streams
 
 log = logging.getLogger(__name__)
 

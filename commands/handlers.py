@@ -15,11 +15,11 @@ from typing import Any, Protocol
 
 from eventsourcing.persistence import IntegrityError
 
-from commands.store import IdempotencyRecord
 from domain.credentials import hash_secret
 from domain.device import Device
 from domain.errors import DomainError
-from iot import metrics
+from infra import metrics
+from infra.eventstore import IdempotencyRecord
 
 MAX_ATTEMPTS = 100
 

@@ -16,12 +16,12 @@ from commands.expiry import ExpiryScheduler, expire_with, run_expiry
 from commands.handlers import Credentials
 from commands.policy import Policies, run_policies
 from commands.relay import Relay
-from commands.store import DeviceStore, GroupCommitter, idempotency_cutoff, open_store
-from iot import secrets as secret_handover
-from iot.httpkit import Authorizer, serve
-from iot.runtime import close_nats, connect_nats, retry_async, retry_start, stop_on_signals
-from iot.settings import Settings
-from iot.streams import Streams
+from infra import secrets as secret_handover
+from infra.eventstore import DeviceStore, GroupCommitter, idempotency_cutoff, open_store
+from infra.httpkit import Authorizer, serve
+from infra.runtime import close_nats, connect_nats, retry_async, retry_start, stop_on_signals
+from infra.settings import Settings
+from infra.streams import Streams
 
 log = logging.getLogger(__name__)
 COMMANDS_PORT = 8080
@@ -116,7 +116,7 @@ async def run_commands(settings: Settings) -> None:
 async def run_relay(settings: Settings) -> None:
     from starlette.routing import BaseRoute
 
-    from iot.httpkit import build_app
+    from infra.httpkit import build_app
 
     stop = stop_on_signals()
     store = await retry_start("event store", lambda: open_store(settings))

@@ -12,9 +12,9 @@ import psycopg
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from psycopg import sql
 
-from commands.store import open_store
-from iot.settings import Settings
-from iot.streams import Streams, kv_configs
+from infra.eventstore import open_store
+from infra.settings import Settings
+from infra.streams import Streams, kv_configs
 
 log = logging.getLogger(__name__)
 MIGRATION_LOCK = 0x107_0001

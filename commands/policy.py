@@ -33,8 +33,8 @@ from domain.device import Device
 from domain.errors import DomainError
 from domain.ingest import KINDS as INGEST_KINDS
 from domain.ingest import CommandAck, CommandSent, IngestMessage, Status, decode_ingest
-from iot.jetstream import ConsumerSpec, Outcome, consume, ensure_consumer, report_lag
-from iot.streams import Streams
+from infra.jetstream import ConsumerSpec, Outcome, consume, ensure_consumer, report_lag
+from infra.streams import Streams
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.js.errors import APIError
 
-from commands.store import DeviceStore
 from domain.published import (
     DeviceCommandAcknowledged,
     DeviceCommandCancelled,
@@ -39,8 +38,9 @@ from domain.published import (
     encode_event,
     to_published,
 )
-from iot import metrics
-from iot.streams import Streams
+from infra import metrics
+from infra.eventstore import DeviceStore
+from infra.streams import Streams
 
 log = logging.getLogger(__name__)
 POSITION_HEADER = "Iot-Position"

@@ -1,1 +1,1 @@
-"""Read-only gateway for dashboards (issue 3)."""
+"""Read-only gateway for dashboards: device views, time series, history, fleet counts, SSE."""

@@ -40,8 +40,8 @@ from gateway.telemetry import (
     suggest_every,
 )
 from gateway.views import ViewReader, decode_cursor
-from iot.httpkit import Authorizer, Problem, ReadyCheck, build_app
-from iot.views import STATUSES
+from infra.httpkit import Authorizer, Problem, ReadyCheck, build_app
+from infra.views import STATUSES
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"

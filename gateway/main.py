@@ -12,9 +12,9 @@ from gateway.api import Gateway, create_app
 from gateway.influx import InfluxQL
 from gateway.ratelimit import RateLimiter, rate_limit_prefix
 from gateway.views import ViewReader
-from iot.httpkit import Authorizer, serve
-from iot.runtime import stop_on_signals
-from iot.settings import Settings
+from infra.httpkit import Authorizer, serve
+from infra.runtime import stop_on_signals
+from infra.settings import Settings
 
 log = logging.getLogger(__name__)
 GATEWAY_PORT = 8082

@@ -1,4 +1,4 @@
-"""Reading the device views from Redis (layout fixed in `iot.views`) into the contract's shapes."""
+"""Reading the device views from Redis (layout in `infra.views`) into the contract's shapes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from domain.device import DEVICE_ID
 from gateway.telemetry import rfc3339
-from iot.views import METRIC_FIELD, STATUSES, CurrentKeys, ViewKeys
+from infra.views import METRIC_FIELD, STATUSES, CurrentKeys, ViewKeys
 
 _decode = msgspec.json.decode
 # Below this many candidates, a filtered page intersects the sets; above, it scans the index.

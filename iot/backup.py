@@ -46,9 +46,9 @@ from nats.js.errors import NotFoundError
 from psycopg import sql
 
 from commands.relay import POSITION_HEADER
-from commands.store import EVENTS_TABLE
-from iot.settings import Settings
-from iot.streams import Streams
+from infra.eventstore import EVENTS_TABLE
+from infra.settings import Settings
+from infra.streams import Streams
 
 MANIFEST = "manifest.json"
 FORMAT = 1

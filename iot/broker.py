@@ -1,6 +1,6 @@
 """The Mosquitto configuration of this project (`iot/mosquitto.conf`) and a private broker
 for tests and one-machine runs, either open to anonymous clients or authenticating through the
-dynamic security plugin (`iot.dynsec`)."""
+dynamic security plugin (`iot.dynsec_config`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from string import Template
 
-from iot import dynsec
+from iot import dynsec_config
 
 CONFIG_TEMPLATE = Path(__file__).with_name("mosquitto.conf")
 MOSQUITTO = "mosquitto"
@@ -57,8 +57,8 @@ class BrokerAuth:
     bridge_password: str
     plugin: str = ""  # the plugin's library; found on this machine when empty
 
-    def users(self) -> list[dynsec.BackendUser]:
-        return dynsec.backend_users(self.admin_password, self.bridge_password)
+    def users(self) -> list[dynsec_config.BackendUser]:
+        return dynsec_config.backend_users(self.admin_password, self.bridge_password)
 
 
 class PrivateBroker:
@@ -93,8 +93,8 @@ class PrivateBroker:
         conf = self.directory / "mosquitto.conf"
         security = INSECURE
         if self.auth is not None:
-            dynsec.ensure_config_file(self.dynsec_file, self.auth.users())
-            plugin = self.auth.plugin or dynsec.find_plugin()
+            dynsec_config.ensure_config_file(self.dynsec_file, self.auth.users())
+            plugin = self.auth.plugin or dynsec_config.find_plugin()
             security = security_lines(plugin, self.dynsec_file.resolve())
         conf.write_text(render_config(self.port, self.directory, security=security))
         self.proc = subprocess.Popen([self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL)

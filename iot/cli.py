@@ -7,8 +7,8 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from iot import logs
-from iot.settings import Settings, SettingsError, load
+from infra import logs
+from infra.settings import Settings, SettingsError, load
 
 COMPONENTS = ("commands", "relay", "bridge", "gateway", "projector")
 DYNSEC_PASSWORDS = ("IOT_DYNSEC_ADMIN_PASSWORD", "IOT_DYNSEC_BRIDGE_PASSWORD")
@@ -136,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     component = args.component if args.command == "run" else args.command
     logs.configure(component, settings.log_level)
-    from iot import tracing
+    from infra import tracing
 
     tracing.configure(component)  # OTLP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set
     if args.command == "run":
@@ -176,7 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("backup", "restore"):
         return _backup_or_restore(args, settings)
     if args.command == "replay":
-        from iot.replay import Progress, replay
+        from infra.replay import Progress
+        from iot.replay import replay
 
         try:
             return asyncio.run(
@@ -208,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dynsec_init(file: str) -> int:
     import os
 
-    from iot import dynsec
+    from infra import dynsec
+    from iot import dynsec_config
 
     passwords = [os.environ.get(v, "") for v in DYNSEC_PASSWORDS]
     for variable, password in zip(DYNSEC_PASSWORDS, passwords, strict=True):
@@ -218,7 +220,7 @@ def _dynsec_init(file: str) -> int:
             )
             return 2
     try:
-        dynsec.ensure_config_file(file, dynsec.backend_users(*passwords))
+        dynsec_config.ensure_config_file(file, dynsec_config.backend_users(*passwords))
     except (OSError, ValueError) as e:
         print(f"iot dynsec-init: {e}", file=sys.stderr)
         return 1
@@ -265,7 +267,7 @@ def _backup_or_restore(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
-    from iot.runtime import stop_on_signals
+    from infra.runtime import stop_on_signals
     from iot.simulator import simulate
 
     token = next(

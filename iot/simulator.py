@@ -48,7 +48,7 @@ import aiomqtt
 import httpx
 import msgspec
 
-from iot.runtime import tcp_nodelay
+from infra.runtime import tcp_nodelay
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode

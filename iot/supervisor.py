@@ -28,10 +28,11 @@ from pathlib import Path
 
 import httpx
 
-from iot import dynsec
+from infra import dynsec
+from infra.runtime import stop_on_signals
+from infra.settings import Settings
+from iot import dynsec_config
 from iot.broker import BrokerAuth, PrivateBroker
-from iot.runtime import stop_on_signals
-from iot.settings import Settings
 
 IOT = (sys.executable, "-m", "iot.cli")
 STATE_DIR = Path(".iot")
@@ -88,7 +89,7 @@ def load_or_create_passwords(path: Path) -> BrokerAuth:
         pass  # absent or damaged: new passwords (the broker's file is updated to match)
     auth = BrokerAuth(dynsec.random_password(), dynsec.random_password())
     body = {"admin_password": auth.admin_password, "bridge_password": auth.bridge_password}
-    dynsec.write_private(path, json.dumps(body, indent=2) + "\n")
+    dynsec_config.write_private(path, json.dumps(body, indent=2) + "\n")
     return auth
 
 

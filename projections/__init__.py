@@ -1,1 +1,2 @@
-"""Read side: projections of the log into InfluxDB and Redis (issue 3)."""
+"""Read side: projections of the log into InfluxDB (time series), Redis (views) and the broker's
+dynamic security plugin (auth), each rebuildable from the log by its `*_replay` module."""

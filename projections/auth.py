@@ -6,7 +6,7 @@ the resume after it). For each device:
 
 - registered: role `device-<id>` (publish, receive, subscribe only under `devices/<id>/#`) and a
   client with username = client id = device id and the secret the command API handed over
-  (`iot.secrets`), which is then forgotten;
+  (`infra.secrets`), which is then forgotten;
 - secret rotated: the new secret (the plugin disconnects the device's connections with it);
 - suspended / resumed: the client disabled (connections dropped) / enabled;
 - decommissioned: client and role deleted (connections dropped).
@@ -43,13 +43,13 @@ from domain.published import (
     PublishedEvent,
     decode_event,
 )
-from iot import dynsec, metrics, secrets
-from iot.dynsec import DynsecClient, DynsecCommandError, DynsecUnavailable
-from iot.httpkit import build_app, serve
-from iot.jetstream import ConsumerSpec, Outcome, consume, dead_letter_message, report_lag
-from iot.runtime import close_nats, connect_nats, retry_async, stop_on_signals
-from iot.settings import Settings, SettingsError
-from iot.streams import SECRET_TTL_S, Streams
+from infra import dynsec, metrics, secrets
+from infra.dynsec import DynsecClient, DynsecCommandError, DynsecUnavailable
+from infra.httpkit import build_app, serve
+from infra.jetstream import ConsumerSpec, Outcome, consume, dead_letter_message, report_lag
+from infra.runtime import close_nats, connect_nats, retry_async, stop_on_signals
+from infra.settings import Settings, SettingsError
+from infra.streams import SECRET_TTL_S, Streams
 
 log = logging.getLogger(__name__)
 AUTH_PORT = 8083
@@ -78,7 +78,7 @@ LAG = metrics.PROJECTION_LAG.labels(projection="auth")
 
 
 class Plugin(Protocol):
-    """The dynamic security plugin's control API (`iot.dynsec.DynsecClient`)."""
+    """The dynamic security plugin's control API (`infra.dynsec.DynsecClient`)."""
 
     async def command(self, command: str, **fields: Any) -> dict[str, Any]: ...
 
@@ -90,7 +90,7 @@ class SecretSource(Protocol):
 
 
 class KvSecrets:
-    """The one-time handover bucket of `iot.secrets`."""
+    """The one-time handover bucket of `infra.secrets`."""
 
     def __init__(self, js: JetStreamContext, streams: Streams) -> None:
         self.js = js

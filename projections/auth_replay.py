@@ -3,7 +3,7 @@
 The other projections are rebuilt from the log into a fresh namespace and switched to. The auth
 projection cannot be: the plugin has one configuration per broker (there is no namespace to
 build beside the live one), and the log lacks what the broker needs most, the devices'
-secrets. The command API hands a secret over once (`iot.secrets`); the auth projector gives it
+secrets. The command API hands a secret over once (`infra.secrets`); the auth projector gives it
 to the broker and forgets it; the event store keeps only a hash the broker cannot use. So a
 replay of `auth` reconciles: it reads the device clients and roles the broker has, then every
 device's final lifecycle state from the event store in log order, and changes only what
@@ -46,7 +46,6 @@ from typing import Any
 
 from nats.js.errors import BucketNotFoundError
 
-from commands.store import DeviceStore, open_store
 from domain.device import DEVICE_ID, Status
 from domain.published import (
     DeviceConnected,
@@ -56,14 +55,13 @@ from domain.published import (
     DeviceSecretRotated,
     DeviceSuspended,
     PublishedEvent,
-    UnpublishableEvent,
-    to_published,
 )
-from iot import dynsec, secrets
-from iot.dynsec import DynsecClient, DynsecCommandError, DynsecError, DynsecUnavailable
-from iot.replay import Progress, ReplayContext, ReplayError, Report
-from iot.settings import Settings, SettingsError
-from iot.streams import Streams
+from infra import dynsec, secrets
+from infra.dynsec import DynsecClient, DynsecCommandError, DynsecError, DynsecUnavailable
+from infra.eventstore import DeviceStore, open_store
+from infra.replay import Progress, ReplayContext, ReplayError, Report, store_pages
+from infra.settings import Settings, SettingsError
+from infra.streams import Streams
 from projections.auth import Plugin, control_client, create_client, ensure_client, ensure_role
 
 PAGE = 1_000  # events per read of the event store, clients or roles per listing of the plugin
@@ -116,14 +114,11 @@ class DeviceLog:
 
     async def read(self, store: DeviceStore, progress: Progress | None = None) -> None:
         """Fold in every event after `position`, a page at a time (blocking reads in a thread)."""
-        while True:
-            page = await asyncio.to_thread(_read_page, store, self.position + 1, PAGE)
+        async for page in store_pages(store, start=self.position + 1):
             for event in page:
                 self.apply(event)
             if progress is not None:
                 progress.advance(len(page))
-            if len(page) < PAGE:
-                return
 
     def describe(self) -> str:
         counts = Counter(d.status for d in self.devices.values())
@@ -132,16 +127,6 @@ class DeviceLog:
             f"event store: {self.events:,} events up to position {self.position:,}; "
             f"{len(self.devices):,} devices ({by_status})"
         )
-
-
-def _read_page(store: DeviceStore, start: int, limit: int) -> list[PublishedEvent]:
-    page = []
-    for notification in store.recorder.select_notifications(start, limit):
-        try:
-            page.append(to_published(store.mapper.to_domain_event(notification), notification.id))
-        except UnpublishableEvent as e:  # the relay refuses it too: a schema gap to fix first
-            raise ReplayError(f"event store position {notification.id}: {e}") from e
-    return page
 
 
 # --- the broker ---------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from iot.settings import Settings
+from infra.settings import Settings
 
 PROJECTORS = {
     "timeseries": "projections.timeseries",

@@ -35,8 +35,8 @@ from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Histogram
 
 from domain.ingest import Telemetry, decode_ingest
-from iot import metrics, tracing
-from iot.jetstream import (
+from infra import metrics, tracing
+from infra.jetstream import (
     ConsumerSpec,
     Outcome,
     consume,
@@ -44,8 +44,8 @@ from iot.jetstream import (
     publish_dead_letter,
     report_lag,
 )
-from iot.settings import Settings
-from iot.streams import Streams
+from infra.settings import Settings
+from infra.streams import Streams
 from projections.influx import DatabaseNotFound, InfluxError, InfluxRejected, InfluxUnavailable
 from projections.lineproto import LineProtocolError, TelemetryEncoder
 
@@ -381,8 +381,8 @@ async def run(settings: Settings) -> None:
     """Composition root of `iot run projector timeseries`."""
     from starlette.routing import BaseRoute
 
-    from iot.httpkit import build_app, serve
-    from iot.runtime import close_nats, connect_nats, retry_async, stop_on_signals
+    from infra.httpkit import build_app, serve
+    from infra.runtime import close_nats, connect_nats, retry_async, stop_on_signals
     from projections.influx import InfluxClient
 
     stop = stop_on_signals()

@@ -39,7 +39,7 @@ import nats.js.errors
 from nats.aio.msg import Msg
 
 from domain.ingest import Telemetry, decode_ingest
-from iot.replay import (
+from infra.replay import (
     LogTail,
     Progress,
     ReplayContext,
@@ -49,7 +49,7 @@ from iot.replay import (
     stream_reach,
     wait_caught_up,
 )
-from iot.streams import Streams
+from infra.streams import Streams
 from projections.influx import (
     DatabaseNotFound,
     InfluxClient,

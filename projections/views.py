@@ -5,7 +5,7 @@ device list; one compare-and-set script per event on the device version, so seve
 keep per-device order; commands to devices ride on the same script) and the INGEST stream
 (latest value of each metric by device time, last seen, online, reported state and its config
 version, readings per minute; one script per batch, commutative and idempotent). The layout
-is `iot.views`; the gateway reads it.
+is `infra.views`; the gateway reads it.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ from starlette.routing import BaseRoute
 
 from domain.ingest import CommandSent, decode_ingest
 from domain.published import PublishedEvent, decode_event
-from iot import metrics, tracing
-from iot.httpkit import build_app, serve
-from iot.jetstream import ConsumerSpec, Outcome, consume, dead_letter_message, report_lag
-from iot.runtime import close_nats, connect_nats, retry_async, stop_on_signals
-from iot.settings import Settings
-from iot.streams import Streams
-from iot.views import CurrentKeys, ViewKeys
+from infra import metrics, tracing
+from infra.httpkit import build_app, serve
+from infra.jetstream import ConsumerSpec, Outcome, consume, dead_letter_message, report_lag
+from infra.runtime import close_nats, connect_nats, retry_async, stop_on_signals
+from infra.settings import Settings
+from infra.streams import Streams
+from infra.views import CurrentKeys, ViewKeys
 from projections import views_scripts
 from projections.views_plan import (
     DeviceState,
@@ -174,7 +174,7 @@ def plan_ingest(msgs: Sequence[Msg]) -> PlannedIngest:
 class ViewsProjector:
     """The two handlers; each returns only once its batch is applied in Redis.
 
-    Live (`keys` None), each batch resolves the generation in use (`iot.views.CurrentKeys`)
+    Live (`keys` None), each batch resolves the generation in use (`infra.views.CurrentKeys`)
     and lands wholly in it, so a replay's switch takes effect at the next batch; a replay
     passes the fixed, silent keys of the generation it builds.
     """

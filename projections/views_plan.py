@@ -35,7 +35,7 @@ from domain.published import (
     DeviceSuspended,
     PublishedEvent,
 )
-from iot.views import CONFIG_VERSION_KEY, METRIC_FIELD, ViewKeys
+from infra.views import CONFIG_VERSION_KEY, METRIC_FIELD, ViewKeys
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)

@@ -8,7 +8,7 @@ own code (`ViewsProjector.apply_events` / `apply_ingest`) into the new generatio
 change notifications off. The checkpoint of the new generation starts at (stream sequence
 before the store read, largest position read), so consistency tokens hold across the switch.
 
-The switch is one SET of `{ns}:views:current` (see iot.views): the live projector picks the
+The switch is one SET of `{ns}:views:current` (see infra.views): the live projector picks the
 new generation up at its next batch, the gateway within its cache time. The rebuild keeps
 following both streams up to their end as read right after the switch, so whatever the live
 projector put into the old generation before it noticed is in the new one too. The old
@@ -27,10 +27,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from nats.aio.msg import Msg
 
-from commands.store import DeviceStore, open_store
-from domain.published import PublishedEvent, decode_event, encode_event, to_published
-from iot.jetstream import Outcome
-from iot.replay import (
+from infra.eventstore import DeviceStore, open_store
+from infra.jetstream import Outcome
+from infra.replay import (
     LogTail,
     Progress,
     ReplayContext,
@@ -38,11 +37,12 @@ from iot.replay import (
     Report,
     digest,
     follow,
+    store_pages,
     stream_reach,
     wait_caught_up,
 )
-from iot.streams import Streams
-from iot.views import (
+from infra.streams import Streams
+from infra.views import (
     DEFAULT_GENERATION,
     STATUSES,
     ViewKeys,
@@ -53,7 +53,6 @@ from iot.views import (
 from projections import views_scripts
 from projections.views import ViewsProjector, decode_events, plan_ingest
 
-STORE_PAGE = 2_000  # notifications per event-store read
 VERIFY_ROUNDS = 5  # a difference must persist this many comparisons (1 s apart) to count
 DELETE_CHUNK = 1_000
 
@@ -257,42 +256,19 @@ class ViewsReplay:
     ) -> None:
         """Every domain event up to `max_position`, in commit order, a page at a time; the
         next page is read (in a thread) while this one is applied."""
-        mapper = store.mapper
-
-        def read(start: int) -> list[PublishedEvent]:
-            page = store.recorder.select_notifications(start, STORE_PAGE, max_position)
-            # the published form exactly as the live projector decodes it off the stream
-            return [
-                decode_event(encode_event(to_published(mapper.to_domain_event(n), n.id)))
-                for n in page
-            ]
-
         start = 1
-        pending = asyncio.create_task(asyncio.to_thread(read, start)) if max_position else None
-        try:
-            while pending is not None:
-                page = await pending
-                pending = None
-                if not page:
-                    break
-                last = page[-1].position
-                if last < max_position:
-                    pending = asyncio.create_task(asyncio.to_thread(read, last + 1))
-                applied = await projector.apply_events(keys, list(enumerate(page)))
-                if applied.retry:
-                    raise ReplayError(
-                        f"event store positions {page[0].position}..{last}: "
-                        f"{len(applied.retry)} event(s) out of version order"
-                    )
-                counts.events += len(page)
-                counts.skip("missing_registration", len(applied.missing))
-                progress.advance(last - start + 1)
-                start = last + 1
-        finally:
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(BaseException):
-                    await pending
+        async for page in store_pages(store, start=start, upto=max_position):
+            last = page[-1].position
+            applied = await projector.apply_events(keys, list(enumerate(page)))
+            if applied.retry:
+                raise ReplayError(
+                    f"event store positions {page[0].position}..{last}: "
+                    f"{len(applied.retry)} event(s) out of version order"
+                )
+            counts.events += len(page)
+            counts.skip("missing_registration", len(applied.missing))
+            progress.advance(last - start + 1)
+            start = last + 1
 
     async def _apply_stream_events(
         self, projector: ViewsProjector, keys: ViewKeys, msgs: Sequence[Msg], counts: Counts

@@ -153,7 +153,7 @@ end
 return changed
 """
 
-# The checkpoint of domain events after a batch (see iot.views): folds the stream sequences of
+# The checkpoint of domain events after a batch (see infra.views): folds the stream sequences of
 # the messages done (applied, skipped as applied, dead-lettered) into the contiguous prefix S of
 # the EVENTS stream and moves the position P to the largest event position in that prefix.
 # A message done past a gap waits in the `ahead` hash until the gap closes; S and P never move

@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from iot.settings import Settings, load
+from infra.settings import Settings, load
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from commands.store import DeviceStore
+    from infra.eventstore import DeviceStore
 
 TOKENS = {
     "viewer-token-0123456789": "viewer",
@@ -46,7 +46,7 @@ def drop_namespace(settings: Settings) -> None:
     import psycopg
     from psycopg import sql
 
-    from iot.streams import Streams
+    from infra.streams import Streams
 
     pg = settings.postgres
     with psycopg.connect(
@@ -99,7 +99,7 @@ def migrated() -> Iterator[Settings]:
 
 @pytest.fixture
 def store(migrated: Settings) -> Iterator[DeviceStore]:
-    from commands.store import open_store
+    from infra.eventstore import open_store
 
     opened = open_store(migrated)
     yield opened
@@ -108,12 +108,12 @@ def store(migrated: Settings) -> Iterator[DeviceStore]:
 
 @pytest.fixture
 def spans() -> Iterator[InMemorySpanExporter]:
-    """Tracing on for the test, into memory (`iot.tracing`); off again afterwards."""
+    """Tracing on for the test, into memory (`infra.tracing`); off again afterwards."""
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-    from iot import tracing
+    from infra import tracing
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()

@@ -1,6 +1,6 @@
 """The cluster deployment as rendered (`kubectl kustomize deploy/overlays/k3s-rpi`) and the image's
-Dockerfile, checked for what the seed architecture and issue 6 require. kubectl is required: the
-test fails, never skips, without it (Debian package `kubectl`)."""
+Dockerfile, checked against the reference cluster (deploy/README.md). kubectl is required: the test
+fails, never skips, without it (Debian package `kubectl`)."""
 
 from __future__ import annotations
 

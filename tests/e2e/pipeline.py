@@ -14,8 +14,8 @@ import msgspec
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from infra.settings import Settings
 from iot.broker import PrivateBroker
-from iot.settings import Settings
 from tests.conftest import TOKENS
 from tests.e2e.processes import Component, free_port
 

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import httpx
 
-from iot.settings import Settings
+from infra.settings import Settings
 
 
 def free_port() -> int:

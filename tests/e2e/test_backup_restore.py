@@ -12,8 +12,8 @@ from pathlib import Path
 import nats
 import pytest
 
-from iot.settings import Settings
-from iot.streams import Streams
+from infra.settings import Settings
+from infra.streams import Streams
 
 pytestmark = pytest.mark.e2e
 

@@ -17,9 +17,9 @@ import pytest
 
 from commands.migrate import migrate_streams
 from domain.ingest import Telemetry, decode_ingest
+from infra.settings import Settings
+from infra.streams import Streams
 from iot.broker import PrivateBroker
-from iot.settings import Settings
-from iot.streams import Streams
 from tests.e2e.processes import Component, free_port
 from tests.integration.test_bridge import Device, register_devices, stream_messages
 

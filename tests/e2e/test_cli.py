@@ -44,7 +44,7 @@ def test_a_bad_setting_stops_the_process_with_one_line_naming_it(
 
 
 def test_migrate_twice_changes_nothing_the_second_time(migrated: object) -> None:
-    from iot.settings import Settings
+    from infra.settings import Settings
 
     assert isinstance(migrated, Settings)
     env = {"IOT_NAMESPACE": migrated.namespace}

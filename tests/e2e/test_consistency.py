@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from iot.settings import Settings
+from infra.settings import Settings
 from tests.e2e.pipeline import OPERATOR, VIEWER
 from tests.e2e.processes import Component
 

@@ -24,10 +24,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from commands.migrate import migrate
-from iot import dynsec
+from infra import dynsec
+from infra.settings import Settings
+from infra.streams import Streams
 from iot.broker import BrokerAuth, PrivateBroker
-from iot.settings import Settings
-from iot.streams import Streams
 from tests.conftest import drop_namespace, settings_for, unique_namespace
 from tests.e2e.pipeline import OPERATOR, VIEWER, System, wait_until
 from tests.e2e.processes import free_port

@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from iot.settings import Settings
+from infra.settings import Settings
 from tests.conftest import TOKENS
 from tests.e2e.pipeline import wait_until
 from tests.e2e.processes import free_port

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from iot.settings import Settings
+from infra.settings import Settings
 from tests.e2e.pipeline import (
     VIEWER,
     Publisher,

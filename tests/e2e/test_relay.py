@@ -11,11 +11,11 @@ from datetime import UTC, datetime
 import nats
 import pytest
 
-from commands.store import DeviceStore
 from domain.device import Device
 from domain.published import decode_event
-from iot.settings import Settings
-from iot.streams import Streams
+from infra.eventstore import DeviceStore
+from infra.settings import Settings
+from infra.streams import Streams
 from tests.e2e.processes import Component
 
 pytestmark = pytest.mark.e2e

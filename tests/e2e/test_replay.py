@@ -23,9 +23,9 @@ import redis
 
 from commands.migrate import migrate
 from domain.ingest import Reading, Reported, Status, Telemetry, encode_ingest
-from iot.settings import Settings
-from iot.streams import Streams
-from iot.views import ViewKeys, current_key, replay_key
+from infra.settings import Settings
+from infra.streams import Streams
+from infra.views import ViewKeys, current_key, replay_key
 from tests.conftest import drop_namespace, settings_for, unique_namespace
 from tests.e2e.pipeline import (
     OPERATOR,

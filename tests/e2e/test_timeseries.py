@@ -13,8 +13,8 @@ import nats
 import pytest
 
 from domain.ingest import Reading, Telemetry, encode_ingest
-from iot.settings import Settings
-from iot.streams import Streams
+from infra.settings import Settings
+from infra.streams import Streams
 from projections.influx import InfluxClient
 from projections.timeseries import consumer_spec
 from tests.e2e.processes import Component, free_port

@@ -23,9 +23,9 @@ from domain.published import (
     PublishedEvent,
     encode_event,
 )
-from iot.settings import Settings
-from iot.streams import Streams
-from iot.views import ViewKeys
+from infra.settings import Settings
+from infra.streams import Streams
+from infra.views import ViewKeys
 from tests.e2e.processes import Component
 
 pytestmark = pytest.mark.e2e

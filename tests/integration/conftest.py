@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from iot import dynsec
+from infra import dynsec
 from iot.broker import BrokerAuth, PrivateBroker
 from tests.e2e.processes import free_port
 

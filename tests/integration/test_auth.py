@@ -32,13 +32,13 @@ from domain.published import (
     PublishedEvent,
     encode_event,
 )
-from iot import dynsec
-from iot import secrets as handover
+from infra import dynsec
+from infra import secrets as handover
+from infra.dynsec import DynsecClient
+from infra.jetstream import consume
+from infra.settings import Settings
+from infra.streams import Streams
 from iot.broker import BrokerAuth, PrivateBroker
-from iot.dynsec import DynsecClient
-from iot.jetstream import consume
-from iot.settings import Settings
-from iot.streams import Streams
 from projections.auth import AuthProjector, KvSecrets, consumer_spec
 
 pytestmark = pytest.mark.integration

@@ -21,16 +21,17 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 
-from commands.store import DeviceStore, open_store
 from domain.device import Device
 from domain.published import to_published
-from iot import dynsec
-from iot import secrets as handover
+from infra import dynsec
+from infra import secrets as handover
+from infra.dynsec import DynsecClient, DynsecCommandError
+from infra.eventstore import DeviceStore, open_store
+from infra.replay import Progress, ReplayContext, ReplayError, Report, replay_lock
+from infra.settings import Settings
+from infra.streams import Streams
 from iot.broker import BrokerAuth, PrivateBroker
-from iot.dynsec import DynsecClient, DynsecCommandError
-from iot.replay import Progress, ReplayContext, ReplayError, Report, replay, replay_lock
-from iot.settings import Settings
-from iot.streams import Streams
+from iot.replay import replay
 from projections.auth import AuthProjector, KvSecrets
 from projections.auth_replay import AuthReplay
 from tests.integration.test_auth import accepts, login

@@ -18,11 +18,11 @@ from nats.js.errors import NotFoundError
 from psycopg import sql
 
 from commands.relay import POSITION_HEADER, Relay
-from commands.store import DeviceStore, IdempotencyRecord, open_store
 from domain.device import Device
+from infra.eventstore import DeviceStore, IdempotencyRecord, open_store
+from infra.settings import Settings
+from infra.streams import Streams
 from iot.backup import BackupError, Refused, backup, restore
-from iot.settings import Settings
-from iot.streams import Streams
 
 pytestmark = pytest.mark.integration
 

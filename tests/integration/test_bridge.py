@@ -24,9 +24,9 @@ from bridges.pipeline import Pipeline, pump
 from bridges.publisher import Publisher
 from domain.ingest import IngestMessage, Telemetry, decode_ingest
 from domain.published import DeviceDecommissioned, DeviceRegistered, encode_event
+from infra.settings import Settings
+from infra.streams import Streams
 from iot.broker import PrivateBroker
-from iot.settings import Settings
-from iot.streams import Streams
 from tests.e2e.processes import free_port, running
 
 pytestmark = pytest.mark.integration

@@ -31,9 +31,9 @@ from domain.published import (
     PublishedEvent,
     encode_event,
 )
+from infra.settings import Settings
+from infra.streams import LEASE_TTL_S, Streams
 from iot.broker import PrivateBroker
-from iot.settings import Settings
-from iot.streams import LEASE_TTL_S, Streams
 from tests.e2e.processes import Component
 from tests.integration.test_bridge import bridge_env, broker, metric, wait_until
 

@@ -16,12 +16,12 @@ from nats.js.client import JetStreamContext
 
 from commands.api import CommandService, create_app
 from commands.handlers import Credentials
-from commands.store import DeviceStore, GroupCommitter
 from domain.credentials import verify_secret
-from iot import secrets
-from iot.httpkit import Authorizer
-from iot.settings import Settings
-from iot.streams import Streams
+from infra import secrets
+from infra.eventstore import DeviceStore, GroupCommitter
+from infra.httpkit import Authorizer
+from infra.settings import Settings
+from infra.streams import Streams
 from tests.conftest import TOKENS
 
 pytestmark = pytest.mark.integration
@@ -731,7 +731,7 @@ async def test_command_requests_are_counted_in_metrics(client: httpx.AsyncClient
     assert 'iot_commands_total{command="request-command",outcome="202"}' in metrics
 
 
-# --- the consistency token in bodies (issue 5) ----------------------------------------------------
+# --- the consistency token in bodies --------------------------------------------------------------
 
 
 async def test_every_successful_change_carries_its_position_in_body_and_header(

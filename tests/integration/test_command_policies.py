@@ -25,11 +25,11 @@ from commands.api import StoreAdapter
 from commands.expiry import ExpiryScheduler, expire_with, run_expiry
 from commands.policy import Policies, run_policies
 from commands.relay import Relay
-from commands.store import DeviceStore, GroupCommitter
 from domain.device import Device, device_uuid
 from domain.ingest import CommandAck, CommandSent, IngestMessage, Status, encode_ingest
-from iot.settings import Settings
-from iot.streams import Streams
+from infra.eventstore import DeviceStore, GroupCommitter
+from infra.settings import Settings
+from infra.streams import Streams
 
 pytestmark = pytest.mark.integration
 

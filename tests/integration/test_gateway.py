@@ -18,9 +18,9 @@ import gateway.views
 from gateway.api import Gateway, create_app
 from gateway.main import build_gateway, readiness
 from gateway.ratelimit import RateLimiter, rate_limit_prefix
-from iot.httpkit import serve
-from iot.settings import Settings
-from iot.views import ViewKeys
+from infra.httpkit import serve
+from infra.settings import Settings
+from infra.views import ViewKeys
 from tests.conftest import settings_for, unique_namespace
 from tests.e2e.processes import free_port
 
@@ -127,7 +127,7 @@ async def put_device(
     commands: dict[str, list[dict[str, Any]]] | None = None,
     version: int = 1,
 ) -> None:
-    """A device's view exactly as `iot.views` documents it: the hash and every index."""
+    """A device's view exactly as `infra.views` documents it: the hash and every index."""
     labels = labels or {}
     doc = {
         "device_id": device_id,

@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 from eventsourcing.persistence import IntegrityError
 
-from commands.store import DeviceStore, GroupCommitter, IdempotencyRecord, _Pending
 from domain.device import Device
+from infra.eventstore import DeviceStore, GroupCommitter, IdempotencyRecord, _Pending
 
 pytestmark = pytest.mark.integration
 AT = datetime(2026, 1, 1, tzinfo=UTC)

@@ -24,8 +24,8 @@ from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 
 from domain.ingest import Reading, Telemetry, encode_ingest
-from iot.settings import Settings
-from iot.streams import Streams
+from infra.settings import Settings
+from infra.streams import Streams
 from projections import timeseries
 from projections.influx import InfluxClient
 from projections.timeseries import (

@@ -13,8 +13,8 @@ import nats
 import pytest
 
 from domain.ingest import Reading, Telemetry
-from iot.replay import CAUGHT_UP_MESSAGES, Progress, ReplayContext, Report
-from iot.settings import Settings
+from infra.replay import CAUGHT_UP_MESSAGES, Progress, ReplayContext, Report
+from infra.settings import Settings
 from projections import timeseries_replay
 from projections.influx import InfluxClient, RetentionPolicy
 from projections.timeseries_replay import FieldStats, Stats, TimeseriesReplay, parse_stats

@@ -24,9 +24,9 @@ from paho.mqtt.properties import Properties
 from bridges.mqtt import MqttSource
 from bridges.pipeline import Pipeline, pump
 from bridges.publisher import Publisher
+from infra.settings import Settings
+from infra.streams import Streams
 from iot.broker import PrivateBroker
-from iot.settings import Settings
-from iot.streams import Streams
 from projections.influx import InfluxClient
 from projections.timeseries import (
     JetStreamDeadLetters,

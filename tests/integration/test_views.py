@@ -1,4 +1,4 @@
-"""The views projection on real Redis and NATS, in the layout of `iot.views` (the gateway's)."""
+"""The views projection on real Redis and NATS, in the layout of `infra.views` (the gateway's)."""
 
 from __future__ import annotations
 
@@ -46,10 +46,10 @@ from domain.published import (
     PublishedEvent,
     encode_event,
 )
-from iot.jetstream import ConsumerSpec, Outcome, consume, ensure_consumer
-from iot.settings import Settings
-from iot.streams import Streams
-from iot.views import ViewKeys
+from infra.jetstream import ConsumerSpec, Outcome, consume, ensure_consumer
+from infra.settings import Settings
+from infra.streams import Streams
+from infra.views import ViewKeys
 from projections.views import ViewsProjector, consumer_specs, seed_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -439,7 +439,7 @@ async def test_undecodable_input_is_dead_lettered_and_terminated(env: Env) -> No
     assert (dead.headers or {})["Iot-Reason"] == "undecodable_ingest"
 
 
-# -- commands, twin, connectivity (issue 4) ----------------------------------------------------
+# -- commands, twin, connectivity --------------------------------------------------------------
 
 
 def requested(cid: str, version: int, device_id: str = "d1") -> DeviceCommandRequested:
@@ -697,7 +697,7 @@ async def test_batches_split_across_two_projectors_end_in_the_same_views(env: En
         await env.js.delete_consumer(env.streams.events, events_spec.durable)
 
 
-# -- the views position (consistency token, issue 5) -------------------------------------------
+# -- the views position (consistency token) ----------------------------------------------------
 
 
 def at_position(event: PublishedEvent, position: int) -> PublishedEvent:

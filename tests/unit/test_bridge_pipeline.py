@@ -14,7 +14,7 @@ from bridges.pipeline import Pipeline
 from bridges.publisher import PubAck, PublishError
 from bridges.window import AckWindow, Entry
 from domain.ingest import Status, decode_ingest
-from iot.streams import Streams
+from infra.streams import Streams
 
 PAYLOAD = b'{"a": 1}'
 DIGEST = hashlib.sha256(PAYLOAD).hexdigest()[:32]

@@ -19,7 +19,7 @@ from bridges.mqtt import PublishFailed
 from bridges.registry import SENT, DeviceRegistry, PendingCommand
 from domain.ingest import CommandSent, decode_ingest
 from domain.published import PublishedEvent
-from iot.streams import Streams
+from infra.streams import Streams
 from tests.unit.support import at
 from tests.unit.test_bridge_registry import Log
 

@@ -27,10 +27,11 @@ from domain.published import (
     PublishedEvent,
     encode_event,
 )
-from iot import dynsec
+from infra import dynsec
+from infra.dynsec import DynsecCommandError, DynsecUnavailable
+from infra.settings import SettingsError, load
+from iot import dynsec_config
 from iot.broker import INSECURE, BrokerAuth, render_config, security_lines
-from iot.dynsec import DynsecCommandError, DynsecUnavailable
-from iot.settings import SettingsError, load
 from iot.supervisor import (
     MqttCredentials,
     _mqtt_plan,
@@ -83,12 +84,12 @@ def test_hash_refuses_a_salt_the_plugin_cannot_load() -> None:
 
 
 # --- the configuration file -------------------------------------------------------------------
-def users() -> list[dynsec.BackendUser]:
-    return dynsec.backend_users("admin-pw", "bridge-pw")
+def users() -> list[dynsec_config.BackendUser]:
+    return dynsec_config.backend_users("admin-pw", "bridge-pw")
 
 
 def test_fresh_file_has_the_backend_users_and_denies_everything_else() -> None:
-    config = dynsec.initial_config(users())
+    config = dynsec_config.initial_config(users())
     assert config["defaultACLAccess"] == {
         "publishClientSend": False,
         "publishClientReceive": False,
@@ -137,14 +138,14 @@ def test_backend_usernames_can_never_be_device_ids() -> None:
 
 def test_updating_the_file_keeps_devices_and_replaces_backend_users(tmp_path: Path) -> None:
     path = tmp_path / "dynsec.json"
-    dynsec.ensure_config_file(path, users())
+    dynsec_config.ensure_config_file(path, users())
     config = json.loads(path.read_text())
     config["clients"].append({"username": "pump-7", "roles": [{"rolename": "device-pump-7"}]})
     config["roles"].append({"rolename": "device-pump-7", "acls": []})
     config["defaultACLAccess"]["subscribe"] = True
     path.write_text(json.dumps(config))
 
-    dynsec.ensure_config_file(path, dynsec.backend_users("new-admin", "new-bridge"))
+    dynsec_config.ensure_config_file(path, dynsec_config.backend_users("new-admin", "new-bridge"))
     updated = json.loads(path.read_text())
     names = [c["username"] for c in updated["clients"]]
     assert sorted(names) == sorted([dynsec.ADMIN_USERNAME, dynsec.BRIDGE_USERNAME, "pump-7"])
@@ -158,7 +159,7 @@ def test_updating_the_file_keeps_devices_and_replaces_backend_users(tmp_path: Pa
 
 def test_file_is_private_to_its_owner(tmp_path: Path) -> None:
     path = tmp_path / "dynsec.json"
-    dynsec.ensure_config_file(path, users())
+    dynsec_config.ensure_config_file(path, users())
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
@@ -166,7 +167,7 @@ def test_damaged_file_is_reported_not_overwritten(tmp_path: Path) -> None:
     path = tmp_path / "dynsec.json"
     path.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
-        dynsec.ensure_config_file(path, users())
+        dynsec_config.ensure_config_file(path, users())
     assert path.read_text() == "{not json"
 
 

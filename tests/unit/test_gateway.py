@@ -31,7 +31,7 @@ from gateway.views import (
     in_sync,
     readings_last_minute,
 )
-from iot.httpkit import Problem
+from infra.httpkit import Problem
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in epoch ms
 HOUR = 3_600_000

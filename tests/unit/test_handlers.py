@@ -21,10 +21,10 @@ from commands.handlers import (
     change,
     register,
 )
-from commands.store import IdempotencyRecord
 from domain.credentials import verify_secret
 from domain.device import Device, Status
 from domain.errors import IllegalTransition, InvalidCommand
+from infra.eventstore import IdempotencyRecord
 from tests.unit.support import DEVICE_ID, T0, at
 
 Rival = Callable[[Device], None]

@@ -8,7 +8,7 @@ import msgspec
 import pytest
 from starlette.requests import Request
 
-from iot.httpkit import PROBLEM, Authorizer, Problem, decode_body, field_of
+from infra.httpkit import PROBLEM, Authorizer, Problem, decode_body, field_of
 
 VIEWER = "viewer-token-0123456789"
 OPERATOR = "operator-token-012345678"

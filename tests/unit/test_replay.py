@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from iot.replay import REPLAYERS, Progress, ReplayContext, ReplayError, digest, load_replayer
-from iot.settings import load
+from infra.replay import Progress, ReplayContext, ReplayError, digest
+from infra.settings import load
+from iot.replay import REPLAYERS, load_replayer
 
 
 class Clock:

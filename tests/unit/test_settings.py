@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from iot.settings import PostgresParams, SettingsError, load, parse_postgres_url, parse_tokens
+from infra.settings import PostgresParams, SettingsError, load, parse_postgres_url, parse_tokens
 
 VIEWER = "viewer-token-0123456789"
 OPERATOR = "operator-token-012345678"

@@ -7,7 +7,7 @@ from typing import Any
 from nats.aio.msg import Msg
 
 from domain.ingest import Reading, Status, Telemetry, encode_ingest
-from iot.replay import Progress
+from infra.replay import Progress
 from projections.influx import RetentionPolicy
 from projections.timeseries import PointWriter
 from projections.timeseries_replay import (

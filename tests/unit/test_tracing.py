@@ -18,8 +18,8 @@ from prometheus_client import REGISTRY
 
 from commands.relay import count_command_step
 from domain.published import DeviceCommandAcknowledged, DeviceCommandExpired, DeviceConnected
-from iot import tracing
-from iot.logs import JsonFormatter
+from infra import tracing
+from infra.logs import JsonFormatter
 
 TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 SPAN = 0x00F067AA0BA902B7
@@ -166,7 +166,7 @@ def test_tracing_is_configured_only_when_an_otlp_endpoint_is_set() -> None:
     assert tracing.configure("bridge", {}) is False
     assert tracing.TRACER is None
     script = (
-        "from iot import tracing; "
+        "from infra import tracing; "
         "on = tracing.configure('bridge', {'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://127.0.0.1:9'}); "
         "print(on, tracing.TRACER is not None)"
     )

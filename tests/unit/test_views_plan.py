@@ -26,7 +26,7 @@ from domain.published import (
     DeviceSuspended,
     PublishedEvent,
 )
-from iot.views import ViewKeys
+from infra.views import ViewKeys
 from projections.views_plan import (
     Commands,
     DeviceState,

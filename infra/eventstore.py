@@ -24,8 +24,8 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
 from domain.device import Device, device_uuid
-from iot import metrics
-from iot.settings import Settings
+from infra import metrics
+from infra.settings import Settings
 
 APPLICATION_NAME = "Devices"
 EVENTS_TABLE = "devices_events"

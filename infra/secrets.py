@@ -14,7 +14,7 @@ import contextlib
 from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
-from iot.streams import Streams
+from infra.streams import Streams
 
 
 def secret_key(device_id: str, version: int) -> str:

@@ -23,8 +23,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from iot import metrics
-from iot.settings import ROLES
+from infra import metrics
+from infra.settings import ROLES
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -23,7 +23,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from prometheus_client import Counter, Gauge
 
-from iot.streams import Streams
+from infra.streams import Streams
 
 log = logging.getLogger(__name__)
 STATUS_HEADER = "Status"
