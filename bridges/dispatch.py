@@ -9,10 +9,10 @@ registry has caught up with the EVENTS stream, and nothing while this replica is
 
 A command is published QoS 1 (with an MQTT message expiry at its `expires_at`), never once its
 `expires_at` has passed; after the broker's PUBACK the bridge reports `CommandSent` on
-`ingest.sent.<id>` (Nats-Msg-Id `sent:<command_id>`) and marks it sent, so it is not published
-again unless the device reconnects (a clean session lost it) or the leader changes (the new
-leader cannot know what the old one published). Delivery is at least once: a device
-deduplicates by `command_id`.
+`ingest.ack.<id>` (beside the device's acks; Nats-Msg-Id `sent:<command_id>`) and marks it
+sent, so it is not published again unless the device reconnects (a clean session lost it) or
+the leader changes (the new leader cannot know what the old one published). Delivery is at
+least once: a device deduplicates by `command_id`.
 """
 
 from __future__ import annotations

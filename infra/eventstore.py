@@ -207,9 +207,10 @@ class GroupCommitter:
     throughput at one commit round trip per command. Callers in worker threads hand their
     device to one committer thread, which saves whatever has queued up while the previous
     transaction ran, as one transaction. If that transaction conflicts (one device lost an
-    optimistic-concurrency race, or an idempotency key was taken), each device is saved
-    alone so only the loser sees the conflict. Nothing waits on a timer: a lone command is
-    committed at once. The queue is bounded; callers block when it is full.
+    optimistic-concurrency race, or an idempotency key was taken), the batch is halved and
+    each half retried, down to single devices, so only the loser sees the conflict. Nothing
+    waits on a timer: a lone command is committed at once. The queue is bounded; callers block
+    when it is full.
     """
 
     def __init__(self, store: DeviceStore, max_batch: int = 64, max_queue: int = 1024) -> None:
