@@ -23,6 +23,7 @@ COPY commands ./commands
 COPY projections ./projections
 COPY bridges ./bridges
 COPY gateway ./gateway
+COPY analytics ./analytics
 RUN /opt/iot/bin/pip install --no-compile . \
  && /opt/iot/bin/python -m compileall -q /opt/iot/lib
 

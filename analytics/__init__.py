@@ -1,0 +1,1 @@
+"""The Analytics service: alert rules evaluated on the stream."""
