@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from commands import handlers
 from commands.handlers import Answer, Credentials, Outcome
+from commands.openapi import openapi_endpoint
 from domain.device import (
     COMMAND_NAME,
     DEVICE_ID,
@@ -121,7 +122,7 @@ def _if_match(request: Request) -> int | None:
     if raw is None:
         return None
     value = raw.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):  # "³".isdigit() is True, int("³") fails
         raise Problem(400, "Bad Request", 'If-Match must be a device version, like "3"')
     return int(value)
 
@@ -449,6 +450,7 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
 
         return await execute(request, "cancel-command", "operator", work)
 
+    openapi = openapi_endpoint()
     device = PREFIX + "/devices/{device_id}"
     routes = [
         Route(PREFIX + "/devices", register, methods=["POST"]),
@@ -467,5 +469,7 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
         ),
         Route(device + "/commands", request_command, methods=["POST"]),
         Route(device + "/commands/{command_id}/cancel", cancel_command, methods=["POST"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route(PREFIX + "/openapi.json", openapi, methods=["GET"]),
     ]
     return build_app(routes, ready)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -40,7 +39,7 @@ from gateway.telemetry import (
     suggest_every,
 )
 from gateway.views import ViewReader, decode_cursor
-from infra.httpkit import Authorizer, Problem, ReadyCheck, build_app
+from infra.httpkit import Authorizer, Problem, ReadyCheck, build_app, etag_matches, etag_of
 from infra.views import STATUSES
 
 log = logging.getLogger(__name__)
@@ -90,19 +89,6 @@ def invalid(field: str, message: str) -> Problem:
         f"{field}: {message}",
         errors=[{"field": field, "message": message}],
     )
-
-
-def etag_of(body: bytes) -> str:
-    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-
-
-def etag_matches(header: str, etag: str) -> bool:
-    """If-None-Match semantics (weak comparison, `*` matches anything)."""
-    for raw in header.split(","):
-        candidate = raw.strip()
-        if candidate == "*" or candidate.removeprefix("W/") == etag:
-            return True
-    return False
 
 
 def conditional(request: Request, body: Any, headers: dict[str, str]) -> Response:

@@ -259,3 +259,16 @@ async def serve(app: ASGIApp, host: str, port: int, stop: asyncio.Event) -> None
     server.should_exit = True
     stopper.cancel()
     await task
+
+
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def etag_matches(header: str, etag: str) -> bool:
+    """If-None-Match semantics (weak comparison, `*` matches anything)."""
+    for raw in header.split(","):
+        candidate = raw.strip()
+        if candidate == "*" or candidate.removeprefix("W/") == etag:
+            return True
+    return False

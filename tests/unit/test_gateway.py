@@ -7,7 +7,7 @@ import json
 import pytest
 from starlette.requests import Request
 
-from gateway.api import etag_matches, parse_after, parse_labels, parse_limit, parse_metrics
+from gateway.api import parse_after, parse_labels, parse_limit, parse_metrics
 from gateway.telemetry import (
     MAX_POINTS,
     TelemetryQuery,
@@ -31,7 +31,7 @@ from gateway.views import (
     in_sync,
     readings_last_minute,
 )
-from infra.httpkit import Problem
+from infra.httpkit import Problem, etag_matches
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in epoch ms
 HOUR = 3_600_000

@@ -1,0 +1,580 @@
+"""The OpenAPI 3 description of the operator command API, written by hand, and its endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from domain.device import (
+    COMMAND_NAME,
+    DEVICE_ID,
+    LABEL_KEY,
+    MAX_LABEL_VALUE,
+    MAX_LABELS,
+    MAX_NAME,
+    MAX_PENDING_COMMANDS,
+    MAX_TTL_S,
+    MAX_TYPE,
+    MIN_TTL_S,
+    RECENT_COMMANDS,
+    CommandState,
+    Status,
+)
+from infra.httpkit import MAX_BODY, PROBLEM, etag_matches, etag_of
+from infra.settings import ROLES
+
+MAX_REASON = 500  # commands.api's `Reason`
+_encode = msgspec.json.Encoder().encode
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _problem(description: str) -> dict[str, str]:
+    return {"$ref": "#/components/responses/Problem", "description": description}
+
+
+def _ok(schema: str, description: str, *, created: bool = False) -> dict[str, Any]:
+    headers: dict[str, Any] = {
+        "ETag": {"$ref": "#/components/headers/ETag"},
+        "Iot-Position": {"$ref": "#/components/headers/IotPosition"},
+        "Idempotent-Replayed": {"$ref": "#/components/headers/IdempotentReplayed"},
+    }
+    if created:
+        headers["Location"] = {
+            "description": "The device's path, `/api/v1/devices/{device_id}` (not on a replay)",
+            "schema": {"type": "string"},
+        }
+    return {
+        "description": description,
+        "headers": headers,
+        "content": {"application/json": {"schema": _ref(schema)}},
+    }
+
+
+def _body(schema: str, required: bool, description: str) -> dict[str, Any]:
+    return {
+        "required": required,
+        "description": description,
+        "content": {"application/json": {"schema": _ref(schema)}},
+    }
+
+
+def _common(role: str, if_match: bool, extra: dict[str, Any]) -> dict[str, Any]:
+    headers = "`Idempotency-Key` or `If-Match`" if if_match else "`Idempotency-Key`"
+    responses: dict[str, Any] = {
+        "400": _problem(f"Malformed JSON, or a malformed {headers}"),
+        "401": {"$ref": "#/components/responses/Unauthorized"},
+        "403": _problem(f"The token's role is below {role}"),
+        "413": _problem(f"The body is over {MAX_BODY} bytes"),
+        "422": _problem(
+            "A field fails validation (`errors` names it when the body's shape is at fault), "
+            "or the `Idempotency-Key` was used for a different request"
+        ),
+    }
+    responses.update(extra)
+    return dict(sorted(responses.items()))
+
+
+def _operation(
+    operation_id: str,
+    summary: str,
+    description: str,
+    role: str,
+    parameters: list[dict[str, Any]],
+    body: dict[str, Any],
+    responses: dict[str, Any],
+) -> dict[str, Any]:
+    above = ROLES[ROLES.index(role) :]
+    return {
+        "summary": summary,
+        "operationId": operation_id,
+        "description": f"{description}\n\nRole: {role} or above ({', '.join(above)}).",
+        "x-required-role": role,
+        "parameters": parameters,
+        "requestBody": body,
+        "responses": _common(role, _IF_MATCH in parameters, responses),
+    }
+
+
+_DEVICE_ID = {
+    "name": "device_id",
+    "in": "path",
+    "required": True,
+    "description": "The device's id; an id no device has (also one not matching the pattern) "
+    "is 404",
+    "schema": {"type": "string", "pattern": DEVICE_ID.pattern},
+}
+_COMMAND_ID = {
+    "name": "command_id",
+    "in": "path",
+    "required": True,
+    "description": "`command_id` of the answer that requested the command",
+    "schema": {"type": "string"},
+}
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "Scoped to the token, kept at least 24 hours. A retry with the same key and "
+    "the same request (method, path, body) gets the first answer again, with `Idempotent-Replayed: "
+    "true`, and changes nothing; error answers are kept too, except 503. The same key with a "
+    "different request is 422. Not 1 to 255 characters: 400.",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+}
+_IF_MATCH = {
+    "name": "If-Match",
+    "in": "header",
+    "required": False,
+    "description": 'The device version the change expects, as in the `ETag` of an answer: `"3"` '
+    "(quotes and a `W/` prefix are optional). Another current version is 412 with "
+    "`current_version`; a value that is not a version (also `*`) is 400. Without it, a change "
+    "that loses a race with another writer is re-run on the fresh state.",
+    "schema": {"type": "string"},
+}
+_CHANGE_PARAMETERS = [_DEVICE_ID, _IF_MATCH, _IDEMPOTENCY_KEY]
+_CONTENTION = {
+    "$ref": "#/components/responses/Contention",
+    "description": "Without `If-Match`, every attempt lost a race with another writer; retry",
+}
+
+
+def _device(extra: dict[str, Any], required: list[str], description: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": description,
+        "required": ["device_id", "version", "status", *required],
+        "properties": {
+            "device_id": {"type": "string"},
+            "version": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "The device's event version after the change (registration is "
+                "1); the `ETag`, to pass as `If-Match`",
+            },
+            "status": {"type": "string", "enum": [s.value for s in Status]},
+            **extra,
+            "position": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "The event-store position of the change's last event, also the "
+                "`Iot-Position` header: pass it to the gateway as `after`. Absent only on a "
+                "replay whose position cannot be found",
+            },
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    from commands.api import DEFAULT_TTL_S, PREFIX  # commands.api imports this module
+
+    secret = {
+        "type": "string",
+        "description": "The device's new MQTT secret, shown this once (never stored in "
+        "plaintext); absent on a replay",
+    }
+    labels = {
+        "type": "object",
+        "propertyNames": {"pattern": LABEL_KEY.pattern},
+        "additionalProperties": {"type": "string", "maxLength": MAX_LABEL_VALUE},
+    }
+    reason = {"type": "string", "maxLength": MAX_REASON, "default": ""}
+    schemas: dict[str, Any] = {
+        "RegisterBody": {
+            "type": "object",
+            "required": ["name", "type"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+                "type": {"type": "string", "minLength": 1, "maxLength": MAX_TYPE},
+                "device_id": {
+                    "anyOf": [{"type": "string", "pattern": DEVICE_ID.pattern}, {"type": "null"}],
+                    "default": None,
+                    "description": "Absent or null: the server picks `dev-<16 hex digits>`",
+                },
+                "labels": {
+                    **labels,
+                    "default": {},
+                    "description": f"At most {MAX_LABELS} (more is 422)",
+                },
+            },
+        },
+        "ConfigBody": {
+            "type": "object",
+            "required": ["config"],
+            "additionalProperties": False,
+            "properties": {
+                "config": {
+                    "type": "object",
+                    "description": "The whole new desired configuration (it replaces the "
+                    "previous one and increments `config_version`)",
+                },
+            },
+        },
+        "ReasonBody": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"reason": reason},
+        },
+        "EmptyBody": {
+            "type": "object",
+            "description": "An empty body or `{}`; any member is 422",
+            "additionalProperties": False,
+            "properties": {},
+        },
+        "CommandBody": {
+            "type": "object",
+            "required": ["name"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "pattern": COMMAND_NAME.pattern},
+                "args": {"type": "object", "default": {}},
+                "ttl_s": {
+                    "type": "integer",
+                    "minimum": MIN_TTL_S,
+                    "maximum": MAX_TTL_S,
+                    "default": DEFAULT_TTL_S,
+                    "description": "Seconds until the command expires if not acknowledged",
+                },
+            },
+        },
+        "Registered": _device(
+            {
+                "name": {"type": "string"},
+                "type": {"type": "string"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "secret": secret,
+            },
+            ["name", "type", "labels"],
+            "The registered device",
+        ),
+        "DeviceChanged": _device({}, [], "The device after the change"),
+        "Configured": _device(
+            {
+                "config": {"type": "object", "description": "The desired configuration"},
+                "config_version": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "Counts desired-configuration changes: the `version` "
+                    "devices see on `desired`",
+                },
+            },
+            ["config", "config_version"],
+            "The device with its new desired configuration",
+        ),
+        "SecretRotated": _device(
+            {"secret": secret}, [], "The device after the rotation, with its new secret"
+        ),
+        "Command": {
+            "type": "object",
+            "required": [
+                "command_id",
+                "device_id",
+                "name",
+                "args",
+                "expires_at",
+                "state",
+                "version",
+            ],
+            "properties": {
+                "command_id": {"type": "string"},
+                "device_id": {"type": "string"},
+                "name": {"type": "string"},
+                "args": {"type": "object"},
+                "expires_at": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "UTC, millisecond precision",
+                },
+                "state": {
+                    "type": "string",
+                    "enum": [s.value for s in CommandState],
+                    "description": "`requested` once requested, `cancelled` once cancelled",
+                },
+                "version": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "The device's event version after the change",
+                },
+                "position": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "The event-store position of the change, also the "
+                    "`Iot-Position` header (absent only on a replay whose position cannot be "
+                    "found)",
+                },
+            },
+        },
+        "Problem": {
+            "type": "object",
+            "description": "RFC 9457 problem details",
+            "properties": {
+                "type": {"type": "string"},
+                "title": {"type": "string"},
+                "status": {"type": "integer"},
+                "detail": {"type": "string"},
+                "instance": {"type": "string"},
+                "errors": {
+                    "type": "array",
+                    "description": "422 from body validation: the fields at fault",
+                    "items": {
+                        "type": "object",
+                        "properties": {"field": {"type": "string"}, "message": {"type": "string"}},
+                    },
+                },
+                "current_version": {
+                    "type": "integer",
+                    "description": "412: the device's current version",
+                },
+                "device_id": {
+                    "type": "string",
+                    "description": "503, secret not delivered: the device whose change is stored",
+                },
+                "version": {
+                    "type": "integer",
+                    "description": "503, secret not delivered: the stored version",
+                },
+            },
+        },
+    }
+    undelivered = (
+        "The change is stored (`device_id` and `version` in the body) but the new secret "
+        "could not be handed to the broker's side, so the device cannot log in with it: rotate "
+        "its secret"
+    )
+    device_path = "/devices/{device_id}"
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "IoT operator command API",
+            "version": "1.0.0",
+            "description": "Changes to the device fleet: registration, desired configuration, "
+            "lifecycle, secrets, commands to devices. Bearer token with the role each "
+            f"operation names; roles are {' < '.join(ROLES)}, each including the ones before "
+            "it (a viewer token can change nothing here: 403). Every successful change answers "
+            'with `ETag: "<version>"` (pass it as `If-Match` to make a change conditional) '
+            "and `Iot-Position`, the event-store position of its last event: pass it to the "
+            "gateway as `after` to read your write. Every POST and PATCH accepts an "
+            f"`Idempotency-Key`. Bodies are JSON of at most {MAX_BODY} bytes (the "
+            "`Content-Type` is not checked; an empty body is `{}`); errors are "
+            f"`{PROBLEM}`.",
+        },
+        "servers": [{"url": PREFIX}],
+        "security": [{"bearer": []}],
+        "paths": {
+            "/devices": {
+                "post": _operation(
+                    "registerDevice",
+                    "Register a device",
+                    "Issues the device's MQTT secret, answered this once.",
+                    "operator",
+                    [_IDEMPOTENCY_KEY],
+                    _body("RegisterBody", True, "The new device"),
+                    {
+                        "201": _ok("Registered", "Registered", created=True),
+                        "409": _problem("A device with this id is registered already"),
+                        "503": _problem(undelivered),
+                    },
+                )
+            },
+            device_path + "/config": {
+                "patch": _operation(
+                    "configureDevice",
+                    "Set the device's desired configuration",
+                    "Devices see it on their `desired` topic.",
+                    "operator",
+                    _CHANGE_PARAMETERS,
+                    _body("ConfigBody", True, "The desired configuration"),
+                    {
+                        "200": _ok("Configured", "Configured"),
+                        "404": _problem("No device with this id"),
+                        "409": _problem("The device is decommissioned"),
+                        "412": _problem("`If-Match` names another version"),
+                        "503": _CONTENTION,
+                    },
+                )
+            },
+            device_path + "/suspend": {
+                "post": _operation(
+                    "suspendDevice",
+                    "Suspend a device",
+                    "Cancels its pending commands; the broker drops its connection.",
+                    "operator",
+                    _CHANGE_PARAMETERS,
+                    _body("ReasonBody", False, "Why"),
+                    {
+                        "200": _ok("DeviceChanged", "Suspended"),
+                        "404": _problem("No device with this id"),
+                        "409": _problem("The device is suspended already, or decommissioned"),
+                        "412": _problem("`If-Match` names another version"),
+                        "503": _CONTENTION,
+                    },
+                )
+            },
+            device_path + "/resume": {
+                "post": _operation(
+                    "resumeDevice",
+                    "Resume a suspended device",
+                    "Back to `active` if it ever connected, else `provisioned`.",
+                    "operator",
+                    _CHANGE_PARAMETERS,
+                    _body("EmptyBody", False, "Nothing"),
+                    {
+                        "200": _ok("DeviceChanged", "Resumed"),
+                        "404": _problem("No device with this id"),
+                        "409": _problem("The device is not suspended"),
+                        "412": _problem("`If-Match` names another version"),
+                        "503": _CONTENTION,
+                    },
+                )
+            },
+            device_path + "/decommission": {
+                "post": _operation(
+                    "decommissionDevice",
+                    "Decommission a device, for good",
+                    "Cancels its pending commands; the broker drops its connection. Final: "
+                    "every later change of the device is 409.",
+                    "admin",
+                    _CHANGE_PARAMETERS,
+                    _body("ReasonBody", False, "Why"),
+                    {
+                        "200": _ok("DeviceChanged", "Decommissioned"),
+                        "404": _problem("No device with this id"),
+                        "409": _problem("The device is decommissioned already"),
+                        "412": _problem("`If-Match` names another version"),
+                        "503": _CONTENTION,
+                    },
+                )
+            },
+            device_path + "/rotate-secret": {
+                "post": _operation(
+                    "rotateDeviceSecret",
+                    "Issue a new secret for the device",
+                    "The old secret stops working; the broker drops the device's connection.",
+                    "operator",
+                    _CHANGE_PARAMETERS,
+                    _body("EmptyBody", False, "Nothing"),
+                    {
+                        "200": _ok("SecretRotated", "Rotated"),
+                        "404": _problem("No device with this id"),
+                        "409": _problem("The device is decommissioned"),
+                        "412": _problem("`If-Match` names another version"),
+                        "503": {
+                            "description": f"{undelivered}; or, without `If-Match`, every "
+                            "attempt lost a race with another writer (then with `Retry-After`)",
+                            "headers": {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}},
+                            "content": {PROBLEM: {"schema": _ref("Problem")}},
+                        },
+                    },
+                )
+            },
+            device_path + "/commands": {
+                "post": _operation(
+                    "requestCommand",
+                    "Send a command to the device",
+                    "Recorded as `requested`, then sent when the device is connected (at "
+                    "least once), until acknowledged, failed or expired.",
+                    "operator",
+                    _CHANGE_PARAMETERS,
+                    _body("CommandBody", True, "The command"),
+                    {
+                        "202": _ok("Command", "Requested"),
+                        "404": _problem("No device with this id"),
+                        "409": _problem(
+                            "The device is suspended or decommissioned, or has "
+                            f"{MAX_PENDING_COMMANDS} pending commands"
+                        ),
+                        "412": _problem("`If-Match` names another version"),
+                        "503": _CONTENTION,
+                    },
+                )
+            },
+            device_path + "/commands/{command_id}/cancel": {
+                "post": _operation(
+                    "cancelCommand",
+                    "Cancel a pending command",
+                    "An empty `reason` is recorded as `cancelled by an operator`.",
+                    "operator",
+                    [_DEVICE_ID, _COMMAND_ID, _IF_MATCH, _IDEMPOTENCY_KEY],
+                    _body("ReasonBody", False, "Why"),
+                    {
+                        "200": _ok("Command", "Cancelled"),
+                        "404": _problem(
+                            "No device with this id, or it has no such command (the device "
+                            f"remembers only its last {RECENT_COMMANDS} finished commands)"
+                        ),
+                        "409": _problem("The command has finished already"),
+                        "412": _problem("`If-Match` names another version"),
+                        "503": _CONTENTION,
+                    },
+                )
+            },
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "headers": {
+                "ETag": {
+                    "description": 'The device\'s version after the change, `"<version>"` '
+                    "(not on a replay)",
+                    "schema": {"type": "string"},
+                },
+                "IotPosition": {
+                    "description": "The event-store position of the change's last event: the "
+                    "consistency token to pass to the gateway as `after` or `Iot-After`",
+                    "schema": {"type": "integer", "minimum": 1},
+                },
+                "IdempotentReplayed": {
+                    "description": "`true` on the stored answer to an earlier request with the "
+                    "same `Idempotency-Key`",
+                    "schema": {"type": "string", "enum": ["true"]},
+                },
+                "RetryAfter": {
+                    "description": "Seconds to wait before retrying",
+                    "schema": {"type": "integer"},
+                },
+            },
+            "responses": {
+                "Problem": {
+                    "description": "An error",
+                    "content": {PROBLEM: {"schema": _ref("Problem")}},
+                },
+                "Unauthorized": {
+                    "description": "No valid bearer token",
+                    "headers": {
+                        "WWW-Authenticate": {
+                            "description": '`Bearer realm="iot"`',
+                            "schema": {"type": "string"},
+                        }
+                    },
+                    "content": {PROBLEM: {"schema": _ref("Problem")}},
+                },
+                "Contention": {
+                    "description": "Every attempt lost a race with another writer; retry",
+                    "headers": {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}},
+                    "content": {PROBLEM: {"schema": _ref("Problem")}},
+                },
+            },
+            "schemas": schemas,
+        },
+    }
+
+
+def openapi_endpoint() -> Callable[[Request], Awaitable[Response]]:
+    """The document's GET endpoint (no token): an ETag, 304 when If-None-Match matches."""
+    raw = _encode(openapi_document())
+    headers = {
+        "ETag": etag_of(raw),
+        "Cache-Control": "private, no-cache",
+    }
+
+    async def openapi(request: Request) -> Response:
+        if etag_matches(request.headers.get("if-none-match", ""), headers["ETag"]):
+            return Response(status_code=304, headers=headers)
+        return Response(raw, 200, headers, media_type="application/json")
+
+    return openapi
