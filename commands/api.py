@@ -21,6 +21,7 @@ from starlette.routing import Route
 from commands import handlers
 from commands.handlers import Answer, Credentials, Outcome
 from commands.openapi import openapi_endpoint
+from domain.alerts import MAX_NOTE, parse_alert_id
 from domain.device import (
     COMMAND_NAME,
     DEVICE_ID,
@@ -30,6 +31,7 @@ from domain.device import (
     MAX_TYPE,
     MIN_TTL_S,
     Device,
+    UnknownAlert,
 )
 from domain.errors import DomainError, IllegalTransition, InvalidCommand
 from infra import metrics
@@ -68,6 +70,10 @@ class ConfigBody(msgspec.Struct, forbid_unknown_fields=True):
 
 class ReasonBody(msgspec.Struct, forbid_unknown_fields=True):
     reason: Reason = ""
+
+
+class NoteBody(msgspec.Struct, forbid_unknown_fields=True):
+    note: Annotated[str, msgspec.Meta(max_length=MAX_NOTE)] | None = None
 
 
 class EmptyBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -131,6 +137,12 @@ def _device_body(device: Device, **extra: Any) -> dict[str, Any]:
     body = {"device_id": device.device_id, "version": device.version, "status": device.status}
     body.update(extra)
     return body
+
+
+def alert_body(device: Device, alert_id: str) -> dict[str, Any]:
+    """The alert as the acknowledge answer shows it (device times as epoch ms)."""
+    state = device.alert_states()[alert_id]
+    return {"device_id": device.device_id, "version": device.version, **msgspec.to_builtins(state)}
 
 
 def rfc3339(at: datetime) -> str:
@@ -232,7 +244,7 @@ class Idempotency:
 
 def _problem_for(error: DomainError) -> Problem:
     match error:
-        case handlers.NotFound():
+        case handlers.NotFound() | UnknownAlert():
             return Problem(404, "Not Found", error.reason)
         case handlers.AlreadyExists():
             return Problem(409, "Conflict", error.reason)
@@ -450,6 +462,31 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
 
         return await execute(request, "cancel-command", "operator", work)
 
+    async def acknowledge_alert(request: Request) -> Response:
+        alert_id = request.path_params["alert_id"]
+
+        def work(idem: Idempotency) -> tuple[int, dict[str, Any], Outcome]:
+            note = decode_body(request.state.raw, NoteBody).note
+            try:
+                device_id, _, _ = parse_alert_id(alert_id)
+            except InvalidCommand:
+                raise handlers.NotFound(f"no alert {alert_id[:200]}") from None
+
+            def shape(device: Device, _: str | None) -> dict[str, Any]:
+                return alert_body(device, alert_id)
+
+            outcome = handlers.change(
+                adapter,
+                device_id,
+                handlers.acknowledge_alert(
+                    alert_id, f"token:{idem.principal[:12]}", note, service.clock()
+                ),
+                answer=idem.answer(200, shape),
+            )
+            return 200, shape(outcome.device, None), outcome
+
+        return await execute(request, "acknowledge-alert", "operator", work)
+
     openapi = openapi_endpoint()
     device = PREFIX + "/devices/{device_id}"
     routes = [
@@ -469,6 +506,7 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
         ),
         Route(device + "/commands", request_command, methods=["POST"]),
         Route(device + "/commands/{command_id}/cancel", cancel_command, methods=["POST"]),
+        Route(PREFIX + "/alerts/{alert_id}/acknowledge", acknowledge_alert, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route(PREFIX + "/openapi.json", openapi, methods=["GET"]),
     ]

@@ -240,6 +240,20 @@ def cancel(command_id: str, reason: str, at: datetime) -> Callable[[Device], Non
     return decide
 
 
+# -- alerts ---------------------------------------------------------------------------------
+
+
+def acknowledge_alert(
+    alert_id: str, by: str, note: str | None, at: datetime
+) -> Callable[[Device], None]:
+    """An operator acknowledges one of the device's alerts (open, or cleared unacknowledged)."""
+
+    def decide(device: Device) -> None:
+        device.acknowledge_alert(alert_id, by, note, at)
+
+    return decide
+
+
 # -- connectivity ---------------------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from domain.alerts import MAX_NOTE
 from domain.device import (
     COMMAND_NAME,
     DEVICE_ID,
@@ -20,6 +21,7 @@ from domain.device import (
     MAX_TTL_S,
     MAX_TYPE,
     MIN_TTL_S,
+    RECENT_ALERTS,
     RECENT_COMMANDS,
     CommandState,
     Status,
@@ -115,6 +117,13 @@ _COMMAND_ID = {
     "in": "path",
     "required": True,
     "description": "`command_id` of the answer that requested the command",
+    "schema": {"type": "string"},
+}
+_ALERT_ID = {
+    "name": "alert_id",
+    "in": "path",
+    "required": True,
+    "description": "`<device_id>.<rule_id>.<raised_at_ms>`, as the gateway shows it",
     "schema": {"type": "string"},
 }
 _IDEMPOTENCY_KEY = {
@@ -220,6 +229,52 @@ def openapi_document() -> dict[str, Any]:
             "type": "object",
             "additionalProperties": False,
             "properties": {"reason": reason},
+        },
+        "NoteBody": {
+            "type": "object",
+            "description": "An empty body, `{}`, or a note for the audit trail",
+            "additionalProperties": False,
+            "properties": {
+                "note": {
+                    "anyOf": [{"type": "string", "maxLength": MAX_NOTE}, {"type": "null"}],
+                    "default": None,
+                }
+            },
+        },
+        "Alert": {
+            "type": "object",
+            "description": "One alert of a device (device times as epoch ms)",
+            "required": ["device_id", "version", "alert_id", "rule_id", "status"],
+            "properties": {
+                "device_id": {"type": "string"},
+                "version": {
+                    "type": "integer",
+                    "description": "The device's event version after the change (the `ETag`)",
+                },
+                "alert_id": {
+                    "type": "string",
+                    "description": "`<device_id>.<rule_id>.<raised_at_ms>`",
+                },
+                "rule_id": {"type": "string"},
+                "severity": {"type": "string", "enum": ["critical", "warning", "info"]},
+                "metric": {"type": "string"},
+                "status": {"type": "string", "enum": ["active", "acknowledged", "cleared"]},
+                "acknowledged": {"type": "boolean"},
+                "raised_value": {"type": ["number", "null"]},
+                "raised_at_ms": {"type": "integer"},
+                "retriggers": {"type": "integer"},
+                "last_value": {"type": ["number", "null"]},
+                "cleared_value": {"type": ["number", "null"]},
+                "cleared_at_ms": {"type": ["integer", "null"]},
+                "acknowledged_by": {
+                    "type": ["string", "null"],
+                    "description": "`token:<id>`: the first 12 hex digits of the SHA-256 of "
+                    "the acknowledging token",
+                },
+                "acknowledged_at": {"type": ["string", "null"], "format": "date-time"},
+                "note": {"type": ["string", "null"]},
+                "position": {"type": "integer", "minimum": 1},
+            },
         },
         "EmptyBody": {
             "type": "object",
@@ -510,6 +565,28 @@ def openapi_document() -> dict[str, Any]:
                         ),
                         "409": _problem("The command has finished already"),
                         "412": _problem("`If-Match` names another version"),
+                        "503": _CONTENTION,
+                    },
+                )
+            },
+            "/alerts/{alert_id}/acknowledge": {
+                "post": _operation(
+                    "acknowledgeAlert",
+                    "Acknowledge an alert",
+                    "Records who (the token) acknowledged the alert, when, and the note, as an "
+                    "event of the device. Allowed once, while the alert is open or after it "
+                    "cleared unacknowledged.",
+                    "operator",
+                    [_ALERT_ID, _IDEMPOTENCY_KEY],
+                    _body("NoteBody", False, "A note"),
+                    {
+                        "200": _ok("Alert", "Acknowledged"),
+                        "404": _problem(
+                            "No such alert (a malformed id, no such device, or an alert the "
+                            "device no longer remembers: it keeps the open ones and its last "
+                            f"{RECENT_ALERTS} cleared)"
+                        ),
+                        "409": _problem("The alert is already acknowledged"),
                         "503": _CONTENTION,
                     },
                 )

@@ -1,4 +1,5 @@
-"""The Device aggregate: registration, desired configuration, lifecycle, credentials, connectivity.
+"""The Device aggregate: registration, desired configuration, lifecycle, credentials, connectivity,
+commands to the device and the alerts raised for it.
 
 Public methods check the rules and raise a DomainError with a reason; the `@event` methods only
 apply a decided change, so replaying stored events never re-checks a rule. Time is an argument.
@@ -12,9 +13,10 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import msgspec
 from eventsourcing.domain import Aggregate, event
 
-from domain.errors import IllegalTransition, InvalidCommand
+from domain.errors import DomainError, IllegalTransition, InvalidCommand
 
 DEVICE_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LABEL_KEY = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -28,6 +30,7 @@ MIN_TTL_S = 1
 MAX_TTL_S = 7 * 24 * 3600
 MAX_PENDING_COMMANDS = 100
 RECENT_COMMANDS = 5  # finished commands the aggregate remembers (the view keeps 20)
+RECENT_ALERTS = 20  # cleared alerts the aggregate remembers (an operator may still acknowledge)
 
 
 class CommandState(StrEnum):
@@ -40,6 +43,10 @@ class CommandState(StrEnum):
 
 
 PENDING = (CommandState.REQUESTED.value, CommandState.SENT.value)
+
+
+class UnknownAlert(DomainError):
+    """The device has no alert with this id (never raised, or cleared long ago)."""
 
 
 class Status(StrEnum):
@@ -269,6 +276,88 @@ class Device(Aggregate):
         for command_id in self.pending_commands():
             self._command_cancelled(command_id=command_id, reason=reason, timestamp=at)
 
+    # -- alerts: raised -> retriggered* -> cleared, acknowledged once at any point -----------
+    # Raised, retriggered and cleared by the analytics service from the readings; a repeated or
+    # stale decision (a re-evaluation after a crash, a replay) changes nothing, so each
+    # transition is recorded exactly once. The alert state is `domain.alerts.AlertState`.
+
+    def alert_states(self) -> dict[str, Any]:
+        """alert_id -> AlertState: the open alerts and the last RECENT_ALERTS cleared ones."""
+        from domain.alerts import AlertState
+
+        return {aid: msgspec.convert(a, AlertState) for aid, a in self._alerts().items()}
+
+    def _alerts(self) -> dict[str, dict[str, Any]]:
+        # A device restored from a snapshot taken before alerts existed has no attribute yet.
+        alerts: dict[str, dict[str, Any]] = self.__dict__.setdefault("alerts", {})
+        return alerts
+
+    def open_alert(self, rule_id: str) -> str | None:
+        """The id of the rule's open alert for this device, if any."""
+        for aid, alert in self._alerts().items():
+            if alert["rule_id"] == rule_id and alert["cleared_at_ms"] is None:
+                return aid
+        return None
+
+    def raise_alert(
+        self,
+        rule_id: str,
+        severity: str,
+        metric: str,
+        value: float | None,
+        at_ms: int,
+        at: datetime,
+    ) -> str | None:
+        """Raise the rule's alert at device time `at_ms`; None (nothing recorded) while one is
+        open for the rule, when this very alert was raised before, or once decommissioned."""
+        from domain.alerts import alert_id, raise_alert
+
+        state = raise_alert(rule_id, self.device_id, severity, metric, value, at_ms)  # type: ignore[arg-type]
+        if (
+            self.status == Status.DECOMMISSIONED
+            or self.open_alert(rule_id) is not None
+            or alert_id(self.device_id, rule_id, at_ms) in self._alerts()
+        ):
+            return None
+        self._alert_raised(
+            alert_id=state.alert_id,
+            rule_id=rule_id,
+            severity=severity,
+            metric=metric,
+            value=value,
+            at_ms=at_ms,
+            timestamp=at,
+        )
+        return state.alert_id
+
+    def retrigger_alert(self, rule_id: str, value: float | None, at_ms: int, at: datetime) -> bool:
+        """Count a re-trigger of the rule's open alert; one at or before the last is stale."""
+        aid = self.open_alert(rule_id)
+        if aid is None or at_ms <= self._alerts()[aid]["last_at_ms"]:
+            return False
+        self._alert_retriggered(alert_id=aid, value=value, at_ms=at_ms, timestamp=at)
+        return True
+
+    def clear_alert(self, rule_id: str, value: float | None, at_ms: int, at: datetime) -> bool:
+        """Clear the rule's open alert at device time `at_ms`; none open changes nothing."""
+        from domain.alerts import AlertState, clear
+
+        aid = self.open_alert(rule_id)
+        if aid is None:
+            return False
+        clear(msgspec.convert(self._alerts()[aid], AlertState), value, at_ms)  # checks the time
+        self._alert_cleared(alert_id=aid, value=value, at_ms=at_ms, timestamp=at)
+        return True
+
+    def acknowledge_alert(self, alert_id: str, by: str, note: str | None, at: datetime) -> None:
+        from domain.alerts import AlertState, acknowledge
+
+        stored = self._alerts().get(alert_id)
+        if stored is None:
+            raise UnknownAlert(f"device {self.device_id} has no alert {alert_id}")
+        acknowledge(msgspec.convert(stored, AlertState), by, at, note)  # the rules of the lifecycle
+        self._alert_acknowledged(alert_id=alert_id, by=by, note=note, timestamp=at)
+
     # -- events ----------------------------------------------------------------------------
 
     @event("Configured")
@@ -358,3 +447,64 @@ class Device(Aggregate):
         self.online = False
         self.connectivity_at = timestamp
         self.last_disconnected_at = timestamp
+
+    @event("AlertRaised")
+    def _alert_raised(
+        self,
+        alert_id: str,
+        rule_id: str,
+        severity: str,
+        metric: str,
+        value: float | None,
+        at_ms: int,
+        timestamp: datetime,
+    ) -> None:
+        self._alerts()[alert_id] = {
+            "alert_id": alert_id,
+            "rule_id": rule_id,
+            "device_id": self.device_id,
+            "severity": severity,
+            "metric": metric,
+            "status": "active",
+            "acknowledged": False,
+            "raised_value": value,
+            "raised_at_ms": at_ms,
+            "retriggers": 0,
+            "last_value": value,
+            "last_at_ms": at_ms,
+            "cleared_value": None,
+            "cleared_at_ms": None,
+            "acknowledged_by": None,
+            "acknowledged_at": None,
+            "note": None,
+        }
+
+    @event("AlertRetriggered")
+    def _alert_retriggered(
+        self, alert_id: str, value: float | None, at_ms: int, timestamp: datetime
+    ) -> None:
+        alert = self._alerts()[alert_id]
+        alert.update(retriggers=alert["retriggers"] + 1, last_value=value, last_at_ms=at_ms)
+
+    @event("AlertAcknowledged")
+    def _alert_acknowledged(
+        self, alert_id: str, by: str, note: str | None, timestamp: datetime
+    ) -> None:
+        alert = self._alerts()[alert_id]
+        alert.update(
+            acknowledged=True, acknowledged_by=by, note=note, acknowledged_at=timestamp.isoformat()
+        )
+        if alert["cleared_at_ms"] is None:
+            alert["status"] = "acknowledged"
+
+    @event("AlertCleared")
+    def _alert_cleared(
+        self, alert_id: str, value: float | None, at_ms: int, timestamp: datetime
+    ) -> None:
+        alerts = self._alerts()
+        alert = alerts.pop(alert_id)
+        alert.update(status="cleared", cleared_value=value, cleared_at_ms=at_ms)
+        alerts[alert_id] = alert
+        cleared = [aid for aid, a in alerts.items() if a["cleared_at_ms"] is not None]
+        for aid in cleared[: max(0, len(cleared) - RECENT_ALERTS)]:
+            del alerts[aid]

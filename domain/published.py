@@ -94,6 +94,35 @@ class DeviceCommandCancelled(_Published, frozen=True, tag="device.command_cancel
     reason: str
 
 
+class DeviceAlertRaised(_Published, frozen=True, tag="device.alert_raised.v1"):
+    """An alert rule fired for the device at device time `at_ms` (`value` None: absent)."""
+
+    alert_id: str
+    rule_id: str
+    severity: str
+    metric: str
+    value: float | None
+    at_ms: int
+
+
+class DeviceAlertRetriggered(_Published, frozen=True, tag="device.alert_retriggered.v1"):
+    alert_id: str
+    value: float | None
+    at_ms: int
+
+
+class DeviceAlertAcknowledged(_Published, frozen=True, tag="device.alert_acknowledged.v1"):
+    alert_id: str
+    by: str
+    note: str | None
+
+
+class DeviceAlertCleared(_Published, frozen=True, tag="device.alert_cleared.v1"):
+    alert_id: str
+    value: float | None
+    at_ms: int
+
+
 PublishedEvent = (
     DeviceRegistered
     | DeviceConfigured
@@ -109,6 +138,14 @@ PublishedEvent = (
     | DeviceCommandFailed
     | DeviceCommandExpired
     | DeviceCommandCancelled
+    | DeviceAlertRaised
+    | DeviceAlertRetriggered
+    | DeviceAlertAcknowledged
+    | DeviceAlertCleared
+)
+
+AlertEvent = (
+    DeviceAlertRaised | DeviceAlertRetriggered | DeviceAlertAcknowledged | DeviceAlertCleared
 )
 
 CommandEvent = (
@@ -183,6 +220,28 @@ def to_published(stored: object, position: int) -> PublishedEvent:
         case "Device.CommandCancelled":
             return DeviceCommandCancelled(
                 **common, command_id=event.command_id, reason=event.reason
+            )
+        case "Device.AlertRaised":
+            return DeviceAlertRaised(
+                **common,
+                alert_id=event.alert_id,
+                rule_id=event.rule_id,
+                severity=event.severity,
+                metric=event.metric,
+                value=event.value,
+                at_ms=event.at_ms,
+            )
+        case "Device.AlertRetriggered":
+            return DeviceAlertRetriggered(
+                **common, alert_id=event.alert_id, value=event.value, at_ms=event.at_ms
+            )
+        case "Device.AlertAcknowledged":
+            return DeviceAlertAcknowledged(
+                **common, alert_id=event.alert_id, by=event.by, note=event.note
+            )
+        case "Device.AlertCleared":
+            return DeviceAlertCleared(
+                **common, alert_id=event.alert_id, value=event.value, at_ms=event.at_ms
             )
     raise UnpublishableEvent(f"no published form for {type(event).__qualname__}")
 

@@ -169,6 +169,35 @@ def openapi_document() -> dict[str, Any]:
                     "description": "The last 20 finished commands, newest first",
                     "items": _ref("FinishedCommand"),
                 },
+                "alerts": {
+                    "type": "array",
+                    "description": "The device's open alerts, oldest raised first",
+                    "items": _ref("OpenAlert"),
+                },
+            },
+        },
+        "OpenAlert": {
+            "type": "object",
+            "properties": {
+                "alert_id": {
+                    "type": "string",
+                    "description": "<device_id>.<rule_id>.<raised_at_ms>",
+                },
+                "rule_id": {"type": "string"},
+                "severity": {"type": "string", "enum": ["critical", "warning", "info"]},
+                "metric": {"type": "string"},
+                "status": {"type": "string", "enum": ["active", "acknowledged"]},
+                "raised_value": {"type": ["number", "null"]},
+                "raised_at": {
+                    "type": "string",
+                    "format": "date-time",
+                    "description": "Device time of the triggering reading",
+                },
+                "retriggers": {"type": "integer"},
+                "last_value": {"type": ["number", "null"]},
+                "acknowledged_by": {"type": ["string", "null"]},
+                "acknowledged_at": _NULLABLE_TIME,
+                "note": {"type": ["string", "null"]},
             },
         },
         "PendingCommand": {
@@ -258,6 +287,11 @@ def openapi_document() -> dict[str, Any]:
                 "commands_pending": {
                     "type": "integer",
                     "description": "Commands requested or sent, not yet finished",
+                },
+                "alerts_open": {
+                    "type": "object",
+                    "description": "Open alerts (active or acknowledged) by severity",
+                    "properties": {s: {"type": "integer"} for s in ("critical", "warning", "info")},
                 },
             },
         },

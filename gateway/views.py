@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from domain.device import DEVICE_ID
 from gateway.telemetry import rfc3339
-from infra.views import METRIC_FIELD, STATUSES, CurrentKeys, ViewKeys
+from infra.views import METRIC_FIELD, SEVERITIES, STATUSES, CurrentKeys, ViewKeys
 
 _decode = msgspec.json.decode
 # Below this many candidates, a filtered page intersects the sets; above, it scans the index.
@@ -185,7 +185,33 @@ def device_view(fields: Mapping[str, str]) -> dict[str, Any] | None:
         "metrics": metrics,
         "pending_commands": pending,
         "recent_commands": recent,
+        "alerts": open_alerts(doc.get("alerts")),
     }
+
+
+def open_alerts(stored: Any) -> list[dict[str, Any]]:
+    """The device's open alerts from its doc, oldest raised first, times as RFC 3339."""
+    if not isinstance(stored, dict):
+        return []
+    alerts = [a for a in stored.values() if isinstance(a, dict)]
+    alerts.sort(key=lambda a: (a.get("raised_at_ms") or 0, str(a.get("alert_id"))))
+    return [
+        {
+            "alert_id": a.get("alert_id"),
+            "rule_id": a.get("rule_id"),
+            "severity": a.get("severity"),
+            "metric": a.get("metric"),
+            "status": a.get("status"),
+            "raised_value": a.get("raised_value"),
+            "raised_at": rfc3339(int(a.get("raised_at_ms") or 0)),
+            "retriggers": a.get("retriggers", 0),
+            "last_value": a.get("last_value"),
+            "acknowledged_by": a.get("acknowledged_by"),
+            "acknowledged_at": a.get("acknowledged_at"),
+            "note": a.get("note"),
+        }
+        for a in alerts
+    ]
 
 
 @dataclass(frozen=True)
@@ -304,7 +330,7 @@ class ViewReader:
 
     async def fleet(self, now_s: float) -> dict[str, Any]:
         """Counts by status, total, online, readings in the last minute (estimate), commands
-        pending."""
+        pending, open alerts by severity."""
         minute = int(now_s // 60)
         keys = await self.keys()
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -315,15 +341,22 @@ class ViewReader:
             pipe.pfcount(keys.readings(minute))
             pipe.pfcount(keys.readings(minute - 1))
             pipe.get(keys.commands_pending)
+            for severity in SEVERITIES:
+                pipe.get(keys.alerts_open(severity))
             answers: list[Any] = await pipe.execute()
         by_status = dict(zip(STATUSES, answers[: len(STATUSES)], strict=True))
-        total, online, current, previous, pending = answers[len(STATUSES) :]
+        alerts = answers[len(answers) - len(SEVERITIES) :]
+        total, online, current, previous, pending = answers[len(STATUSES) : -len(SEVERITIES)]
         return {
             "devices": total,
             "by_status": by_status,
             "online": online,
             "readings_last_minute": readings_last_minute(current, previous, now_s),
             "commands_pending": max(0, _int(pending) or 0),
+            "alerts_open": {
+                severity: max(0, _int(n) or 0)
+                for severity, n in zip(SEVERITIES, alerts, strict=True)
+            },
         }
 
 

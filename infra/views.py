@@ -5,7 +5,11 @@ Per device, hash `{p}:device:{id}`:
   `version`      last applied domain-event version (int as text)
   `doc`          JSON of the domain part, in the contract's shape:
                  {"device_id", "name", "type", "labels", "status", "registered_at",
-                  "updated_at", "desired": {"version": config_version, "config": {...}}}
+                  "updated_at", "desired": {"version": config_version, "config": {...}},
+                  "alerts": {alert_id: alert} (the open alerts, absent when none ever was):
+                  each {"alert_id", "rule_id", "severity", "metric", "status" ("active"|
+                  "acknowledged"), "raised_value", "raised_at_ms", "retriggers", "last_value",
+                  "acknowledged_by", "acknowledged_at", "note"}}
   `online`       "1" or "0"; `online_at` epoch ms of the status message that set it
   `last_seen`    epoch ms: the latest device time (or server time) of any device message
   `m:{metric}`   JSON {"ts": epoch ms, "value": v}: the metric's latest value by device time
@@ -27,6 +31,7 @@ Indexes (maintained with the hash in the same script):
   `{p}:label:{key}={value}`  set of device ids carrying that label
   `{p}:online`               set of online device ids
   `{p}:commands_pending`     integer: pending commands of the whole fleet
+  `{p}:alerts_open:{severity}` integer: open alerts of the whole fleet of that severity
   `{p}:readings:{minute}`    HyperLogLog of reading ids (`<stream seq>:<index>`) received in
                              that epoch minute (idempotent under redelivery), expiring after 3 min
 The checkpoint of domain events (the consistency token's other half, written by the projector
@@ -111,6 +116,9 @@ class ViewKeys:
     def commands_pending(self) -> str:
         return f"{self.prefix}:commands_pending"
 
+    def alerts_open(self, severity: str) -> str:
+        return f"{self.prefix}:alerts_open:{severity}"
+
     @property
     def position(self) -> str:
         return f"{self.prefix}:position"
@@ -125,6 +133,7 @@ class ViewKeys:
 
 
 STATUSES = ("provisioned", "active", "suspended", "decommissioned")
+SEVERITIES = ("critical", "warning", "info")
 METRIC_FIELD = "m:"
 CONFIG_VERSION_KEY = "config_version"  # reserved in a device's reported state
 

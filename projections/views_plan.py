@@ -18,7 +18,12 @@ import msgspec
 
 from domain.ingest import CommandAck, CommandSent, IngestMessage, Reported, Status, Telemetry, Value
 from domain.published import (
+    AlertEvent,
     CommandEvent,
+    DeviceAlertAcknowledged,
+    DeviceAlertCleared,
+    DeviceAlertRaised,
+    DeviceAlertRetriggered,
     DeviceCommandAcknowledged,
     DeviceCommandCancelled,
     DeviceCommandExpired,
@@ -129,6 +134,56 @@ _FINAL_STATE: dict[type, str] = {
     DeviceCommandExpired: "expired",
     DeviceCommandCancelled: "cancelled",
 }
+_ALERT_EVENTS = (
+    DeviceAlertRaised,
+    DeviceAlertRetriggered,
+    DeviceAlertAcknowledged,
+    DeviceAlertCleared,
+)
+
+
+def apply_alert(
+    alerts: dict[str, dict[str, Any]], event: AlertEvent
+) -> tuple[dict[str, dict[str, Any]], int, str]:
+    """The open alerts after `event`; the change in open alerts (+1, -1, 0) and its severity."""
+    alerts = dict(alerts)
+    if isinstance(event, DeviceAlertRaised):
+        alerts[event.alert_id] = {
+            "alert_id": event.alert_id,
+            "rule_id": event.rule_id,
+            "severity": event.severity,
+            "metric": event.metric,
+            "status": "active",
+            "raised_value": event.value,
+            "raised_at_ms": event.at_ms,
+            "retriggers": 0,
+            "last_value": event.value,
+            "acknowledged_by": None,
+            "acknowledged_at": None,
+            "note": None,
+        }
+        return alerts, 1, event.severity
+    alert = alerts.get(event.alert_id)
+    if alert is None:  # acknowledged after it cleared: no longer open
+        return alerts, 0, ""
+    alert = dict(alert)
+    if isinstance(event, DeviceAlertCleared):
+        del alerts[event.alert_id]
+        return alerts, -1, str(alert["severity"])
+    if isinstance(event, DeviceAlertRetriggered):
+        alert["retriggers"] = int(alert["retriggers"]) + 1
+        alert["last_value"] = event.value
+    else:
+        alert.update(
+            status="acknowledged",
+            acknowledged_by=event.by,
+            note=event.note,
+            acknowledged_at=iso(event.at),
+        )
+    alerts[event.alert_id] = alert
+    return alerts, 0, ""
+
+
 _COMMAND_EVENTS = (
     DeviceCommandRequested,
     DeviceCommandSent,
@@ -229,6 +284,11 @@ def plan_event(
             changed_commands = True
             if pending:
                 ops.append(("incr" if pending > 0 else "decr", keys.commands_pending))
+        elif isinstance(event, _ALERT_EVENTS):
+            alerts, opened, severity = apply_alert(new.get("alerts") or {}, event)
+            new["alerts"] = alerts
+            if opened:
+                ops.append(("incr" if opened > 0 else "decr", keys.alerts_open(severity)))
         elif isinstance(event, DeviceConfigured):
             new["desired"] = {"version": event.config_version, "config": event.config}
         elif isinstance(event, DeviceSuspended):

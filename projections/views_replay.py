@@ -44,6 +44,7 @@ from infra.replay import (
 from infra.streams import Streams
 from infra.views import (
     DEFAULT_GENERATION,
+    SEVERITIES,
     STATUSES,
     ViewKeys,
     current_key,
@@ -399,6 +400,11 @@ class ViewsReplay:
                     f"{name}: {len(left - right):,} only live {sorted(left - right)[:5]}, "
                     f"{len(right - left):,} only rebuilt {sorted(right - left)[:5]}"
                 )
+        for severity in SEVERITIES:
+            counts = [await self.redis.get(k.alerts_open(severity)) for k in (live, rebuilt)]
+            name = f"open {severity} alerts"
+            if int(counts[0] or 0) != int(counts[1] or 0) and (only is None or name in only):
+                found[name] = f"{name}: live {int(counts[0] or 0)}, rebuilt {int(counts[1] or 0)}"
         pending = [await self.redis.get(k.commands_pending) for k in (live, rebuilt)]
         if int(pending[0] or 0) != int(pending[1] or 0) and (
             only is None or "commands pending" in only

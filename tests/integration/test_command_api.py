@@ -768,3 +768,81 @@ async def test_an_idempotent_replay_carries_the_position_of_the_first_answer(
     assert again.headers["idempotent-replayed"] == "true"
     assert again.json() == first.json()
     assert again.headers["iot-position"] == first.headers["iot-position"]
+
+
+# --- alerts: acknowledged through the API, recorded as device events -------------------------
+
+
+def raise_alert(
+    store: DeviceStore, device_id: str = "dev-1", at_ms: int = 1_767_225_600_000
+) -> str:
+    """What the analytics service records: an alert raised for the device, saved directly."""
+    device = store.get(device_id)
+    assert device is not None
+    alert_id = device.raise_alert("hot", "critical", "temperature", 91.5, at_ms, datetime.now(UTC))
+    assert alert_id is not None
+    store.save_device(device)
+    return alert_id
+
+
+async def test_acknowledging_an_alert_records_who_when_and_the_note_once(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+    alert_id = raise_alert(store)
+    response = await client.post(
+        f"/alerts/{alert_id}/acknowledge", json={"note": "checking the pump"}, headers=OPERATOR
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["alert_id"], body["status"], body["acknowledged"]) == (
+        alert_id,
+        "acknowledged",
+        True,
+    )
+    assert body["note"] == "checking the pump"
+    assert body["acknowledged_by"].startswith("token:")
+    assert body["raised_value"] == 91.5
+    assert response.headers["etag"] == f'"{body["version"]}"'
+    again = await client.post(f"/alerts/{alert_id}/acknowledge", headers=OPERATOR)
+    assert "already acknowledged" in assert_problem(again, 409)["detail"]
+    device = store.get("dev-1")
+    assert device is not None
+    events = store.events.get(device.id)
+    assert [type(e).__qualname__ for e in events][-2:] == [
+        "Device.AlertRaised",
+        "Device.AlertAcknowledged",
+    ]
+
+
+async def test_an_acknowledge_retried_with_its_idempotency_key_gets_the_first_answer(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+    alert_id = raise_alert(store)
+    headers = {**OPERATOR, "Idempotency-Key": "ack-1"}
+    first = await client.post(f"/alerts/{alert_id}/acknowledge", json={}, headers=headers)
+    retry = await client.post(f"/alerts/{alert_id}/acknowledge", json={}, headers=headers)
+    assert first.status_code == retry.status_code == 200
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert {k: v for k, v in retry.json().items() if k != "position"} == {
+        k: v for k, v in first.json().items() if k != "position"
+    }
+    device = store.get("dev-1")
+    assert device is not None
+    assert device.version == 3  # registered, raised, acknowledged: once
+
+
+async def test_acknowledging_an_unknown_or_malformed_alert_is_404_and_below_operator_403(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    await register(client)
+    assert_problem(await client.post("/alerts/dev-1.hot.1/acknowledge", headers=OPERATOR), 404)
+    assert_problem(await client.post("/alerts/nobody.hot.1/acknowledge", headers=OPERATOR), 404)
+    assert_problem(await client.post("/alerts/not-an-id/acknowledge", headers=OPERATOR), 404)
+    alert_id = raise_alert(store)
+    assert_problem(await client.post(f"/alerts/{alert_id}/acknowledge", headers=VIEWER), 403)
+    long_note = {"note": "x" * 2001}
+    assert_problem(
+        await client.post(f"/alerts/{alert_id}/acknowledge", json=long_note, headers=OPERATOR), 422
+    )

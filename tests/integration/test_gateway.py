@@ -348,6 +348,7 @@ async def test_device_view_shows_desired_reported_delta_and_latest_metrics(
         },
         "pending_commands": [],
         "recent_commands": [],
+        "alerts": [],
     }
 
 
@@ -634,6 +635,8 @@ async def test_fleet_counts_statuses_online_devices_and_recent_readings(
     await redis.pfadd(keys.readings(minute), *[f"7:{i}" for i in range(10)])
     await redis.pfadd(keys.readings(minute - 1), *[f"6:{i}" for i in range(40)])
     await redis.pfadd(keys.readings(minute - 2), *[f"5:{i}" for i in range(99)])
+    await redis.set(keys.alerts_open("critical"), 2)
+    await redis.set(keys.alerts_open("info"), -1)  # a counter is never shown below 0
     response = await client.get("/api/v1/fleet", headers=VIEWER)
     assert response.json() == {
         "devices": 5,
@@ -641,6 +644,7 @@ async def test_fleet_counts_statuses_online_devices_and_recent_readings(
         "online": 2,
         "readings_last_minute": 10 + 20,  # half of the previous minute is within the last 60 s
         "commands_pending": 0,
+        "alerts_open": {"critical": 2, "warning": 0, "info": 0},
     }
 
 

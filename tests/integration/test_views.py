@@ -30,6 +30,10 @@ from domain.ingest import (
     encode_ingest,
 )
 from domain.published import (
+    DeviceAlertAcknowledged,
+    DeviceAlertCleared,
+    DeviceAlertRaised,
+    DeviceAlertRetriggered,
     DeviceCommandAcknowledged,
     DeviceCommandCancelled,
     DeviceCommandExpired,
@@ -783,3 +787,69 @@ async def test_checkpoint_is_seeded_from_the_consumer_ack_floor_once(env: Env) -
     await env.redis.set(env.keys.position, "60")
     await seed_checkpoint(env.redis, env.js, env.keys, spec)  # a checkpoint exists: untouched
     assert await env.position() == 60
+
+
+# -- alerts --------------------------------------------------------------------------------------
+
+
+def alert_lifecycle(device_id: str = "d1") -> list[PublishedEvent]:
+    hot, cold = f"{device_id}.hot.1000", f"{device_id}.cold.2000"
+    common = {"device_id": device_id}
+    return [
+        registered(device_id),
+        DeviceAlertRaised(
+            **common,
+            version=2,
+            at=at(2),
+            position=2,
+            alert_id=hot,
+            rule_id="hot",
+            severity="critical",
+            metric="t",
+            value=91.0,
+            at_ms=1000,
+        ),
+        DeviceAlertRaised(
+            **common,
+            version=3,
+            at=at(3),
+            position=3,
+            alert_id=cold,
+            rule_id="cold",
+            severity="warning",
+            metric="t",
+            value=None,
+            at_ms=2000,
+        ),
+        DeviceAlertRetriggered(
+            **common, version=4, at=at(4), position=4, alert_id=hot, value=95.0, at_ms=3000
+        ),
+        DeviceAlertAcknowledged(
+            **common, version=5, at=at(5), position=5, alert_id=hot, by="token:x", note="ok"
+        ),
+        DeviceAlertCleared(
+            **common, version=6, at=at(6), position=6, alert_id=cold, value=None, at_ms=4000
+        ),
+    ]
+
+
+async def test_alert_events_keep_the_open_alerts_in_the_doc_and_count_them_by_severity(
+    env: Env,
+) -> None:
+    outcome, _ = await env.events(*alert_lifecycle())
+    assert outcome == Outcome()
+    alerts = (await env.doc("d1"))["alerts"]
+    assert list(alerts) == ["d1.hot.1000"]
+    hot = alerts["d1.hot.1000"]
+    assert (hot["status"], hot["retriggers"], hot["last_value"]) == ("acknowledged", 1, 95.0)
+    assert (hot["acknowledged_by"], hot["note"]) == ("token:x", "ok")
+    assert await env.redis.get(env.keys.alerts_open("critical")) == b"1"
+    assert await env.redis.get(env.keys.alerts_open("warning")) == b"0"
+
+
+async def test_redelivered_alert_events_change_nothing(env: Env) -> None:
+    events = alert_lifecycle()
+    await env.events(*events)
+    before = await env.dump()
+    await env.events(*events[1:])
+    assert await env.dump() == before

@@ -26,6 +26,7 @@ from commands.api import (
     CommandService,
     ConfigBody,
     EmptyBody,
+    NoteBody,
     ReasonBody,
     RegisterBody,
     create_app,
@@ -44,7 +45,14 @@ TOKENS = {
 }
 BEARER = {role: {"Authorization": f"Bearer {token}"} for token, role in TOKENS.items()}
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
-BODIES: list[type[msgspec.Struct]] = [RegisterBody, ConfigBody, ReasonBody, EmptyBody, CommandBody]
+BODIES: list[type[msgspec.Struct]] = [
+    RegisterBody,
+    ConfigBody,
+    ReasonBody,
+    NoteBody,
+    EmptyBody,
+    CommandBody,
+]
 # Served outside the document: the HTTP kit's health and metrics, and the document itself.
 UNDOCUMENTED = {"/healthz", "/readyz", "/metrics", "/openapi.json", PREFIX + "/openapi.json"}
 

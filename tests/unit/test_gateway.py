@@ -353,3 +353,36 @@ def test_malformed_after_is_a_400_problem(raw: str) -> None:
         with pytest.raises(Problem) as caught:
             parse_after(request)
         assert caught.value.status == 400
+
+
+def test_device_view_lists_open_alerts_oldest_first_with_device_times_as_rfc3339() -> None:
+    def alert(alert_id: str, raised_at_ms: int, status: str) -> dict[str, object]:
+        return {
+            "alert_id": alert_id,
+            "rule_id": alert_id.split(".")[1],
+            "severity": "critical",
+            "metric": "t",
+            "status": status,
+            "raised_value": 91.0,
+            "raised_at_ms": raised_at_ms,
+            "retriggers": 2,
+            "last_value": 95.0,
+            "acknowledged_by": None,
+            "acknowledged_at": None,
+            "note": None,
+        }
+
+    doc = {
+        "device_id": "d",
+        "desired": {"version": 0, "config": {}},
+        "alerts": {
+            "d.b.2000": alert("d.b.2000", 2000, "acknowledged"),
+            "d.a.1000": alert("d.a.1000", 1000, "active"),
+        },
+    }
+    view = device_view({"doc": json.dumps(doc)})
+    assert view is not None
+    assert [a["alert_id"] for a in view["alerts"]] == ["d.a.1000", "d.b.2000"]
+    assert view["alerts"][0]["raised_at"] == "1970-01-01T00:00:01.000Z"
+    assert view["alerts"][0]["retriggers"] == 2
+    assert device_view({"doc": json.dumps({"device_id": "d"})})["alerts"] == []  # type: ignore[index]
