@@ -158,8 +158,9 @@ ensure_influxdb() {
 
 # ------------------------------------------------- test tools (Debian packages)
 # kubectl renders the cluster manifests (tests/deploy); prometheus and promtool scrape a
-# running system and check the alert rules (tests/e2e/test_observability.py). Debian's
-# prometheus package may start its services where systemd runs: the tests start their own.
+# running system and check the alert rules (tests/e2e/test_observability.py); Alertmanager
+# receives the analytics notifications (tests/integration/test_alertmanager.py). Debian's
+# packages may start their services where systemd runs: the tests start their own.
 ensure_test_tools() {
     if ! command -v kubectl >/dev/null; then
         _apt_install kubectl ||
@@ -172,8 +173,16 @@ ensure_test_tools() {
             systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
         fi
     fi
+    if ! command -v prometheus-alertmanager >/dev/null; then
+        _apt_install prometheus-alertmanager ||
+            { echo "CI: could not install prometheus-alertmanager (apt-get install failed)" >&2; return 1; }
+        if command -v systemctl >/dev/null && [[ -d /run/systemd/system ]]; then
+            systemctl disable --now prometheus-alertmanager >/dev/null 2>&1 || true
+        fi
+    fi
     echo "kubectl: $(kubectl version --client 2>/dev/null | head -n 1)"
     echo "prometheus: $(prometheus --version 2>&1 | head -n 1)"
+    echo "alertmanager: $(prometheus-alertmanager --version 2>&1 | head -n 1)"
 }
 
 # ------------------------------------------------------------------ versions
