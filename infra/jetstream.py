@@ -279,8 +279,9 @@ async def publish_dead_letter(
     data: bytes,
     msg_id: str | None = None,
 ) -> None:
-    """Store rejected input on the DEADLETTER stream with its reason (the headers of README's
-    dead-letter section); `msg_id` makes a repeated rejection of one message a duplicate."""
+    """Store rejected input on the DEADLETTER stream with its reason (the headers described in
+    docs/operations.md, "Dead letters"); `msg_id` makes a repeated rejection of one message a
+    duplicate."""
     headers = {
         "Iot-Reason": reason,
         "Iot-Topic": topic,
