@@ -92,6 +92,11 @@ def _parser() -> argparse.ArgumentParser:
         "--api", default="http://127.0.0.1:8080", help="command API to register the devices with"
     )
     sim.add_argument("--no-register", action="store_true", help="devices exist already")
+    sim.add_argument(
+        "--faults",
+        action="store_true",
+        help="the first three devices overheat, go silent and drift, on a cycle of minutes",
+    )
     return parser
 
 
@@ -289,6 +294,7 @@ async def _simulate(args: argparse.Namespace, settings: Settings) -> int:
         api_url=None if args.no_register else args.api,
         token=token,
         prefix=args.prefix,
+        faults=args.faults,
         stop=stop_on_signals(),
     )
     return 0

@@ -10,6 +10,12 @@ its `config_version`, and publishes `offline` before a graceful disconnect. Tele
 random walks (temperature, humidity), slow drains (battery) and occasional flips (door), sent as
 flat server-time payloads, device-time `ts`+`values`, or batches, in a mix.
 
+Faults (`--faults`): the first devices of the fleet make trouble on a fixed wall-clock cycle,
+so alert rules have something to raise and clear within minutes: `overheat` (temperature
+climbs towards 95 for 45 s of every 120 s, then falls back to 21), `silent` (connected, but
+sends no telemetry for 90 s of every 180 s) and `drift` (humidity creeps up 0.5 a reading until
+it saturates at 100, then resets: a slow runaway). Every other device behaves normally.
+
 Commands: the name `fail` is acknowledged with status `error`; every other name with `ok` and
 result `{"received_at": <RFC 3339>, "command": <name>}` (plus `"args"` for `echo`).
 
@@ -53,6 +59,9 @@ from infra.runtime import tcp_nodelay
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
 REMEMBERED_COMMANDS = 1024  # command ids a device remembers to drop redeliveries
+FAULTS = ("overheat", "silent", "drift")
+OVERHEAT_CYCLE_S, OVERHEAT_FOR_S, OVERHEAT_TO = 120, 45, 95.0
+SILENT_CYCLE_S, SILENT_FROM_S = 180, 90
 REGISTRATION_CONCURRENCY = 8
 RECONNECT_MAX_S = 30.0
 
@@ -101,14 +110,26 @@ class SimulatedDevice:
     expired: int = 0
     handled: OrderedDict[str, None] = field(default_factory=OrderedDict)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    fault: str | None = None  # one of FAULTS
+
+    def silent(self, now_ms: int) -> bool:
+        """Whether a `silent` device keeps quiet at `now_ms` (90 s of every 180 s)."""
+        return self.fault == "silent" and (now_ms // 1000) % SILENT_CYCLE_S >= SILENT_FROM_S
 
     @property
     def topic(self) -> str:
         return f"devices/{self.device_id}"
 
-    def step(self) -> dict[str, float | bool | str]:
-        self.temperature += self.rng.gauss(0, 0.2) + 0.05 * (21.0 - self.temperature)
+    def step(self, now_ms: int = 0) -> dict[str, float | bool | str]:
+        target, pull = 21.0, 0.05
+        if self.fault == "overheat" and (now_ms // 1000) % OVERHEAT_CYCLE_S < OVERHEAT_FOR_S:
+            target, pull = OVERHEAT_TO, 0.3
+        elif self.fault == "overheat":
+            pull = 0.3
+        self.temperature += self.rng.gauss(0, 0.2) + pull * (target - self.temperature)
         self.humidity = min(100.0, max(0.0, self.humidity + self.rng.gauss(0, 0.5)))
+        if self.fault == "drift":
+            self.humidity = 45.0 if self.humidity >= 100.0 else min(100.0, self.humidity + 0.5)
         self.battery = max(0.0, self.battery - self.rng.uniform(0, 0.01))
         if self.rng.random() < 0.02:
             self.door = not self.door
@@ -125,10 +146,12 @@ class SimulatedDevice:
         self.sent += 1
         shape = self.sent % 10
         if shape < 6:
-            return _encode({"ts": now_ms, "values": self.step()})
+            return _encode({"ts": now_ms, "values": self.step(now_ms)})
         if shape < 9:
-            return _encode(self.step())
-        return _encode([{"ts": now_ms - 1000 * i, "values": self.step()} for i in range(5)])
+            return _encode(self.step(now_ms))
+        return _encode(
+            [{"ts": now_ms - 1000 * i, "values": self.step(now_ms - 1000 * i)} for i in range(5)]
+        )
 
     def remember(self, command_id: str) -> None:
         self.handled[command_id] = None
@@ -150,11 +173,18 @@ def _rfc3339(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
-def make_fleet(devices: int, prefix: str = "sim", seed: int = 1) -> list[SimulatedDevice]:
-    return [
+def make_fleet(
+    devices: int, prefix: str = "sim", seed: int = 1, faults: bool = False
+) -> list[SimulatedDevice]:
+    """The fleet; with `faults`, its first devices get the FAULTS, one each, in order."""
+    fleet = [
         SimulatedDevice(f"{prefix}-{i:04d}", random.Random(seed * 100_003 + i))
         for i in range(devices)
     ]
+    if faults:
+        for device, fault in zip(fleet, FAULTS, strict=False):
+            device.fault = fault
+    return fleet
 
 
 async def register_fleet(
@@ -265,8 +295,8 @@ async def _send_telemetry(
                 return_when=asyncio.FIRST_COMPLETED,
             )
         while not stop.is_set() and not listener.done():
-            if math.isfinite(interval):
-                now_ms = int(time.time() * 1000)
+            now_ms = int(time.time() * 1000)
+            if math.isfinite(interval) and not device.silent(now_ms):
                 await client.publish(f"{device.topic}/telemetry", device.payload(now_ms), qos=1)
             await asyncio.wait(
                 [stopped, listener],
@@ -373,10 +403,14 @@ async def simulate(
     token: str | None,
     prefix: str = "sim",
     seed: int = 1,
+    faults: bool = False,
     stop: asyncio.Event,
 ) -> None:
     """Run `devices` devices sending `rate` telemetry messages per second in all."""
-    fleet = make_fleet(devices, prefix, seed)
+    fleet = make_fleet(devices, prefix, seed, faults)
+    for device in fleet:
+        if device.fault:
+            log.info("simulated fault", extra={"device": device.device_id, "fault": device.fault})
     if api_url and token:
         await register_fleet(api_url, token, fleet, {"fleet": prefix})
     interval = devices / rate if rate > 0 else math.inf

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from datetime import UTC, datetime
+from typing import Any
 
 import httpx
 
@@ -70,3 +72,43 @@ async def test_registration_keeps_new_secrets_and_rotates_those_of_existing_devi
     assert [d.secret for d in fleet] == ["new-s-0000", "rotated"]
     assert ("POST", "/api/v1/devices/s-0001/rotate-secret") in calls
     assert ("POST", "/api/v1/devices/s-0000/rotate-secret") not in calls
+
+
+def readings(device: SimulatedDevice, start_s: int, seconds: int, every_s: int = 5) -> list[Any]:
+    """The device's step values over `seconds` of wall-clock time from `start_s`."""
+    return [device.step((start_s + t) * 1000) for t in range(0, seconds, every_s)]
+
+
+def test_without_faults_no_device_misbehaves() -> None:
+    assert all(device.fault is None for device in make_fleet(5))
+
+
+def test_with_faults_the_first_devices_overheat_go_silent_and_drift() -> None:
+    fleet = make_fleet(5, faults=True)
+    assert [d.fault for d in fleet] == ["overheat", "silent", "drift", None, None]
+
+
+def test_an_overheating_device_goes_past_80_degrees_then_cools_within_its_cycle() -> None:
+    device = make_fleet(1, faults=True)[0]
+    hot = readings(device, 0, 45)  # the first 45 s of a 120 s cycle
+    assert max(float(v["temperature"]) for v in hot) > 80
+    cooled = readings(device, 45, 75)
+    assert float(cooled[-1]["temperature"]) < 30
+
+
+def test_a_silent_device_keeps_quiet_for_half_of_every_three_minutes() -> None:
+    device = make_fleet(2, faults=True)[1]
+    quiet = [device.silent(t * 1000) for t in range(0, 360)]
+    assert sum(quiet) == 180
+    assert not device.silent(0)
+    assert device.silent(90_000)
+    assert not make_fleet(1)[0].silent(90_000)
+
+
+def test_a_drifting_device_climbs_to_saturation_and_starts_again() -> None:
+    device = make_fleet(3, faults=True)[2]
+    values = [float(v["humidity"]) for v in readings(device, 0, 5 * 200)]
+    assert max(values) == 100.0
+    assert values[50] - values[0] > 15  # 0.5 a reading, plus noise
+    drops = [b - a for a, b in itertools.pairwise(values) if b < a - 40]
+    assert drops  # saturated, then reset
