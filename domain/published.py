@@ -1,8 +1,10 @@
-"""The published event schema: what projections consume from JetStream `events.<device_id>`.
+"""The published event schema: what projections consume from the EVENTS stream, device events
+on `events.<device_id>` and alert-rule events on `rules.<rule_id>`.
 
-A versioned public contract (msgspec tagged union of frozen structs), separate from the
+A versioned public contract (msgspec tagged unions of frozen structs), separate from the
 library's stored events. A new shape gets a new tag (`...v2`) beside the old one; consumers
-decode with `decode_event` and match on the type.
+decode with `decode_event` (device events) or `decode_stream_event` (either) and match on the
+type.
 """
 
 from __future__ import annotations
@@ -157,8 +159,42 @@ CommandEvent = (
     | DeviceCommandCancelled
 )
 
+
+
+class _PublishedRule(msgspec.Struct, frozen=True, tag_field="event", kw_only=True):
+    rule_id: str
+    version: int
+    at: datetime
+    position: int
+
+
+class RuleCreated(_PublishedRule, frozen=True, tag="rule.created.v1"):
+    """A rule, enabled; `spec` is its definition as `POST /rules` takes it (name, metric, scope,
+    severity, condition), normalised (`domain.rules.spec_to_dict`)."""
+
+    spec: dict[str, Any]
+
+
+class RuleUpdated(_PublishedRule, frozen=True, tag="rule.updated.v1"):
+    """The rule's definition replaced whole (its enabled state unchanged)."""
+
+    spec: dict[str, Any]
+
+
+class RuleEnabled(_PublishedRule, frozen=True, tag="rule.enabled.v1"):
+    pass
+
+
+class RuleDisabled(_PublishedRule, frozen=True, tag="rule.disabled.v1"):
+    pass
+
+
+RuleEvent = RuleCreated | RuleUpdated | RuleEnabled | RuleDisabled
+StreamEvent = PublishedEvent | RuleEvent  # anything on the EVENTS stream
+
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(PublishedEvent)
+_stream_decoder = msgspec.json.Decoder(StreamEvent)
 
 
 class UnpublishableEvent(Exception):
@@ -246,10 +282,16 @@ def to_published(stored: object, position: int) -> PublishedEvent:
     raise UnpublishableEvent(f"no published form for {type(event).__qualname__}")
 
 
-def encode_event(event: PublishedEvent) -> bytes:
+def encode_event(event: StreamEvent) -> bytes:
     return _encoder.encode(event)
 
 
 def decode_event(data: bytes) -> PublishedEvent:
     decoded: PublishedEvent = _decoder.decode(data)
+    return decoded
+
+
+def decode_stream_event(data: bytes) -> StreamEvent:
+    """Any event of the EVENTS stream: a device event or a rule event."""
+    decoded: StreamEvent = _stream_decoder.decode(data)
     return decoded
