@@ -60,6 +60,9 @@ class Settings:
     auth_mqtt_password: str = ""
     bridge_inflight: int = 1000
     rate_limit_per_minute: int = 600
+    alertmanager_url: str = ""  # empty: analytics sends no notifications
+    gateway_public_url: str = ""  # the gateway as operators reach it, for links in alerts
+    analytics_partitions: int = 16
 
     @property
     def mqtt(self) -> tuple[str, int, bool]:
@@ -193,4 +196,14 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         auth_mqtt_password=env.get("IOT_AUTH_MQTT_PASSWORD", ""),
         bridge_inflight=_int(env, "IOT_BRIDGE_INFLIGHT", 1000, 1, 65535) or 1000,
         rate_limit_per_minute=_int(env, "IOT_RATE_LIMIT_PER_MINUTE", 600, 1, 10_000_000) or 600,
+        alertmanager_url=_optional_url(env, "IOT_ALERTMANAGER_URL"),
+        gateway_public_url=_optional_url(env, "IOT_GATEWAY_URL"),
+        analytics_partitions=_int(env, "IOT_ANALYTICS_PARTITIONS", 16, 1, 1024) or 16,
     )
+
+
+def _optional_url(env: Mapping[str, str], name: str) -> str:
+    """An http(s) URL, or empty when the variable is unset or empty."""
+    if not env.get(name):
+        return ""
+    return _url(env, name, "", ("http", "https"))
