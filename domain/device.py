@@ -292,6 +292,17 @@ class Device(Aggregate):
         alerts: dict[str, dict[str, Any]] = self.__dict__.setdefault("alerts", {})
         return alerts
 
+    def _raised_marks(self) -> dict[str, int]:
+        """rule_id -> the device time of the rule's newest alert, however long ago it cleared."""
+        marks: dict[str, int] | None = self.__dict__.get("alert_marks")
+        if marks is None:  # restored from a snapshot taken before marks existed
+            marks = {}
+            for alert in self._alerts().values():
+                rule, at_ms = alert["rule_id"], alert["raised_at_ms"]
+                marks[rule] = max(at_ms, marks.get(rule, at_ms))
+            self.__dict__["alert_marks"] = marks
+        return marks
+
     def open_alert(self, rule_id: str) -> str | None:
         """The id of the rule's open alert for this device, if any."""
         for aid, alert in self._alerts().items():
@@ -309,7 +320,8 @@ class Device(Aggregate):
         at: datetime,
     ) -> str | None:
         """Raise the rule's alert at device time `at_ms`; None (nothing recorded) while one is
-        open for the rule, when this very alert was raised before, or once decommissioned."""
+        open for the rule, when the rule raised at or after `at_ms` before (a re-evaluation of
+        readings already evaluated), or once decommissioned."""
         from domain.alerts import alert_id, raise_alert
 
         state = raise_alert(rule_id, self.device_id, severity, metric, value, at_ms)  # type: ignore[arg-type]
@@ -317,6 +329,7 @@ class Device(Aggregate):
             self.status == Status.DECOMMISSIONED
             or self.open_alert(rule_id) is not None
             or alert_id(self.device_id, rule_id, at_ms) in self._alerts()
+            or at_ms <= self._raised_marks().get(rule_id, -1)
         ):
             return None
         self._alert_raised(
@@ -339,11 +352,12 @@ class Device(Aggregate):
         return True
 
     def clear_alert(self, rule_id: str, value: float | None, at_ms: int, at: datetime) -> bool:
-        """Clear the rule's open alert at device time `at_ms`; none open changes nothing."""
+        """Clear the rule's open alert at device time `at_ms`; none open, or one raised after
+        `at_ms` (a stale clear of an earlier alert), changes nothing."""
         from domain.alerts import AlertState, clear
 
         aid = self.open_alert(rule_id)
-        if aid is None:
+        if aid is None or at_ms < self._alerts()[aid]["raised_at_ms"]:
             return False
         clear(msgspec.convert(self._alerts()[aid], AlertState), value, at_ms)  # checks the time
         self._alert_cleared(alert_id=aid, value=value, at_ms=at_ms, timestamp=at)
@@ -478,6 +492,8 @@ class Device(Aggregate):
             "acknowledged_at": None,
             "note": None,
         }
+        marks = self._raised_marks()
+        marks[rule_id] = max(at_ms, marks.get(rule_id, at_ms))
 
     @event("AlertRetriggered")
     def _alert_retriggered(

@@ -212,3 +212,26 @@ def _registered_event() -> Any:
     return DeviceRegistered(
         device_id=DEVICE_ID, version=1, at=T0, position=1, name="n", type="t", labels={}
     )
+
+
+def test_re_raising_an_alert_that_has_aged_out_of_the_recent_ones_records_nothing() -> None:
+    device = registered()
+    first = T0_MS
+    for i in range(RECENT_ALERTS + 5):  # the first alert is no longer among the recent ones
+        raised(device, at_ms=first + i * 10)
+        assert device.clear_alert(RULE, 10.0, first + i * 10 + 5, at(2))
+    assert f"{DEVICE_ID}.{RULE}.{first}" not in device.alert_states()
+    device.collect_events()
+    assert device.raise_alert(RULE, "critical", "temperature", 91.0, first, at(3)) is None
+    assert device.collect_events() == []
+
+
+def test_a_clear_older_than_the_open_alert_is_stale_and_records_nothing() -> None:
+    device = registered()
+    raised(device, at_ms=T0_MS)
+    assert device.clear_alert(RULE, 10.0, T0_MS + 10, at(2))
+    raised(device, at_ms=T0_MS + 20)
+    device.collect_events()
+    assert not device.clear_alert(RULE, 10.0, T0_MS + 10, at(3))  # the first clear, evaluated again
+    assert device.collect_events() == []
+    assert device.open_alert(RULE) == f"{DEVICE_ID}.{RULE}.{T0_MS + 20}"
