@@ -273,6 +273,11 @@ class Notifier:
             DROPPED.labels("invalid").inc()
             log.exception("alert notification not queued", extra={"alert": payload_key})
 
+    def discard(self, payload_key: str) -> None:
+        """Stop delivering and re-sending an alert (another replica now notifies for it)."""
+        self._forget(payload_key)
+        PENDING.set(self._fresh)
+
     def _put(self, key: str, alert: dict[str, Any]) -> None:
         resolved = is_resolved(alert)
         floor = _epoch_ms(alert.get("endsAt"))

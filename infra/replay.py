@@ -267,7 +267,7 @@ class LogTail:
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
             opt_start_seq=self.start_seq,
             ack_policy=AckPolicy.NONE,
-            filter_subject=self.subject,
+            filter_subject=self.subject or None,  # "": the whole stream
             inactive_threshold=self.inactive_threshold,
             max_waiting=4,
         )

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from infra import logs
 from infra.settings import Settings, SettingsError, load
 
-COMPONENTS = ("commands", "relay", "bridge", "gateway", "projector")
+COMPONENTS = ("commands", "relay", "bridge", "gateway", "projector", "analytics")
 DYNSEC_PASSWORDS = ("IOT_DYNSEC_ADMIN_PASSWORD", "IOT_DYNSEC_BRIDGE_PASSWORD")
 
 
@@ -121,6 +121,10 @@ def _run_component(component: str, name: str | None, settings: Settings) -> None
         from commands.main import run_relay
 
         asyncio.run(run_relay(settings))
+    elif component == "analytics":
+        from analytics.service import run as run_analytics
+
+        asyncio.run(run_analytics(settings))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,6 +69,7 @@ def components(mqtt: MqttCredentials | None = None) -> list[Child]:
         Child("bridge", (*IOT, "run", "bridge"), 8081, _login(mqtt.bridge)),
         Child("gateway", (*IOT, "run", "gateway"), 8082),
         Child("relay", (*IOT, "run", "relay"), 8084),
+        Child("analytics", (*IOT, "run", "analytics"), 8083),
         Child("timeseries", (*IOT, "run", "projector", "timeseries"), 8090),
         Child("views", (*IOT, "run", "projector", "views"), 8091),
     ]
