@@ -123,6 +123,7 @@ class Analytics:
         self._ingest: LogTail | None = None
         self._ingest_from = 0  # the sequence the ingest tail was opened at
         self._dirty: set[int] = set()
+        self._saved: dict[int, int] = {}  # partition -> the sequence of its last checkpoint
         self._checkpointed_at = 0.0
         self._rebalanced_at = 0.0
         self._snapshot_at = 0.0
@@ -231,10 +232,18 @@ class Analytics:
             self._dirty.add(partition_of(decision.device_id, self.partitions))
 
     async def checkpoint(self) -> None:
+        """Checkpoint the held partitions that moved since their last checkpoint."""
         started = time.perf_counter()
-        parts = list(self.engine.held.values())
-        await self.coordinator.save([Checkpoint(p.number, p.seq, p.dump()) for p in parts])
-        CHECKPOINT.observe(time.perf_counter() - started)
+        parts = [
+            p
+            for p in self.engine.held.values()
+            if p.number in self._dirty or self._saved.get(p.number) != p.seq
+        ]
+        if parts:
+            await self.coordinator.save([Checkpoint(p.number, p.seq, p.dump()) for p in parts])
+            CHECKPOINT.observe(time.perf_counter() - started)
+            for p in parts:
+                self._saved[p.number] = p.seq
         self._dirty.clear()
         self._checkpointed_at = self.clock()
 
@@ -285,6 +294,7 @@ class Analytics:
             else:
                 part = Partition.load(number, checkpoint.seq, checkpoint.state, self.catalog)
             self.engine.hold(part)
+            self._saved[number] = part.seq if checkpoint is not None else -1
             self._notify_partition(number)
         if taken:
             log.info("analytics took partitions", extra={"partitions": taken})

@@ -61,7 +61,9 @@ def _parser() -> argparse.ArgumentParser:
         "replay",
         help="rebuild one projection from the log into a fresh namespace, then switch readers",
     )
-    replay.add_argument("name", help="the projection: views, timeseries or auth")
+    replay.add_argument(
+        "name", help="the projection: views, timeseries, auth, or analytics (its evaluation state)"
+    )
     mode = replay.add_mutually_exclusive_group()
     mode.add_argument(
         "--dry-run",

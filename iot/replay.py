@@ -24,6 +24,7 @@ REPLAYERS = {
     "views": "projections.views_replay:ViewsReplay",
     "timeseries": "projections.timeseries_replay:TimeseriesReplay",
     "auth": "projections.auth_replay:AuthReplay",
+    "analytics": "analytics.replay:AnalyticsReplay",
 }
 
 

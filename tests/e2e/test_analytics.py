@@ -1,0 +1,330 @@
+"""The analytics service as real processes (with the relay) on real PostgreSQL and JetStream:
+each condition raises and clears at the right device time; kill -9 mid-duration and mid-burst,
+with one or two replicas, ends with exactly the transitions of an undisturbed evaluation, each
+once; `iot replay analytics` after wiping its state appends nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import nats
+import psycopg
+import pytest
+
+from analytics.catalog import Catalog
+from analytics.engine import Decision, Engine, Partition
+from domain.device import Device, device_uuid
+from domain.ingest import Reading, Telemetry, encode_ingest
+from domain.published import DeviceRegistered, RuleCreated
+from domain.rules import Rule, spec_to_dict, validate_rule
+from infra.eventstore import DeviceStore
+from infra.settings import Settings
+from infra.streams import Streams
+from tests.e2e.pipeline import wait_until
+from tests.e2e.processes import Component, component_env
+
+pytestmark = pytest.mark.e2e
+
+PARTITIONS = "8"
+T0 = 1_767_225_600_000  # device time of the first reading
+S = 1000
+RULES: dict[str, dict[str, Any]] = {
+    "hot": {
+        "name": "Hot",
+        "metric": "temperature",
+        "severity": "critical",
+        "condition": {"kind": "threshold", "op": ">", "value": 80, "clear": 75, "for_s": 5},
+    },
+    "jump": {
+        "name": "Jump",
+        "metric": "pressure",
+        "severity": "warning",
+        "condition": {"kind": "rate", "max_per_s": 3},
+    },
+}
+
+
+def register(store: DeviceStore, device_ids: list[str]) -> None:
+    for device_id in device_ids:
+        device = Device.register(device_id, device_id, "boiler", {"site": "north"}, "h", _now())
+        store.save_device(device)
+
+
+def create_rules(store: DeviceStore, rules: dict[str, dict[str, Any]]) -> None:
+    for rule_id, spec in rules.items():
+        store.save(Rule.create(rule_id, validate_rule(spec), _now()))
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def workload(devices: int, readings: int, seed: int = 7) -> list[Telemetry]:
+    """Readings for `devices` boilers, one second apart in device time, 1-3 readings per
+    message: temperatures that wander across the hot rule's levels (oscillating between clear
+    and value, breaches held and interrupted) and pressures that now and then jump. The
+    devices' messages interleave at random; each device's stay in order."""
+    rnd = random.Random(seed)
+    per_device: list[list[Telemetry]] = []
+    for d in range(devices):
+        temp, pressure, ts, left = 70.0, 10.0, T0, readings
+        mine = []
+        while left:
+            batch = []
+            for _ in range(min(left, rnd.randint(1, 3))):
+                temp = min(95.0, max(60.0, temp + rnd.choice([-6, -3, 0, 3, 6])))
+                pressure += rnd.choice([0.5, -0.5, 0.0, 5.0, -5.0])
+                batch.append(Reading(ts, {"temperature": temp, "pressure": pressure}))
+                ts += S
+            mine.append(Telemetry(device_id=f"b-{d:02d}", received_at=ts, readings=batch))
+            left -= len(batch)
+        per_device.append(mine[::-1])
+    merged: list[Telemetry] = []
+    while per_device:
+        queue = rnd.choice(per_device)
+        merged.append(queue.pop())
+        if not queue:
+            per_device.remove(queue)
+    return merged
+
+
+def expected(messages: list[Telemetry], rules: dict[str, dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """The transitions of one undisturbed evaluation (the engine in this process)."""
+    catalog = Catalog()
+    seq = 0
+    for rule_id, spec in rules.items():
+        seq += 1
+        catalog.apply(
+            seq,
+            0,
+            RuleCreated(
+                rule_id=rule_id,
+                version=1,
+                at=_now(),
+                position=seq,
+                spec=spec_to_dict(validate_rule(spec)),
+            ),
+        )
+    for device_id in sorted({m.device_id for m in messages}):
+        seq += 1
+        catalog.apply(
+            seq,
+            0,
+            DeviceRegistered(
+                device_id=device_id,
+                version=1,
+                at=_now(),
+                position=seq,
+                name=device_id,
+                type="boiler",
+                labels={"site": "north"},
+            ),
+        )
+    engine = Engine(catalog, 1)
+    engine.hold(Partition(0))
+    out: list[Decision] = []
+    for i, message in enumerate(messages, start=1):
+        engine.evaluate(i, T0 + i, message, out)
+    return sorted(_key(d.kind, d.device_id, d.rule_id, d.at_ms, d.value) for d in out)
+
+
+def _key(kind: str, device_id: str, rule_id: str, at_ms: int, value: Any) -> tuple[Any, ...]:
+    return (device_id, at_ms, rule_id, kind, value)
+
+
+KINDS = {
+    "AlertRaised": "raised",
+    "AlertRetriggered": "retriggered",
+    "AlertCleared": "cleared",
+}
+
+
+def stored_transitions(store: DeviceStore, device_ids: list[str]) -> list[tuple[Any, ...]]:
+    """Every alert transition in the event store (acknowledgements aside)."""
+    out = []
+    for device_id in device_ids:
+        rules_of: dict[str, str] = {}
+        for event in store.events.get(device_uuid(device_id)):
+            kind = KINDS.get(type(event).__name__)
+            if kind is None:
+                continue
+            e: Any = event
+            if kind == "raised":
+                rules_of[e.alert_id] = e.rule_id
+            out.append(_key(kind, device_id, rules_of[e.alert_id], e.at_ms, e.value))
+    return sorted(out)
+
+
+async def _publish(settings: Settings, messages: list[Telemetry]) -> int:
+    """Publish as the bridge does; returns the INGEST stream's last sequence."""
+    streams = Streams(settings.namespace)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        js = nc.jetstream()
+        futures = []
+        for message in messages:
+            first = message.readings[0].ts
+            futures.append(
+                await js.publish_async(
+                    streams.ingest_subject("telemetry", message.device_id),
+                    encode_ingest(message),
+                    headers={"Nats-Msg-Id": f"{message.device_id}:{first}"},
+                )
+            )
+        acks = await asyncio.gather(*futures)
+        return int(max(a.seq for a in acks))
+    finally:
+        await nc.close()
+
+
+def publish(settings: Settings, messages: list[Telemetry]) -> int:
+    return asyncio.run(_publish(settings, messages))
+
+
+def evaluated_up_to(settings: Settings) -> int:
+    """The INGEST sequence every partition's checkpoint has reached (0 before all exist)."""
+    pg = settings.postgres
+    with psycopg.connect(**pg.connect_kwargs(), autocommit=True) as conn:
+        rows = conn.execute(
+            f'SELECT count(*), min(ingest_seq) FROM "{settings.pg_schema}".analytics_checkpoints'
+        ).fetchone()
+    assert rows is not None
+    return int(rows[1]) if rows[0] == int(PARTITIONS) else 0
+
+
+def wait_evaluated(settings: Settings, seq: int, timeout: float = 90.0) -> None:
+    assert wait_until(lambda: evaluated_up_to(settings) >= seq, timeout=timeout), (
+        f"analytics did not reach INGEST sequence {seq} (at {evaluated_up_to(settings)})"
+    )
+
+
+def analytics(settings: Settings) -> Component:
+    return Component(settings, "analytics", IOT_ANALYTICS_PARTITIONS=PARTITIONS)
+
+
+@pytest.fixture
+def relay(migrated: Settings) -> Iterator[Component]:
+    component = Component(migrated, "relay")
+    component.wait_ready()
+    yield component
+    component.stop()
+
+
+@pytest.fixture
+def boilers(migrated: Settings, store: DeviceStore, relay: Component) -> list[str]:
+    del relay
+    device_ids = [f"b-{d:02d}" for d in range(12)]
+    register(store, device_ids)
+    create_rules(store, RULES)
+    return device_ids
+
+
+def test_an_undisturbed_run_appends_exactly_the_transitions_of_the_evaluation(
+    migrated: Settings, store: DeviceStore, boilers: list[str]
+) -> None:
+    messages = workload(len(boilers), 120)
+    want = expected(messages, RULES)
+    assert {k[3] for k in want} == {"raised", "retriggered", "cleared"}  # the workload is rich
+    service = analytics(migrated)
+    try:
+        service.wait_ready(30)
+        wait_evaluated(migrated, publish(migrated, messages))
+        assert stored_transitions(store, boilers) == want
+    finally:
+        service.stop()
+
+
+def test_kill_9_mid_burst_and_mid_duration_ends_with_each_transition_exactly_once(
+    migrated: Settings, store: DeviceStore, boilers: list[str]
+) -> None:
+    messages = workload(len(boilers), 300, seed=11)
+    want = expected(messages, RULES)
+    half = len(messages) // 2
+    service = analytics(migrated)
+    service.wait_ready(30)
+    last = publish(migrated, messages[:half])
+    # mid-burst: killed while it works through the first half
+    assert wait_until(lambda: stored_transitions(store, boilers), timeout=60)
+    service.kill()
+    service = analytics(migrated)
+    service.wait_ready(30)
+    wait_evaluated(migrated, last)  # now mid-duration: held breaches wait for more readings
+    service.kill()
+    service = analytics(migrated)
+    try:
+        service.wait_ready(30)
+        wait_evaluated(migrated, publish(migrated, messages[half:]))
+        assert stored_transitions(store, boilers) == want
+    finally:
+        service.stop()
+
+
+def test_two_replicas_share_the_partitions_and_one_killed_hands_its_devices_over(
+    migrated: Settings, store: DeviceStore, boilers: list[str]
+) -> None:
+    messages = workload(len(boilers), 300, seed=23)
+    want = expected(messages, RULES)
+    first, second = analytics(migrated), analytics(migrated)
+    try:
+        first.wait_ready(30)
+        second.wait_ready(30)
+        assert wait_until(lambda: _owned(first) > 0 and _owned(second) > 0, timeout=30)
+        assert _owned(first) + _owned(second) == int(PARTITIONS)
+        last = publish(migrated, messages[: len(messages) // 2])
+        assert wait_until(lambda: stored_transitions(store, boilers), timeout=60)
+        first.kill()  # its partitions go to the survivor
+        assert wait_until(lambda: _owned(second) == int(PARTITIONS), timeout=30)
+        wait_evaluated(migrated, last)
+        wait_evaluated(migrated, publish(migrated, messages[len(messages) // 2 :]))
+        assert stored_transitions(store, boilers) == want
+    finally:
+        first.stop()
+        second.stop()
+
+
+def test_replay_after_wiping_the_state_gives_the_same_alerts_and_appends_nothing(
+    migrated: Settings, store: DeviceStore, boilers: list[str]
+) -> None:
+    messages = workload(len(boilers), 120, seed=5)
+    want = expected(messages, RULES)
+    service = analytics(migrated)
+    try:
+        service.wait_ready(30)
+        last = publish(migrated, messages)
+        wait_evaluated(migrated, last)
+        assert stored_transitions(store, boilers) == want
+        before = store.max_position()
+        done = subprocess.run(
+            [sys.executable, "-m", "iot.cli", "replay", "analytics"],
+            check=False,
+            env=component_env(migrated, 0, IOT_ANALYTICS_PARTITIONS=PARTITIONS),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "0 transitions appended" in done.stdout, done.stdout
+        assert store.max_position() == before  # nothing new in the event store
+        wait_evaluated(migrated, last)  # the live service took its partitions back
+        assert stored_transitions(store, boilers) == want
+    finally:
+        service.stop()
+
+
+def _owned(component: Component) -> int:
+    import httpx
+
+    try:
+        text = httpx.get(f"{component.url}/metrics", timeout=2).text
+    except httpx.HTTPError:
+        return -1
+    for line in text.splitlines():
+        if line.startswith("iot_analytics_partitions_owned "):
+            return int(float(line.split()[1]))
+    return -1
