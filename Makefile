@@ -17,7 +17,7 @@ services:
 	bash .ci/services.sh
 
 up: install services
-	$(BIN)/iot up --simulate 20
+	$(BIN)/iot up --simulate 20 --faults
 
 test: install services
 	$(BIN)/pytest

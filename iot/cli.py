@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--simulate", type=int, default=0, metavar="N", help="add N simulated devices")
     up.add_argument("--rate", type=float, default=0.0, help="their messages/s in all (N/5)")
     up.add_argument(
+        "--faults",
+        action="store_true",
+        help="three simulated devices overheat, go silent and drift, with rules that catch them",
+    )
+    up.add_argument(
         "--external-broker",
         action="store_true",
         help="use the Mosquitto at IOT_MQTT_URL instead of starting one with the shipped settings",
@@ -178,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 migrate_first=not args.no_migrate,
                 simulate=args.simulate,
                 rate=rate,
+                faults=args.faults,
                 own_broker=not args.external_broker,
                 insecure=args.insecure,
             )

@@ -14,7 +14,9 @@ Faults (`--faults`): the first devices of the fleet make trouble on a fixed wall
 so alert rules have something to raise and clear within minutes: `overheat` (temperature
 climbs towards 95 for 45 s of every 120 s, then falls back to 21), `silent` (connected, but
 sends no telemetry for 90 s of every 180 s) and `drift` (humidity creeps up 0.5 a reading until
-it saturates at 100, then resets: a slow runaway). Every other device behaves normally.
+it saturates at 100, then resets: a slow runaway). Every other device behaves normally. With
+`--faults` the simulator also creates alert rules that catch them (`fault_rules`), scoped to
+the fleet's label, unless they exist.
 
 Commands: the name `fail` is acknowledged with status `error`; every other name with `ok` and
 result `{"received_at": <RFC 3339>, "command": <name>}` (plus `"args"` for `echo`).
@@ -185,6 +187,52 @@ def make_fleet(
         for device, fault in zip(fleet, FAULTS, strict=False):
             device.fault = fault
     return fleet
+
+
+def fault_rules(prefix: str = "sim") -> dict[str, dict[str, Any]]:
+    """Alert rules that catch the faults, scoped to the fleet: rule id -> definition."""
+    scope = {"labels": {"fleet": prefix}}
+    return {
+        f"{prefix}-overheat": {
+            "name": "Overheating",
+            "metric": "temperature",
+            "scope": scope,
+            "severity": "critical",
+            "condition": {"kind": "threshold", "op": ">", "value": 80, "clear": 60, "for_s": 5},
+        },
+        f"{prefix}-silent": {
+            "name": "No temperature readings",
+            "metric": "temperature",
+            "scope": scope,
+            "severity": "warning",
+            "condition": {"kind": "absent", "for_s": 30},
+        },
+        f"{prefix}-drift": {
+            "name": "Humidity running away",
+            "metric": "humidity",
+            "scope": scope,
+            "severity": "info",
+            "condition": {"kind": "threshold", "op": ">=", "value": 95, "clear": 80},
+        },
+    }
+
+
+async def ensure_rules(
+    api_url: str,
+    token: str,
+    rules: dict[str, dict[str, Any]],
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> None:
+    """Create each rule through the command API unless it exists (409)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(
+        base_url=api_url, headers=headers, timeout=10, transport=transport
+    ) as client:
+        for rule_id, rule in rules.items():
+            response = await client.post("/api/v1/rules", json={"rule_id": rule_id, **rule})
+            if response.status_code != 409:
+                response.raise_for_status()
+                log.info("alert rule created", extra={"rule": rule_id})
 
 
 async def register_fleet(
@@ -413,6 +461,8 @@ async def simulate(
             log.info("simulated fault", extra={"device": device.device_id, "fault": device.fault})
     if api_url and token:
         await register_fleet(api_url, token, fleet, {"fleet": prefix})
+        if faults:
+            await ensure_rules(api_url, token, fault_rules(prefix))
     interval = devices / rate if rate > 0 else math.inf
     log.info("simulating", extra={"devices": devices, "rate": rate, "interval_s": interval})
     await run_fleet(fleet, mqtt_host, mqtt_port, interval, stop)

@@ -184,6 +184,7 @@ async def up(
     migrate_first: bool = True,
     simulate: int = 0,
     rate: float = 1.0,
+    faults: bool = False,
     own_broker: bool = True,
     insecure: bool = False,
 ) -> int:
@@ -210,7 +211,15 @@ async def up(
         if await _wait_ready("http://127.0.0.1:8080/readyz", stop):
             sim = Child(
                 "simulator",
-                (*IOT, "simulate", "--devices", str(simulate), "--rate", str(rate)),
+                (
+                    *IOT,
+                    "simulate",
+                    "--devices",
+                    str(simulate),
+                    "--rate",
+                    str(rate),
+                    *(("--faults",) if faults else ()),
+                ),
                 None,
             )
             tasks.append(asyncio.create_task(_supervise(sim, env, stop)))
@@ -231,6 +240,11 @@ async def up(
         print("                anonymous access (--insecure): no device authentication")
     if simulate:
         print(f"  simulated     {simulate} devices, {rate:g} messages/s")
+        if faults:
+            print(
+                "                with faults: sim-0000 overheats, sim-0001 goes silent, "
+                "sim-0002 drifts"
+            )
     if token:
         print(f"  admin token (generated; set IOT_API_TOKENS to choose your own): {token}")
     await stop.wait()
