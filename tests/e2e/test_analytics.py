@@ -9,10 +9,13 @@ import asyncio
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
+import httpx
 import nats
 import psycopg
 import pytest
@@ -26,8 +29,9 @@ from domain.rules import Rule, spec_to_dict, validate_rule
 from infra.eventstore import DeviceStore
 from infra.settings import Settings
 from infra.streams import Streams
-from tests.e2e.pipeline import wait_until
+from tests.e2e.pipeline import OPERATOR, wait_until
 from tests.e2e.processes import Component, component_env
+from tests.integration.test_alertmanager import Alertmanager
 
 pytestmark = pytest.mark.e2e
 
@@ -318,8 +322,6 @@ def test_replay_after_wiping_the_state_gives_the_same_alerts_and_appends_nothing
 
 
 def _owned(component: Component) -> int:
-    import httpx
-
     try:
         text = httpx.get(f"{component.url}/metrics", timeout=2).text
     except httpx.HTTPError:
@@ -328,3 +330,111 @@ def _owned(component: Component) -> int:
         if line.startswith("iot_analytics_partitions_owned "):
             return int(float(line.split()[1]))
     return -1
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _alert_events(store: DeviceStore, device_id: str) -> list[str]:
+    return [
+        type(e).__name__
+        for e in store.events.get(device_uuid(device_id))
+        if type(e).__name__.startswith("Alert")
+    ]
+
+
+def _am_alerts(url: str, device_id: str, **params: str) -> list[dict[str, Any]]:
+    response = httpx.get(
+        f"{url}/api/v2/alerts", params={"filter": f'device="{device_id}"', **params}, timeout=2
+    )
+    response.raise_for_status()
+    found: list[dict[str, Any]] = response.json()
+    return found
+
+
+def test_raise_acknowledge_clear_in_order_in_the_history_and_in_alertmanager(
+    migrated: Settings, store: DeviceStore, relay: Component, tmp_path: Path
+) -> None:
+    del relay
+    register(store, ["b-00"])
+    create_rules(store, {"hot": {**RULES["hot"], "condition": {**HOT_NOW}}})
+    am = Alertmanager(tmp_path)
+    am.start()
+    commands = Component(migrated, "commands")
+    service = Component(
+        migrated,
+        "analytics",
+        IOT_ANALYTICS_PARTITIONS=PARTITIONS,
+        IOT_ALERTMANAGER_URL=am.url,
+        IOT_GATEWAY_URL="http://gateway.example:8082",
+    )
+    try:
+        commands.wait_ready()
+        service.wait_ready(30)
+        now = _now_ms()
+        publish(migrated, [_one("b-00", now, temperature=91.0)])
+        assert wait_until(lambda: _alert_events(store, "b-00") == ["AlertRaised"], timeout=30)
+        firing = wait_until(lambda: _am_alerts(am.url, "b-00"), timeout=30)
+        labels = firing[0]["labels"]
+        assert (labels["rule"], labels["severity"], labels["type"]) == ("hot", "critical", "boiler")
+        assert labels["site"] == "north"
+        assert firing[0]["annotations"]["value"] == "91"
+        alert_id = f"b-00.hot.{now}"
+        answer = httpx.post(
+            f"{commands.url}/api/v1/alerts/{alert_id}/acknowledge",
+            json={"note": "on my way"},
+            headers=OPERATOR,
+            timeout=10,
+        )
+        assert answer.status_code == 200, answer.text
+        publish(migrated, [_one("b-00", now + 1000, temperature=70.0)])
+        assert wait_until(
+            lambda: (
+                _alert_events(store, "b-00") == ["AlertRaised", "AlertAcknowledged", "AlertCleared"]
+            ),
+            timeout=30,
+        ), _alert_events(store, "b-00")
+        assert wait_until(lambda: not _am_alerts(am.url, "b-00", active="true"), timeout=30)
+    finally:
+        service.stop()
+        commands.stop()
+        am.close()
+
+
+def test_a_silent_device_raises_absent_on_the_wall_clock_and_clears_when_it_speaks(
+    migrated: Settings, store: DeviceStore, relay: Component
+) -> None:
+    del relay
+    register(store, ["b-00"])
+    silent = {
+        "name": "Silent",
+        "metric": "*",
+        "severity": "warning",
+        "condition": {"kind": "absent", "for_s": 2},
+    }
+    create_rules(store, {"silent": silent})
+    service = analytics(migrated)
+    try:
+        service.wait_ready(30)
+        first = _now_ms()
+        publish(migrated, [_one("b-00", first, temperature=20.0)])
+        assert wait_until(lambda: _alert_events(store, "b-00") == ["AlertRaised"], timeout=30)
+        device = store.get("b-00")
+        assert device is not None
+        (alert,) = device.alert_states().values()
+        assert alert.raised_at_ms == first + 2000  # due time, in device time
+        assert alert.raised_value is None
+        publish(migrated, [_one("b-00", _now_ms(), temperature=20.0)])
+        assert wait_until(
+            lambda: _alert_events(store, "b-00") == ["AlertRaised", "AlertCleared"], timeout=30
+        )
+    finally:
+        service.stop()
+
+
+HOT_NOW = {"kind": "threshold", "op": ">", "value": 80, "clear": 75}
+
+
+def _one(device_id: str, ts: int, **values: float) -> Telemetry:
+    return Telemetry(device_id=device_id, received_at=ts, readings=[Reading(ts, dict(values))])
