@@ -160,7 +160,6 @@ CommandEvent = (
 )
 
 
-
 class _PublishedRule(msgspec.Struct, frozen=True, tag_field="event", kw_only=True):
     rule_id: str
     version: int

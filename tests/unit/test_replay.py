@@ -94,4 +94,4 @@ def test_an_unknown_projection_is_refused_with_the_known_ones() -> None:
     context: Any = ReplayContext(load({}), nc=None)  # type: ignore[arg-type]
     with pytest.raises(ReplayError, match="no projection named 'nope'; choose one of views"):
         load_replayer("nope", context)
-    assert set(REPLAYERS) == {"views", "timeseries", "auth"}
+    assert set(REPLAYERS) == {"views", "timeseries", "auth", "analytics"}
