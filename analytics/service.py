@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from prometheus_client import Counter, Gauge, Histogram
 
 from analytics.catalog import Catalog
-from analytics.coordination import Checkpoint, Coordinator
+from analytics.coordination import Checkpoint, Coordinator, PartitionsChanged
 from analytics.engine import Decision, Engine, Partition, partition_of
 from analytics.notify import Notifier, alertmanager_alert
 from analytics.writer import AlertWriter
@@ -139,7 +139,7 @@ class Analytics:
                 while not stop.is_set():
                     await self.step()
                 await self._stop()
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, PartitionsChanged):
                 raise
             except Exception as e:
                 log.exception("analytics loop failed; starting over from the checkpoints")
