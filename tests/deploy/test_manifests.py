@@ -28,7 +28,10 @@ COMPONENTS = {
     "projector-timeseries": (8083, 2, "1", "1Gi"),
     "projector-views": (8083, 2, "500m", "512Mi"),
     "projector-auth": (8083, 1, "250m", "256Mi"),
+    "analytics": (8083, 2, "1", "1Gi"),
 }
+# the exceptions to requests = limits: cpu and memory requested
+REQUESTS = {"analytics": ("500m", "512Mi")}
 PVC_SIZES = {
     "postgres": "30Gi",
     "influxdb": "50Gi",
@@ -104,7 +107,9 @@ def test_one_workload_per_component_running_its_iot_command() -> None:
         env = {e["name"]: e for e in container["env"]}
         assert env["IOT_HTTP_PORT"]["value"] == str(port)
     deployments = sorted(d["metadata"]["name"] for d in objects("Deployment"))
-    assert deployments == sorted([*(c for c in COMPONENTS if c != "bridge"), "mosquitto"])
+    assert deployments == sorted(
+        [*(c for c in COMPONENTS if c != "bridge"), "mosquitto", "alertmanager"]
+    )
 
 
 def test_probes_use_healthz_and_readyz_on_the_component_port() -> None:
@@ -122,7 +127,9 @@ def test_resources_are_the_seed_budget_and_every_container_has_limits() -> None:
     for component, (_, _, cpu, memory) in COMPONENTS.items():
         (container,) = pod_spec(app_workload(component))["containers"]
         expected = {"cpu": cpu, "memory": memory}
-        assert container["resources"] == {"requests": expected, "limits": expected}, component
+        req_cpu, req_memory = REQUESTS.get(component, (cpu, memory))
+        requested = {"cpu": req_cpu, "memory": req_memory}
+        assert container["resources"] == {"requests": requested, "limits": expected}, component
     for workload in workloads():
         pod = pod_spec(workload)
         for container in pod["containers"] + pod.get("initContainers", []):
@@ -182,6 +189,7 @@ def test_autoscaling_and_disruption_budgets() -> None:
         "bridge": ("StatefulSet", 2, 5, [("cpu", 70)]),
         "gateway": ("Deployment", 2, 4, [("cpu", 70)]),
         "projector-timeseries": ("Deployment", 1, 3, [("memory", 80)]),
+        "analytics": ("Deployment", 1, 3, [("memory", 80)]),
     }
     budgets = {p["metadata"]["name"]: p["spec"] for p in objects("PodDisruptionBudget")}
     replicated = {c for c, (_, n, _, _) in COMPONENTS.items() if n > 1} | {"nats"}
@@ -283,11 +291,11 @@ EXTERNAL_PEERS: dict[External, str] = {
 }
 
 
-def peer_name(peer: dict[str, Any]) -> str:
+def peer_name(peer: dict[str, Any], *, egress: bool = False) -> str:
     """A policy peer as a node of the graph: a component of this namespace, or an external one."""
     if "ipBlock" in peer:
         assert peer["ipBlock"] == {"cidr": "0.0.0.0/0"}
-        return "devices"
+        return "internet" if egress else "devices"
     pods = peer["podSelector"]["matchLabels"]
     if "namespaceSelector" in peer:
         namespace = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
@@ -316,7 +324,7 @@ def policy_graph() -> set[tuple[str, str, int]]:
         for rule in policy["spec"].get("egress", []):
             for peer in rule["to"]:
                 for port in rule["ports"]:
-                    egress.add((node, peer_name(peer), port["port"]))
+                    egress.add((node, peer_name(peer, egress=True), port["port"]))
     inside = {selected(p) for p in objects("NetworkPolicy")} - {"*"}
     edges = {e for e in ingress if e[0] not in inside or e in egress}
     edges |= {e for e in egress if e[1] not in inside}  # to the outside: DNS

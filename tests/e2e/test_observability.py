@@ -39,6 +39,7 @@ COMPONENTS = {
     "projector-timeseries": "iot_timeseries_write_retries_total",
     "projector-views": "iot_devices_online",
     "projector-auth": "iot_auth_ignored_total",
+    "analytics": "iot_analytics_partitions",
 }
 
 
