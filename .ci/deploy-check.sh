@@ -92,4 +92,10 @@ echo "   $("$nats_server" --version)"
 POD_NAME=nats-0 "$nats_server" -c deploy/base/nats/nats.conf -t || fail "nats-server -t"
 echo
 
+echo "== deploy-check: Alertmanager configuration"
+# amtool comes with Debian's prometheus-alertmanager, which .ci/services.sh installs.
+command -v amtool >/dev/null || fail "amtool not found: apt-get install -y prometheus-alertmanager"
+amtool check-config deploy/base/alertmanager/alertmanager.yml || fail "amtool check-config"
+echo
+
 echo "== deploy-check: passed in $((SECONDS - start)) s"
