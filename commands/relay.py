@@ -34,7 +34,8 @@ from domain.published import (
     DeviceCommandFailed,
     DeviceCommandRequested,
     DeviceCommandSent,
-    PublishedEvent,
+    RuleEvent,
+    StreamEvent,
     encode_event,
     to_published,
 )
@@ -54,7 +55,7 @@ COMMAND_STEPS = {
 }
 
 
-def count_command_step(event: PublishedEvent) -> None:
+def count_command_step(event: StreamEvent) -> None:
     """Count a command event in `iot_device_commands_total` (the relay publishes each once)."""
     step = COMMAND_STEPS.get(type(event))
     if step is not None:
@@ -214,17 +215,14 @@ class Relay:
         published = []
         for i, notification in enumerate(batch):
             event = to_published(mapper.to_domain_event(notification), notification.id)
+            subject, msg_id = self._address(event)
             headers = {
-                "Nats-Msg-Id": f"{event.device_id}:{event.version}",
+                "Nats-Msg-Id": msg_id,
                 "Nats-Expected-Last-Sequence": str(self.state.last_seq + i),
                 POSITION_HEADER: str(notification.id),
             }
             futures.append(
-                await self.js.publish_async(
-                    self.streams.event_subject(event.device_id),
-                    encode_event(event),
-                    headers=headers,
-                )
+                await self.js.publish_async(subject, encode_event(event), headers=headers)
             )
             published.append(event)
         acks = await asyncio.gather(*futures, return_exceptions=True)
@@ -235,13 +233,21 @@ class Relay:
             if isinstance(ack, BaseException):
                 raise ack
             if ack.duplicate:
-                raise FenceError(f"duplicate of {event.device_id}:{event.version}")
+                raise FenceError(f"duplicate of {self._address(event)[1]}")
             self.state.position = notification.id
             self.state.last_seq = ack.seq
             metrics.RELAY_PUBLISHED.inc()
             count_command_step(event)
             metrics.RELAY_LAG.observe(max(0.0, (now - event.at).total_seconds()))
         metrics.RELAY_POSITION.set(self.state.position)
+
+    def _address(self, event: StreamEvent) -> tuple[str, str]:
+        """Subject and Nats-Msg-Id: `events.<device>` and `<device>:<version>` for a device's
+        events, `rules.<rule>` and `rule:<rule>:<version>` for a rule's (device ids cannot hold
+        a ':', so the two never collide)."""
+        if isinstance(event, RuleEvent):
+            return self.streams.rule_subject(event.rule_id), f"rule:{event.rule_id}:{event.version}"
+        return self.streams.event_subject(event.device_id), f"{event.device_id}:{event.version}"
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

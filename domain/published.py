@@ -15,6 +15,7 @@ from typing import Any
 import msgspec
 
 from domain.device import Device
+from domain.rules import Rule
 
 SCHEMA_VERSION = 1
 
@@ -200,10 +201,12 @@ class UnpublishableEvent(Exception):
     """A stored event has no published form (a schema gap: fail loudly, never skip)."""
 
 
-def to_published(stored: object, position: int) -> PublishedEvent:
-    """Map one stored Device event to its published form."""
+def to_published(stored: object, position: int) -> StreamEvent:
+    """Map one stored Device or Rule event to its published form."""
+    if isinstance(stored, Rule.Event):
+        return _rule_published(stored, position)
     if not isinstance(stored, Device.Event):
-        raise UnpublishableEvent(f"not a Device event: {type(stored).__qualname__}")
+        raise UnpublishableEvent(f"not a Device or Rule event: {type(stored).__qualname__}")
     event: Any = stored  # the library builds the event classes at run time
     common: dict[str, Any] = {
         "device_id": event.device_id,
@@ -278,6 +281,26 @@ def to_published(stored: object, position: int) -> PublishedEvent:
             return DeviceAlertCleared(
                 **common, alert_id=event.alert_id, value=event.value, at_ms=event.at_ms
             )
+    raise UnpublishableEvent(f"no published form for {type(event).__qualname__}")
+
+
+def _rule_published(stored: object, position: int) -> RuleEvent:
+    event: Any = stored
+    common: dict[str, Any] = {
+        "rule_id": event.rule_id,
+        "version": event.originator_version,
+        "at": event.timestamp,
+        "position": position,
+    }
+    match type(event).__qualname__:
+        case "Rule.Created":
+            return RuleCreated(**common, spec=dict(event.spec))
+        case "Rule.Updated":
+            return RuleUpdated(**common, spec=dict(event.spec))
+        case "Rule.Enabled":
+            return RuleEnabled(**common)
+        case "Rule.Disabled":
+            return RuleDisabled(**common)
     raise UnpublishableEvent(f"no published form for {type(event).__qualname__}")
 
 

@@ -41,6 +41,7 @@ from nats.js.client import JetStreamContext
 
 from domain.published import (
     PublishedEvent,
+    RuleEvent,
     UnpublishableEvent,
     decode_event,
     encode_event,
@@ -430,31 +431,37 @@ async def store_pages(
     None) in commit order, a page at a time, in their published form exactly as a consumer
     decodes them off the stream; the next page is read (in a thread) while this one is handled."""
 
-    def read(first: int) -> list[PublishedEvent]:
+    def read(first: int) -> tuple[list[PublishedEvent], int, int]:
+        """A page of device events, the last position read and how many were read."""
         page = []
-        for notification in store.recorder.select_notifications(first, size, upto):
+        last = first - 1
+        notifications = store.recorder.select_notifications(first, size, upto)
+        for notification in notifications:
+            last = notification.id
             try:
                 event = to_published(store.mapper.to_domain_event(notification), notification.id)
             except UnpublishableEvent as e:  # the relay refuses it too: a schema gap to fix first
                 raise ReplayError(f"event store position {notification.id}: {e}") from e
+            if isinstance(event, RuleEvent):
+                continue  # the device projections' replays read device events only
             page.append(decode_event(encode_event(event)))
-        return page
+        return page, last, len(notifications)
 
     if upto is not None and upto < start:
         return
-    pending: asyncio.Task[list[PublishedEvent]] | None = asyncio.create_task(
+    pending: asyncio.Task[tuple[list[PublishedEvent], int, int]] | None = asyncio.create_task(
         asyncio.to_thread(read, start)
     )
     try:
         while pending is not None:
-            page = await pending
+            page, last, read_count = await pending
             pending = None
-            if not page:
+            if not read_count:
                 return
-            last = page[-1].position
-            if len(page) == size and (upto is None or last < upto):
+            if read_count == size and (upto is None or last < upto):
                 pending = asyncio.create_task(asyncio.to_thread(read, last + 1))
-            yield page
+            if page:
+                yield page
     finally:
         if pending is not None:
             pending.cancel()

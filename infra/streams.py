@@ -54,6 +54,10 @@ class Streams:
     def event_subject(self, device_id: str) -> str:
         return self._subject(f"events.{device_id}")
 
+    def rule_subject(self, rule_id: str) -> str:
+        """Alert-rule events, in the EVENTS stream beside the device events."""
+        return self._subject(f"rules.{rule_id}")
+
     def ingest_subject(self, kind: str, device_id: str) -> str:
         """`ingest.<kind>.<device_id>`, kind one of telemetry, status, reported, ack, sent."""
         return self._subject(f"ingest.{kind}.{device_id}")
@@ -74,6 +78,10 @@ class Streams:
         return self._subject("events.>")
 
     @property
+    def rules_wildcard(self) -> str:
+        return self._subject("rules.>")
+
+    @property
     def ingest_wildcard(self) -> str:
         return self._subject("ingest.>")
 
@@ -85,15 +93,15 @@ class Streams:
         return [
             _config(
                 self.events,
-                self.events_wildcard,
-                "Device domain events, one message per stored event, commit order",
+                [self.events_wildcard, self.rules_wildcard],
+                "Domain events (devices, alert rules), one message per stored event, commit order",
                 max_age=0.0,
                 duplicate_window=float(DAY),
                 replicas=replicas,
             ),
             _config(
                 self.ingest,
-                self.ingest_wildcard,
+                [self.ingest_wildcard],
                 "Device telemetry, status, reported state and acks from the bridge",
                 max_age=float(30 * DAY),
                 duplicate_window=120.0,
@@ -101,7 +109,7 @@ class Streams:
             ),
             _config(
                 self.deadletter,
-                self.deadletter_wildcard,
+                [self.deadletter_wildcard],
                 "Rejected input: reason, topic and original bytes",
                 max_age=float(14 * DAY),
                 duplicate_window=120.0,
@@ -138,7 +146,7 @@ def kv_configs(streams: Streams, replicas: int = 1) -> list[KeyValueConfig]:
 
 def _config(
     name: str,
-    subject: str,
+    subjects: list[str],
     description: str,
     *,
     max_age: float,
@@ -147,7 +155,7 @@ def _config(
 ) -> StreamConfig:
     return StreamConfig(
         name=name,
-        subjects=[subject],
+        subjects=subjects,
         description=description,
         retention=RetentionPolicy.LIMITS,
         discard=DiscardPolicy.OLD,

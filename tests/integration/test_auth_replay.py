@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 from nats.js.client import JetStreamContext
 
 from domain.device import Device
-from domain.published import to_published
+from domain.published import RuleEvent, to_published
 from infra import dynsec
 from infra import secrets as handover
 from infra.dynsec import DynsecClient, DynsecCommandError
@@ -119,6 +119,7 @@ class Fleet:
         )
         for notification in page:
             event = to_published(self.store.mapper.to_domain_event(notification), notification.id)
+            assert not isinstance(event, RuleEvent)
             await self.projector.apply(event)
             self.position = notification.id
 

@@ -21,6 +21,7 @@ from domain.published import (
     DeviceSecretRotated,
     DeviceSuspended,
     PublishedEvent,
+    RuleEvent,
     UnpublishableEvent,
     decode_event,
     encode_event,
@@ -48,7 +49,9 @@ def _life() -> Device:
 
 
 def _published() -> list[PublishedEvent]:
-    return [to_published(e, FIRST_POSITION + i) for i, e in enumerate(_life().collect_events())]
+    out = [to_published(e, FIRST_POSITION + i) for i, e in enumerate(_life().collect_events())]
+    assert all(not isinstance(e, RuleEvent) for e in out)
+    return out  # type: ignore[return-value]
 
 
 def test_every_device_event_maps_to_its_published_struct() -> None:
