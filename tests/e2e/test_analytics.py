@@ -30,7 +30,7 @@ from infra.eventstore import DeviceStore
 from infra.settings import Settings
 from infra.streams import Streams
 from tests.e2e.pipeline import OPERATOR, wait_until
-from tests.e2e.processes import Component, component_env
+from tests.e2e.processes import Component, component_env, free_port
 from tests.integration.test_alertmanager import Alertmanager
 
 pytestmark = pytest.mark.e2e
@@ -247,15 +247,19 @@ def test_an_undisturbed_run_appends_exactly_the_transitions_of_the_evaluation(
 def test_kill_9_mid_burst_and_mid_duration_ends_with_each_transition_exactly_once(
     migrated: Settings, store: DeviceStore, boilers: list[str]
 ) -> None:
-    messages = workload(len(boilers), 300, seed=11)
+    messages = workload(len(boilers), 1000, seed=11)
     want = expected(messages, RULES)
     half = len(messages) // 2
+    last = publish(migrated, messages[:half])  # a backlog of some 3,000 messages
     service = analytics(migrated)
-    service.wait_ready(30)
-    last = publish(migrated, messages[:half])
-    # mid-burst: killed while it works through the first half
-    assert wait_until(lambda: stored_transitions(store, boilers), timeout=60)
+    # mid-burst: killed as soon as it has appended transitions, then again while it goes on
+    assert wait_until(lambda: stored_transitions(store, boilers), timeout=60, interval=0.01)
     service.kill()
+    for pause in (0.3, 0.6):
+        service = analytics(migrated)
+        service.wait_ready(30)
+        time.sleep(pause)
+        service.kill()
     service = analytics(migrated)
     service.wait_ready(30)
     wait_evaluated(migrated, last)  # now mid-duration: held breaches wait for more readings
@@ -307,7 +311,7 @@ def test_replay_after_wiping_the_state_gives_the_same_alerts_and_appends_nothing
         done = subprocess.run(
             [sys.executable, "-m", "iot.cli", "replay", "analytics"],
             check=False,
-            env=component_env(migrated, 0, IOT_ANALYTICS_PARTITIONS=PARTITIONS),
+            env=component_env(migrated, free_port(), IOT_ANALYTICS_PARTITIONS=PARTITIONS),
             capture_output=True,
             text=True,
             timeout=120,
