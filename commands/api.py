@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from commands import handlers
-from commands.handlers import Answer, Credentials, Outcome
+from commands.handlers import Answer, Credentials, Outcome, RuleAnswer, RuleOutcome
 from commands.openapi import openapi_endpoint
 from domain.alerts import MAX_NOTE, parse_alert_id
 from domain.device import (
@@ -34,12 +34,14 @@ from domain.device import (
     UnknownAlert,
 )
 from domain.errors import DomainError, IllegalTransition, InvalidCommand
+from domain.rules import RULE_ID, Rule, RuleInvalid, spec_to_dict, validate_rule
 from infra import metrics
 from infra.eventstore import DeviceStore, GroupCommitter, IdempotencyRecord
 from infra.httpkit import Authorizer, Problem, ReadyCheck, build_app, decode_body, read_body
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
+PATCHABLE = frozenset({"rule_id", "name", "metric", "scope", "severity", "condition"})
 _encode = msgspec.json.Encoder().encode
 
 DeviceId = Annotated[str, msgspec.Meta(pattern=DEVICE_ID.pattern)]
@@ -122,6 +124,12 @@ class StoreAdapter:
     def find_idempotency(self, principal: str, key: str) -> IdempotencyRecord | None:
         return self._store.idem.get_idempotency(principal, key)
 
+    def get_rule(self, rule_id: str) -> Rule | None:
+        return self._store.get_rule(rule_id)
+
+    def save_rule(self, rule: Rule, idempotency: IdempotencyRecord | None = None) -> int:
+        return self._store.save_rule(rule, idempotency)
+
 
 def _if_match(request: Request) -> int | None:
     raw = request.headers.get("if-match")
@@ -137,6 +145,61 @@ def _device_body(device: Device, **extra: Any) -> dict[str, Any]:
     body = {"device_id": device.device_id, "version": device.version, "status": device.status}
     body.update(extra)
     return body
+
+
+def rule_body(rule: Rule) -> dict[str, Any]:
+    """A rule as the rule endpoints answer it: its id, version, state and definition."""
+    return {
+        "rule_id": rule.rule_id,
+        "version": rule.version,
+        "enabled": rule.enabled,
+        **spec_to_dict(rule.spec),
+    }
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch: objects merge recursively, null removes, the rest replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    merged = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = merge_patch(merged.get(key), value)
+    return merged
+
+
+def _rule_definition(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a rule request (400 if malformed, 422 if not an object)."""
+    try:
+        data = msgspec.json.decode(raw or b"{}")
+    except msgspec.DecodeError as e:
+        raise Problem(400, "Bad Request", f"malformed JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise Problem(422, "Unprocessable Content", "a rule must be a JSON object")
+    return data
+
+
+_PATCH_TYPES: dict[str, tuple[type, str]] = {
+    "rule_id": (str, "a string"),
+    "name": (str, "a string"),
+    "metric": (str, "a string"),
+    "severity": (str, "a string"),
+    "scope": (dict, "a JSON object"),
+    "condition": (dict, "a JSON object"),
+}
+
+
+def _check_patch_types(patch: dict[str, Any]) -> None:
+    """Members of the wrong JSON type, refused before the rule is loaded (null removes)."""
+    problems = [
+        (key, f"must be {what} (or null)")
+        for key, (kind, what) in _PATCH_TYPES.items()
+        if patch.get(key) is not None and not isinstance(patch[key], kind)
+    ]
+    if problems:
+        raise RuleInvalid(problems)
 
 
 def alert_body(device: Device, alert_id: str) -> dict[str, Any]:
@@ -177,8 +240,9 @@ def _undelivered_secret(outcome: Outcome, command: str) -> Problem:
     )
 
 
-def _headers(outcome: Outcome) -> dict[str, str]:
-    return {"ETag": f'"{outcome.device.version}"', "Iot-Position": str(outcome.position)}
+def _headers(outcome: Outcome | RuleOutcome) -> dict[str, str]:
+    version = outcome.rule.version if isinstance(outcome, RuleOutcome) else outcome.device.version
+    return {"ETag": f'"{version}"', "Iot-Position": str(outcome.position)}
 
 
 def _replay(record: IdempotencyRecord, store: DeviceStore) -> Response:
@@ -190,11 +254,15 @@ def _replay(record: IdempotencyRecord, store: DeviceStore) -> Response:
     if record.status < 300:
         stored = msgspec.json.decode(body)
         device_id, version = stored.get("device_id"), stored.get("version")
+        rule_id = stored.get("rule_id")
+        position = None
         if isinstance(device_id, str) and isinstance(version, int):
             position = store.position_of(device_id, version)
-            if position is not None:
-                body = _encode({**stored, "position": position})
-                headers["Iot-Position"] = str(position)
+        elif isinstance(rule_id, str) and isinstance(version, int):
+            position = store.rule_position_of(rule_id, version)
+        if position is not None:
+            body = _encode({**stored, "position": position})
+            headers["Iot-Position"] = str(position)
     return Response(body, record.status, headers, media_type=media)
 
 
@@ -241,9 +309,17 @@ class Idempotency:
             return None
         return lambda device, secret: self.record(status, shape(device, secret))
 
+    def rule_answer(self, status: int) -> RuleAnswer | None:
+        if self.key is None:
+            return None
+        return lambda rule: self.record(status, rule_body(rule))
+
 
 def _problem_for(error: DomainError) -> Problem:
     match error:
+        case RuleInvalid():
+            errors = [{"field": path, "message": message} for path, message in error.problems]
+            return Problem(422, "Unprocessable Content", error.reason, errors=errors)
         case handlers.NotFound() | UnknownAlert():
             return Problem(404, "Not Found", error.reason)
         case handlers.AlreadyExists():
@@ -268,14 +344,14 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
         request: Request,
         command: str,
         role: str,
-        work: Callable[[Idempotency], tuple[int, dict[str, Any], Outcome]],
+        work: Callable[[Idempotency], tuple[int, dict[str, Any], Outcome | RuleOutcome]],
     ) -> Response:
         principal = authorizer.authorize(request, role)
         raw = await read_body(request)
         idem = Idempotency(service, request, principal, raw)
         request.state.raw = raw
 
-        def in_thread() -> tuple[Response, Outcome | None]:
+        def in_thread() -> tuple[Response, Outcome | RuleOutcome | None]:
             if idem.key is not None:
                 replay = idem.check(adapter.find_idempotency(principal, idem.key))
                 if replay is not None:
@@ -304,12 +380,16 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
             body = {**body, "position": outcome.position}  # = Iot-Position: pass as `after`
             headers = _headers(outcome)
             if status == 201:
-                headers["Location"] = f"{PREFIX}/devices/{outcome.device.device_id}"
+                headers["Location"] = (
+                    f"{PREFIX}/rules/{outcome.rule.rule_id}"
+                    if isinstance(outcome, RuleOutcome)
+                    else f"{PREFIX}/devices/{outcome.device.device_id}"
+                )
             return Response(_encode(body), status, headers, media_type="application/json"), outcome
 
         response, outcome = await service.run(in_thread)
         # A new secret is answered only once the broker's side has it (replays carry none).
-        if outcome is not None and outcome.secret is not None:
+        if isinstance(outcome, Outcome) and outcome.secret is not None:
             device = outcome.device
             if not await deliver_secret(device.device_id, device.version, outcome.secret):
                 metrics.COMMANDS.labels(command, "503").inc()
@@ -487,8 +567,79 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
 
         return await execute(request, "acknowledge-alert", "operator", work)
 
+    async def create_rule(request: Request) -> Response:
+        def work(idem: Idempotency) -> tuple[int, dict[str, Any], RuleOutcome]:
+            data = _rule_definition(request.state.raw)
+            rule_id = data.pop("rule_id", None)
+            if rule_id is None:
+                rule_id = f"r-{service.new_command_id()[:12]}"
+            if not isinstance(rule_id, str) or not RULE_ID.fullmatch(rule_id):
+                raise RuleInvalid([("rule_id", f"must match {RULE_ID.pattern}")])
+            outcome = handlers.create_rule(
+                adapter,
+                rule_id,
+                validate_rule(data),
+                service.clock(),
+                idem.rule_answer(201),
+            )
+            return 201, rule_body(outcome.rule), outcome
+
+        return await execute(request, "create-rule", "operator", work)
+
+    async def patch_rule(request: Request) -> Response:
+        rule_id = request.path_params["rule_id"]
+        expected = _if_match(request)
+
+        def work(idem: Idempotency) -> tuple[int, dict[str, Any], RuleOutcome]:
+            patch = _rule_definition(request.state.raw)
+            unknown = sorted(set(patch) - PATCHABLE)
+            if unknown:
+                expected_fields = ", ".join(sorted(PATCHABLE))
+                raise RuleInvalid(
+                    [(k, f"unknown field; expected one of {expected_fields}") for k in unknown]
+                )
+            _check_patch_types(patch)
+            if patch.get("rule_id", rule_id) != rule_id:
+                raise InvalidCommand("rule_id cannot change; create a new rule instead")
+            patch.pop("rule_id", None)
+            at = service.clock()
+
+            def decide(rule: Rule) -> None:
+                merged = merge_patch(spec_to_dict(rule.spec), patch)
+                handlers.update_rule(validate_rule(merged), at)(rule)
+
+            outcome = handlers.change_rule(
+                adapter, rule_id, decide, expected_version=expected, answer=idem.rule_answer(200)
+            )
+            return 200, rule_body(outcome.rule), outcome
+
+        return await execute(request, "update-rule", "operator", work)
+
+    def rule_switch(command: str, enable: bool) -> Callable[[Request], Any]:
+        async def endpoint(request: Request) -> Response:
+            rule_id = request.path_params["rule_id"]
+            expected = _if_match(request)
+
+            def work(idem: Idempotency) -> tuple[int, dict[str, Any], RuleOutcome]:
+                decode_body(request.state.raw, EmptyBody)
+                at = service.clock()
+                decide = handlers.enable_rule(at) if enable else handlers.disable_rule(at)
+                outcome = handlers.change_rule(
+                    adapter,
+                    rule_id,
+                    decide,
+                    expected_version=expected,
+                    answer=idem.rule_answer(200),
+                )
+                return 200, rule_body(outcome.rule), outcome
+
+            return await execute(request, command, "operator", work)
+
+        return endpoint
+
     openapi = openapi_endpoint()
     device = PREFIX + "/devices/{device_id}"
+    rule = PREFIX + "/rules/{rule_id}"
     routes = [
         Route(PREFIX + "/devices", register, methods=["POST"]),
         Route(device + "/config", lifecycle("configure", "operator", configure), methods=["PATCH"]),
@@ -507,6 +658,10 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
         Route(device + "/commands", request_command, methods=["POST"]),
         Route(device + "/commands/{command_id}/cancel", cancel_command, methods=["POST"]),
         Route(PREFIX + "/alerts/{alert_id}/acknowledge", acknowledge_alert, methods=["POST"]),
+        Route(PREFIX + "/rules", create_rule, methods=["POST"]),
+        Route(rule, patch_rule, methods=["PATCH"]),
+        Route(rule + "/enable", rule_switch("enable-rule", enable=True), methods=["POST"]),
+        Route(rule + "/disable", rule_switch("disable-rule", enable=False), methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route(PREFIX + "/openapi.json", openapi, methods=["GET"]),
     ]

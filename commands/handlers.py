@@ -18,6 +18,7 @@ from eventsourcing.persistence import IntegrityError
 from domain.credentials import hash_secret
 from domain.device import Device
 from domain.errors import DomainError
+from domain.rules import Rule, RuleSpec
 from infra import metrics
 from infra.eventstore import IdempotencyRecord
 
@@ -28,6 +29,14 @@ class Store(Protocol):
     def get(self, device_id: str) -> Device | None: ...
 
     def save_device(self, device: Device, idempotency: IdempotencyRecord | None = None) -> int: ...
+
+    def find_idempotency(self, principal: str, key: str) -> IdempotencyRecord | None: ...
+
+
+class RuleStore(Protocol):
+    def get_rule(self, rule_id: str) -> Rule | None: ...
+
+    def save_rule(self, rule: Rule, idempotency: IdempotencyRecord | None = None) -> int: ...
 
     def find_idempotency(self, principal: str, key: str) -> IdempotencyRecord | None: ...
 
@@ -71,7 +80,17 @@ class Outcome:
     changed: bool = True
 
 
+@dataclass(frozen=True)
+class RuleOutcome:
+    """The rule after the change; `changed` False (position 0) when it appended nothing."""
+
+    rule: Rule
+    position: int
+    changed: bool = True
+
+
 Answer = Callable[[Device, str | None], IdempotencyRecord]
+RuleAnswer = Callable[[Rule], IdempotencyRecord]
 
 
 @dataclass(frozen=True)
@@ -273,3 +292,92 @@ def disconnect(at: datetime) -> Callable[[Device], None]:
         device.disconnect(at)
 
     return decide
+
+
+# -- alert rules ----------------------------------------------------------------------------
+
+
+def create_rule(
+    store: RuleStore,
+    rule_id: str,
+    spec: RuleSpec,
+    at: datetime,
+    answer: RuleAnswer | None = None,
+) -> RuleOutcome:
+    rule = Rule.create(rule_id, spec, at)
+    record = answer(rule) if answer else None
+    try:
+        position = store.save_rule(rule, record)
+    except IntegrityError:
+        if answer is not None:
+            probe = answer(rule)
+            found = store.find_idempotency(probe.principal, probe.key)
+            if found is not None:
+                raise Replayed(found) from None
+        raise AlreadyExists(f"rule {rule_id} exists already") from None
+    return RuleOutcome(rule, position)
+
+
+def change_rule(
+    store: RuleStore,
+    rule_id: str,
+    decide: Callable[[Rule], None],
+    *,
+    expected_version: int | None = None,
+    answer: RuleAnswer | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    max_attempts: int = MAX_ATTEMPTS,
+) -> RuleOutcome:
+    """`change` for a rule: If-Match, re-run on a lost race, nothing appended for no change."""
+    for attempt in range(1, max_attempts + 1):
+        rule = store.get_rule(rule_id)
+        if rule is None:
+            raise NotFound(f"no rule {rule_id}")
+        if expected_version is not None and rule.version != expected_version:
+            raise RuleVersionMismatch(expected_version, rule.version)
+        decide(rule)
+        if not rule.pending_events:
+            return RuleOutcome(rule, 0, changed=False)
+        record = answer(rule) if answer else None
+        try:
+            position = store.save_rule(rule, record)
+        except IntegrityError:
+            if answer is not None:
+                probe = answer(rule)
+                found = store.find_idempotency(probe.principal, probe.key)
+                if found is not None:
+                    raise Replayed(found) from None
+            if expected_version is not None:
+                current = store.get_rule(rule_id)
+                raise RuleVersionMismatch(
+                    expected_version, current.version if current else expected_version
+                ) from None
+            if attempt < max_attempts:
+                sleep(random.uniform(0, min(0.05, 0.001 * attempt)))
+            continue
+        return RuleOutcome(rule, position)
+    raise TooMuchContention(f"gave up after {max_attempts} conflicting attempts; retry later")
+
+
+class RuleVersionMismatch(VersionMismatch):
+    def __init__(self, expected: int, actual: int) -> None:
+        DomainError.__init__(self, f"the rule is at version {actual}, not {expected}")
+        self.expected = expected
+        self.actual = actual
+
+
+def update_rule(spec: RuleSpec, at: datetime) -> Callable[[Rule], None]:
+    """Replace the definition; an identical one appends nothing."""
+
+    def decide(rule: Rule) -> None:
+        rule.update(spec, at)
+
+    return decide
+
+
+def enable_rule(at: datetime) -> Callable[[Rule], None]:
+    return lambda rule: rule.enable(at)
+
+
+def disable_rule(at: datetime) -> Callable[[Rule], None]:
+    return lambda rule: rule.disable(at)

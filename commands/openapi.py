@@ -26,6 +26,14 @@ from domain.device import (
     CommandState,
     Status,
 )
+from domain.rules import (
+    MAX_FOR_S,
+    MAX_SCOPE_DEVICES,
+    METRIC_NAME,
+    OPS,
+    RULE_ID,
+    SEVERITIES,
+)
 from infra.httpkit import MAX_BODY, PROBLEM, etag_matches, etag_of
 from infra.settings import ROLES
 
@@ -49,7 +57,8 @@ def _ok(schema: str, description: str, *, created: bool = False) -> dict[str, An
     }
     if created:
         headers["Location"] = {
-            "description": "The device's path, `/api/v1/devices/{device_id}` (not on a replay)",
+            "description": "The new resource's path, `/api/v1/devices/{device_id}` or "
+            "`/api/v1/rules/{rule_id}` (not on a replay)",
             "schema": {"type": "string"},
         }
     return {
@@ -179,6 +188,193 @@ def _device(extra: dict[str, Any], required: list[str], description: str) -> dic
     }
 
 
+_RULE_ID = {
+    "name": "rule_id",
+    "in": "path",
+    "required": True,
+    "description": "The rule's id; an id no rule has is 404",
+    "schema": {"type": "string", "pattern": RULE_ID.pattern},
+}
+_RULE_IF_MATCH = {
+    **_IF_MATCH,
+    "description": str(_IF_MATCH["description"]).replace("device", "rule"),
+}
+_RULE_INVALID = (
+    "The definition is not valid: `errors` lists every problem, each with `field` (a JSON "
+    "path such as `condition.clear`) and `message`; or the `Idempotency-Key` was used for a "
+    "different request"
+)
+
+
+def _rule_schemas(labels: dict[str, Any]) -> dict[str, Any]:
+    condition = {
+        "oneOf": [
+            {
+                "type": "object",
+                "required": ["kind", "op", "value"],
+                "additionalProperties": False,
+                "properties": {
+                    "kind": {"const": "threshold"},
+                    "op": {"type": "string", "enum": list(OPS)},
+                    "value": {"type": "number"},
+                    "clear": {
+                        "type": "number",
+                        "description": "Hysteresis: the level past which an open alert clears "
+                        "(default `value`); for `>`/`>=` at most `value`, for `<`/`<=` at least",
+                    },
+                    "for_s": {"type": "number", "minimum": 0, "maximum": MAX_FOR_S, "default": 0},
+                },
+            },
+            {
+                "type": "object",
+                "required": ["kind", "max_per_s"],
+                "additionalProperties": False,
+                "properties": {
+                    "kind": {"const": "rate"},
+                    "max_per_s": {"type": "number", "exclusiveMinimum": 0},
+                    "for_s": {"type": "number", "minimum": 0, "maximum": MAX_FOR_S, "default": 0},
+                },
+            },
+            {
+                "type": "object",
+                "required": ["kind", "for_s"],
+                "additionalProperties": False,
+                "properties": {
+                    "kind": {"const": "absent"},
+                    "for_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_FOR_S},
+                },
+            },
+        ]
+    }
+    definition = {
+        "name": {"type": "string", "minLength": 1, "maxLength": MAX_NAME},
+        "metric": {
+            "type": "string",
+            "description": f"A metric name (`{METRIC_NAME.pattern}`), or `*` (any message of "
+            "the device) for `absent`",
+        },
+        "scope": {
+            "type": "object",
+            "additionalProperties": False,
+            "description": "Every part given must match; empty or absent: every device",
+            "properties": {
+                "device_ids": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": MAX_SCOPE_DEVICES,
+                    "items": {"type": "string", "pattern": DEVICE_ID.pattern},
+                },
+                "type": {"type": "string", "minLength": 1, "maxLength": MAX_TYPE},
+                "labels": labels,
+            },
+        },
+        "severity": {"type": "string", "enum": list(SEVERITIES)},
+        "condition": condition,
+    }
+    return {
+        "RuleBody": {
+            "type": "object",
+            "description": "A rule definition, and optionally its id",
+            "required": ["name", "metric", "severity", "condition"],
+            "additionalProperties": False,
+            "properties": {
+                "rule_id": {
+                    "type": "string",
+                    "pattern": RULE_ID.pattern,
+                    "description": "Absent: the server picks `r-<12 hex digits>`",
+                },
+                **definition,
+            },
+        },
+        "RulePatch": {
+            "type": "object",
+            "description": "A JSON merge patch (RFC 7396) of the definition: members given "
+            "replace (objects merge), `null` removes; the result is validated whole",
+            "additionalProperties": False,
+            "properties": definition,
+        },
+        "Rule": {
+            "type": "object",
+            "required": ["rule_id", "version", "enabled", "name", "metric", "severity"],
+            "properties": {
+                "rule_id": {"type": "string"},
+                "version": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "description": "The rule's event version (the `ETag`)",
+                },
+                "enabled": {"type": "boolean"},
+                **definition,
+                "position": {"type": "integer", "minimum": 1},
+            },
+        },
+    }
+
+
+def _rule_paths() -> dict[str, Any]:
+    change = [_RULE_ID, _RULE_IF_MATCH, _IDEMPOTENCY_KEY]
+    not_found = _problem("No rule with this id")
+    mismatch = _problem("`If-Match` names another version")
+
+    def switch(enable: bool) -> dict[str, Any]:
+        verb = "enable" if enable else "disable"
+        return {
+            "post": _operation(
+                f"{verb}Rule",
+                f"{verb.capitalize()} a rule",
+                f"{verb.capitalize()}s the rule from the time its event is stored on.",
+                "operator",
+                change,
+                _body("EmptyBody", False, "Empty"),
+                {
+                    "200": _ok("Rule", f"{verb.capitalize()}d"),
+                    "404": not_found,
+                    "409": _problem(f"The rule is already {verb}d"),
+                    "412": mismatch,
+                    "503": _CONTENTION,
+                },
+            )
+        }
+
+    return {
+        "/rules": {
+            "post": _operation(
+                "createRule",
+                "Create an alert rule",
+                "Creates the rule, enabled: it judges readings stored from then on.",
+                "operator",
+                [_IDEMPOTENCY_KEY],
+                _body("RuleBody", True, "The rule"),
+                {
+                    "201": _ok("Rule", "Created", created=True),
+                    "409": _problem("A rule with this id exists"),
+                    "422": _problem(_RULE_INVALID),
+                },
+            )
+        },
+        "/rules/{rule_id}": {
+            "patch": _operation(
+                "updateRule",
+                "Change an alert rule",
+                "Merges the patch into the definition; a result identical to the current "
+                "definition records nothing and answers the unchanged rule.",
+                "operator",
+                change,
+                _body("RulePatch", False, "The merge patch (empty: no change)"),
+                {
+                    "200": _ok("Rule", "Updated (or unchanged)"),
+                    "404": not_found,
+                    "412": mismatch,
+                    "422": _problem(_RULE_INVALID),
+                    "503": _CONTENTION,
+                },
+            )
+        },
+        "/rules/{rule_id}/enable": switch(True),
+        "/rules/{rule_id}/disable": switch(False),
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     from commands.api import DEFAULT_TTL_S, PREFIX  # commands.api imports this module
 
@@ -276,6 +472,7 @@ def openapi_document() -> dict[str, Any]:
                 "position": {"type": "integer", "minimum": 1},
             },
         },
+        **_rule_schemas(labels),
         "EmptyBody": {
             "type": "object",
             "description": "An empty body or `{}`; any member is 422",
@@ -569,6 +766,7 @@ def openapi_document() -> dict[str, Any]:
                     },
                 )
             },
+            **_rule_paths(),
             "/alerts/{alert_id}/acknowledge": {
                 "post": _operation(
                     "acknowledgeAlert",

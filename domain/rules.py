@@ -138,7 +138,9 @@ def validate_rule(data: Any) -> RuleSpec:
     problems = _Problems()
     spec = problems.rule(data)
     if problems.found or spec is None:
-        raise RuleInvalid(problems.found or [("", "invalid rule")])
+        # what is wrong with the members given first, then what is missing
+        found = sorted(problems.found, key=lambda p: p[1] == "missing required field")
+        raise RuleInvalid(found or [("", "invalid rule")])
     return spec
 
 
@@ -174,7 +176,7 @@ class _Problems:
 
     def _required(self, data: dict[str, Any], key: str, path: str) -> bool:
         if data.get(key) is None:
-            self.add(_join(path, key), "required")
+            self.add(_join(path, key), "missing required field")
             return False
         return True
 
@@ -312,7 +314,7 @@ class _Problems:
 
     def condition(self, data: Any, path: str) -> Condition | None:
         if data is None:
-            self.add(path, "required")
+            self.add(path, "missing required field")
             return None
         if not isinstance(data, dict):
             self.add(path, "condition must be a JSON object")

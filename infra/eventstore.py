@@ -24,6 +24,7 @@ from psycopg.rows import DictRow
 from psycopg.sql import SQL, Identifier
 
 from domain.device import Device, device_uuid
+from domain.rules import Rule, rule_uuid
 from infra import metrics
 from infra.settings import Settings
 
@@ -153,6 +154,22 @@ class DeviceStore(Application[UUID]):
     def position_of(self, device_id: str, version: int) -> int | None:
         """The position of the device's event at `version` (None if it has none)."""
         return self.idem.position_of(device_uuid(device_id), version)
+
+    def get_rule(self, rule_id: str) -> Rule | None:
+        try:
+            rule: Rule = self.repository.get(rule_uuid(rule_id))
+        except AggregateNotFoundError:
+            return None
+        assert isinstance(rule, Rule)
+        return rule
+
+    def save_rule(self, rule: Rule, idempotency: IdempotencyRecord | None = None) -> int:
+        """Append the rule's pending events; return the position of the last one."""
+        recordings = self.save(rule, idempotency=[idempotency] if idempotency else None)
+        return recordings[-1].notification.id if recordings else 0
+
+    def rule_position_of(self, rule_id: str, version: int) -> int | None:
+        return self.idem.position_of(rule_uuid(rule_id), version)
 
     def max_position(self) -> int:
         return self.recorder.max_notification_id() or 0

@@ -846,3 +846,109 @@ async def test_acknowledging_an_unknown_or_malformed_alert_is_404_and_below_oper
     assert_problem(
         await client.post(f"/alerts/{alert_id}/acknowledge", json=long_note, headers=OPERATOR), 422
     )
+
+
+# -- alert rules ----------------------------------------------------------------------------
+
+HOT_RULE: dict[str, Any] = {
+    "rule_id": "boiler-hot",
+    "name": "Boiler overheating",
+    "metric": "temperature",
+    "scope": {"type": "thermostat"},
+    "severity": "critical",
+    "condition": {"kind": "threshold", "op": ">", "value": 90, "clear": 80, "for_s": 30},
+}
+
+
+async def test_a_rule_is_created_enabled_with_location_etag_and_position(
+    client: httpx.AsyncClient, store: DeviceStore
+) -> None:
+    response = await client.post("/rules", json=HOT_RULE, headers=OPERATOR)
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["rule_id"], body["version"], body["enabled"]) == ("boiler-hot", 1, True)
+    assert body["condition"] == {**HOT_RULE["condition"], "kind": "threshold"}
+    assert response.headers["location"] == "/api/v1/rules/boiler-hot"
+    assert response.headers["etag"] == '"1"'
+    assert int(response.headers["iot-position"]) == body["position"] > 0
+    rule = store.get_rule("boiler-hot")
+    assert rule is not None
+    assert rule.spec.name == "Boiler overheating"
+    again = await client.post("/rules", json=HOT_RULE, headers=OPERATOR)
+    assert "exists already" in assert_problem(again, 409)["detail"]
+    unnamed = await client.post(
+        "/rules", json={k: v for k, v in HOT_RULE.items() if k != "rule_id"}, headers=OPERATOR
+    )
+    assert unnamed.status_code == 201
+    assert unnamed.json()["rule_id"].startswith("r-")
+
+
+async def test_an_invalid_rule_is_422_with_every_problem(client: httpx.AsyncClient) -> None:
+    bad = {
+        **HOT_RULE,
+        "metric": "no spaces allowed",
+        "condition": {"kind": "threshold", "op": ">", "value": 90, "clear": 95, "for_s": -1},
+    }
+    problem = assert_problem(await client.post("/rules", json=bad, headers=OPERATOR), 422)
+    fields = {e["field"]: e["message"] for e in problem["errors"]}
+    assert set(fields) == {"metric", "condition.clear", "condition.for_s"}
+    assert "at most value" in fields["condition.clear"]
+    assert "negative" in fields["condition.for_s"]
+    spike = {**HOT_RULE, "condition": {"kind": "spike"}}
+    problem = assert_problem(await client.post("/rules", json=spike, headers=OPERATOR), 422)
+    assert "unknown condition kind 'spike'" in problem["errors"][0]["message"]
+    viewer = await client.post("/rules", json=HOT_RULE, headers=VIEWER)
+    assert_problem(viewer, 403)
+
+
+async def test_a_patch_merges_into_the_definition_honouring_if_match(
+    client: httpx.AsyncClient,
+) -> None:
+    await client.post("/rules", json=HOT_RULE, headers=OPERATOR)
+    patch = {"condition": {"value": 95}, "severity": "warning"}
+    stale = await client.patch(
+        "/rules/boiler-hot", json=patch, headers={**OPERATOR, "If-Match": '"7"'}
+    )
+    assert assert_problem(stale, 412)["current_version"] == 1
+    response = await client.patch(
+        "/rules/boiler-hot", json=patch, headers={**OPERATOR, "If-Match": '"1"'}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["version"] == 2
+    assert body["severity"] == "warning"
+    assert body["condition"]["value"] == 95
+    assert body["condition"]["clear"] == 80  # merged, not replaced
+    same = await client.patch("/rules/boiler-hot", json=patch, headers=OPERATOR)
+    assert same.status_code == 200
+    assert same.json()["version"] == 2  # identical: nothing recorded
+    broken = {"condition": {"clear": 99}}  # clear above value for ">"
+    problem = assert_problem(
+        await client.patch("/rules/boiler-hot", json=broken, headers=OPERATOR), 422
+    )
+    assert problem["errors"][0]["field"] == "condition.clear"
+    missing = await client.patch("/rules/nope", json=patch, headers=OPERATOR)
+    assert_problem(missing, 404)
+    renamed = await client.patch("/rules/boiler-hot", json={"rule_id": "x"}, headers=OPERATOR)
+    assert_problem(renamed, 422)
+
+
+async def test_enable_and_disable_are_transitions_and_honour_idempotency_keys(
+    client: httpx.AsyncClient,
+) -> None:
+    await client.post("/rules", json=HOT_RULE, headers=OPERATOR)
+    enabled = await client.post("/rules/boiler-hot/enable", headers=OPERATOR)
+    assert "already enabled" in assert_problem(enabled, 409)["detail"]
+    keyed = {**OPERATOR, "Idempotency-Key": "disable-1"}
+    first = await client.post("/rules/boiler-hot/disable", headers=keyed)
+    retry = await client.post("/rules/boiler-hot/disable", headers=keyed)
+    assert first.status_code == retry.status_code == 200
+    assert retry.headers["idempotent-replayed"] == "true"
+    assert first.json()["enabled"] is False
+    assert retry.json()["version"] == first.json()["version"] == 2
+    assert retry.json()["position"] == first.json()["position"]
+    again = await client.post("/rules/boiler-hot/disable", headers=OPERATOR)
+    assert_problem(again, 409)
+    back = await client.post("/rules/boiler-hot/enable", headers={**OPERATOR, "If-Match": '"2"'})
+    assert back.status_code == 200
+    assert back.json()["enabled"] is True

@@ -128,10 +128,10 @@ def test_metric_names_follow_the_ingest_rule() -> None:
         (condition(kind="anomaly"), "condition.kind", "condition kind 'anomaly' is not available"),
         (condition(kind="spike"), "condition.kind", "unknown condition kind 'spike'"),
         (condition(op=">", value=1), "condition.kind", "missing"),
-        (rule_json(condition=None), "condition", "required"),
+        (rule_json(condition=None), "condition", "missing required field"),
         (rule_json(condition=[1]), "condition", "must be a JSON object"),
         (condition(kind="threshold", op="==", value=1), "condition.op", "must be one of"),
-        (condition(kind="threshold", op=">"), "condition.value", "required"),
+        (condition(kind="threshold", op=">"), "condition.value", "missing required field"),
         (condition(kind="threshold", op=">", value="80"), "condition.value", "must be a number"),
         (condition(kind="threshold", op=">", value=True), "condition.value", "must be a number"),
         (
@@ -165,7 +165,7 @@ def test_metric_names_follow_the_ingest_rule() -> None:
             "must be at most",
         ),
         (condition(kind="threshold", op=">", value=1, x=1), "condition.x", "unknown field"),
-        (condition(kind="rate"), "condition.max_per_s", "required"),
+        (condition(kind="rate"), "condition.max_per_s", "missing required field"),
         (condition(kind="rate", max_per_s=0), "condition.max_per_s", "must be greater than 0"),
         (condition(kind="rate", max_per_s=-2), "condition.max_per_s", "must be greater than 0"),
         (
@@ -174,14 +174,14 @@ def test_metric_names_follow_the_ingest_rule() -> None:
             "must not be negative",
         ),
         (condition(kind="rate", max_per_s=1, op=">"), "condition.op", "unknown field"),
-        (condition(kind="absent"), "condition.for_s", "required"),
+        (condition(kind="absent"), "condition.for_s", "missing required field"),
         (condition(kind="absent", for_s=0), "condition.for_s", "must be greater than 0"),
         (condition(kind="absent", for_s=-5), "condition.for_s", "must be greater than 0"),
         (condition(kind="absent", for_s=5, value=1), "condition.value", "unknown field"),
         (rule_json(name=""), "name", "must be a string of 1 to 200 characters"),
         (rule_json(name="n" * 201), "name", "must be a string of 1 to 200 characters"),
         (rule_json(name=7), "name", "must be a string"),
-        (rule_json(name=None), "name", "required"),
+        (rule_json(name=None), "name", "missing required field"),
         (rule_json(metric="has space"), "metric", "must match"),
         (rule_json(metric="slash/inside"), "metric", "must match"),
         (rule_json(metric="m" * 65), "metric", "must match"),
@@ -189,7 +189,7 @@ def test_metric_names_follow_the_ingest_rule() -> None:
         (rule_json(metric=3), "metric", "must be a string"),
         (rule_json(metric="*"), "metric", "'*' (any message) is only valid with absent"),
         (rule_json(severity="fatal"), "severity", "must be one of critical, warning, info"),
-        (rule_json(severity=None), "severity", "required"),
+        (rule_json(severity=None), "severity", "missing required field"),
         (rule_json(owner="me"), "owner", "unknown field"),
         (rule_json(scope=[]), "scope", "must be a JSON object"),
         (rule_json(scope={"site": "lab"}), "scope.site", "unknown field"),
@@ -273,10 +273,10 @@ def test_the_reason_of_an_invalid_rule_lists_every_problem() -> None:
 
 def test_a_missing_definition_reports_each_required_field() -> None:
     assert sorted(problems({})) == [
-        ("condition", "required"),
-        ("metric", "required"),
-        ("name", "required"),
-        ("severity", "required"),
+        ("condition", "missing required field"),
+        ("metric", "missing required field"),
+        ("name", "missing required field"),
+        ("severity", "missing required field"),
     ]
 
 
