@@ -40,10 +40,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from domain.published import (
-    PublishedEvent,
-    RuleEvent,
+    StreamEvent,
     UnpublishableEvent,
-    decode_event,
+    decode_stream_event,
     encode_event,
     to_published,
 )
@@ -426,42 +425,37 @@ async def replay_lock(settings: Settings, name: str) -> AsyncIterator[None]:
 
 async def store_pages(
     store: DeviceStore, *, start: int = 1, upto: int | None = None, size: int = STORE_PAGE
-) -> AsyncIterator[list[PublishedEvent]]:
-    """The event store's domain events from position `start` up to `upto` (to its end when
-    None) in commit order, a page at a time, in their published form exactly as a consumer
-    decodes them off the stream; the next page is read (in a thread) while this one is handled."""
+) -> AsyncIterator[list[StreamEvent]]:
+    """The event store's domain events (devices and alert rules) from position `start` up to
+    `upto` (to its end when None) in commit order, a page at a time, in their published form
+    exactly as a consumer decodes them off the stream; the next page is read (in a thread)
+    while this one is handled."""
 
-    def read(first: int) -> tuple[list[PublishedEvent], int, int]:
-        """A page of device events, the last position read and how many were read."""
+    def read(first: int) -> list[StreamEvent]:
         page = []
-        last = first - 1
-        notifications = store.recorder.select_notifications(first, size, upto)
-        for notification in notifications:
-            last = notification.id
+        for notification in store.recorder.select_notifications(first, size, upto):
             try:
                 event = to_published(store.mapper.to_domain_event(notification), notification.id)
             except UnpublishableEvent as e:  # the relay refuses it too: a schema gap to fix first
                 raise ReplayError(f"event store position {notification.id}: {e}") from e
-            if isinstance(event, RuleEvent):
-                continue  # the device projections' replays read device events only
-            page.append(decode_event(encode_event(event)))
-        return page, last, len(notifications)
+            page.append(decode_stream_event(encode_event(event)))
+        return page
 
     if upto is not None and upto < start:
         return
-    pending: asyncio.Task[tuple[list[PublishedEvent], int, int]] | None = asyncio.create_task(
+    pending: asyncio.Task[list[StreamEvent]] | None = asyncio.create_task(
         asyncio.to_thread(read, start)
     )
     try:
         while pending is not None:
-            page, last, read_count = await pending
+            page = await pending
             pending = None
-            if not read_count:
+            if not page:
                 return
-            if read_count == size and (upto is None or last < upto):
+            last = page[-1].position
+            if len(page) == size and (upto is None or last < upto):
                 pending = asyncio.create_task(asyncio.to_thread(read, last + 1))
-            if page:
-                yield page
+            yield page
     finally:
         if pending is not None:
             pending.cancel()

@@ -34,6 +34,20 @@ Indexes (maintained with the hash in the same script):
   `{p}:alerts_open:{severity}` integer: open alerts of the whole fleet of that severity
   `{p}:readings:{minute}`    HyperLogLog of reading ids (`<stream seq>:<index>`) received in
                              that epoch minute (idempotent under redelivery), expiring after 3 min
+Alerts (from the devices' alert events, in the same script as the device's doc):
+  `{p}:alert:{alert_id}`     hash, each field JSON: alert_id, rule_id, device_id, severity,
+                             metric, status ("active"|"acknowledged"|"cleared"), acknowledged,
+                             raised_value, raised_at_ms, retriggers, last_value, cleared_value,
+                             cleared_at_ms, acknowledged_by, acknowledged_at, note
+  `{p}:alerts`               sorted set of every alert id, score raised_at_ms (device time)
+  `{p}:alerts:open`, `{p}:alerts:cleared`, `{p}:alerts:device:{id}`, `{p}:alerts:rule:{id}`
+                             the same, for open / cleared alerts, one device, one rule
+  `{p}:rules:open_alerts`    hash rule id -> open alerts of the rule (int)
+Alert rules (from `rules.<rule_id>`; compare-and-set on the rule's version like a device's):
+  `{p}:rule:{rule_id}`       hash `version`, `doc` JSON {"rule_id", "version", "enabled",
+                             "name", "metric", "scope", "severity", "condition",
+                             "created_at", "updated_at"}
+  `{p}:rules`                sorted set of every rule id, all scores 0 (lexicographic)
 The checkpoint of domain events (the consistency token's other half, written by the projector
 after each batch, never backwards):
   `{p}:position`             the views position P: every domain event with an event-store
@@ -118,6 +132,34 @@ class ViewKeys:
 
     def alerts_open(self, severity: str) -> str:
         return f"{self.prefix}:alerts_open:{severity}"
+
+    def alert(self, alert_id: str) -> str:
+        return f"{self.prefix}:alert:{alert_id}"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.prefix}:alerts"
+
+    def alerts_in(self, group: str) -> str:
+        """`open` or `cleared`."""
+        return f"{self.prefix}:alerts:{group}"
+
+    def alerts_of_device(self, device_id: str) -> str:
+        return f"{self.prefix}:alerts:device:{device_id}"
+
+    def alerts_of_rule(self, rule_id: str) -> str:
+        return f"{self.prefix}:alerts:rule:{rule_id}"
+
+    def rule(self, rule_id: str) -> str:
+        return f"{self.prefix}:rule:{rule_id}"
+
+    @property
+    def rules(self) -> str:
+        return f"{self.prefix}:rules"
+
+    @property
+    def rules_open(self) -> str:
+        return f"{self.prefix}:rules:open_alerts"
 
     @property
     def position(self) -> str:

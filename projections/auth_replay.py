@@ -54,7 +54,8 @@ from domain.published import (
     DeviceResumed,
     DeviceSecretRotated,
     DeviceSuspended,
-    PublishedEvent,
+    RuleEvent,
+    StreamEvent,
 )
 from infra import dynsec, secrets
 from infra.dynsec import DynsecClient, DynsecCommandError, DynsecError, DynsecUnavailable
@@ -89,7 +90,11 @@ class DeviceLog:
     position: int = 0  # every event up to here is folded in
     events: int = 0
 
-    def apply(self, event: PublishedEvent) -> None:
+    def apply(self, event: StreamEvent) -> None:
+        self.position = max(self.position, event.position)
+        self.events += 1
+        if isinstance(event, RuleEvent):
+            return  # alert rules are nothing to the broker
         device = self.devices.get(event.device_id)
         match event:
             case DeviceRegistered():
@@ -105,8 +110,6 @@ class DeviceLog:
             case DeviceConnected() if device is not None:
                 if device.status == Status.PROVISIONED:
                     device.status = Status.ACTIVE.value
-        self.position = max(self.position, event.position)
-        self.events += 1
 
     def status_of(self, device_id: str) -> str | None:
         device = self.devices.get(device_id)

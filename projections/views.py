@@ -29,7 +29,13 @@ from redis.exceptions import NoScriptError
 from starlette.routing import BaseRoute
 
 from domain.ingest import CommandSent, decode_ingest
-from domain.published import PublishedEvent, decode_event
+from domain.published import (
+    PublishedEvent,
+    RuleEvent,
+    StreamEvent,
+    decode_event,
+    decode_stream_event,
+)
 from infra import metrics, tracing
 from infra.httpkit import build_app, serve
 from infra.jetstream import ConsumerSpec, Outcome, consume, dead_letter_message, report_lag
@@ -43,13 +49,16 @@ from projections.views_plan import (
     EventPlan,
     IngestPlan,
     MissingRegistration,
+    decode_doc,
     plan_event,
+    plan_rule_event,
 )
 
 log = logging.getLogger(__name__)
 VIEWS_PORT = 8083
 EVENTS_CONSUMER = "views_events"
 INGEST_CONSUMER = "views_ingest"
+RULES_CONSUMER = "views_rules"
 POSITION_HEADER = "Iot-Position"  # set by the relay on every EVENTS message
 ACK_WAIT_S = 10.0  # a batch takes milliseconds; a killed instance's batch moves on after this
 
@@ -131,16 +140,17 @@ class Applied:
 
 @dataclass
 class DecodedEvents:
-    events: list[tuple[int, PublishedEvent]]  # (batch index, event)
+    events: list[tuple[int, StreamEvent]]  # (batch index, event)
     undecodable: dict[int, str]  # batch index -> why
 
 
 def decode_events(msgs: Sequence[Msg]) -> DecodedEvents:
-    """The batch's domain events, tagged with their index; the undecodable ones with why."""
+    """The batch's domain events (devices' or rules'), tagged with their index; the
+    undecodable ones with why."""
     batch = DecodedEvents([], {})
     for i, msg in enumerate(msgs):
         try:
-            batch.events.append((i, decode_event(msg.data)))
+            batch.events.append((i, decode_stream_event(msg.data)))
         except (msgspec.DecodeError, msgspec.ValidationError) as e:
             batch.undecodable[i] = str(e)
     return batch
@@ -243,13 +253,19 @@ class ViewsProjector:
             POSITION.set(int(position))
 
     async def apply_events(
-        self, keys: ViewKeys, events: Sequence[tuple[int, PublishedEvent]]
+        self, keys: ViewKeys, events: Sequence[tuple[int, StreamEvent]]
     ) -> Applied:
         """Apply decoded events (each tagged with an index of the caller's) in Redis."""
         result = Applied()
         by_device: dict[str, list[tuple[int, PublishedEvent]]] = defaultdict(list)
+        rules: dict[str, list[tuple[int, RuleEvent]]] = defaultdict(list)
         for i, event in events:
-            by_device[event.device_id].append((i, event))
+            if isinstance(event, RuleEvent):
+                rules[event.rule_id].append((i, event))
+            else:
+                by_device[event.device_id].append((i, event))
+        if rules:
+            await self._apply_rules(keys, rules, result)
         if not by_device:
             return result
         devices = list(by_device)
@@ -295,6 +311,43 @@ class ViewsProjector:
         if newest is not None and self.fixed is None:
             LAG.set(max(0.0, self.clock() - newest.timestamp()))
         return result
+
+    async def _apply_rules(
+        self, keys: ViewKeys, rules: dict[str, list[tuple[int, RuleEvent]]], result: Applied
+    ) -> None:
+        """Rule docs, compare-and-set on the rule's version like a device's."""
+        ids = list(rules)
+        stored = await self.scripts.pipeline(
+            [("HMGET", keys.rule(r), "version", "doc") for r in ids]
+        )
+        plans: list[tuple[int, EventPlan]] = []
+        for rule_id, (raw_version, raw_doc) in zip(ids, stored, strict=True):
+            version = int(raw_version or 0)
+            doc = decode_doc(raw_doc)
+            for i, event in sorted(rules[rule_id], key=lambda x: x[1].version):
+                if event.version <= version:
+                    MESSAGES.labels("events", "skipped").inc()
+                elif event.version > version + 1:
+                    result.retry.add(i)
+                    MESSAGES.labels("events", "retried").inc()
+                else:
+                    plan = plan_rule_event(keys, event, doc)
+                    doc = decode_doc(plan.doc)
+                    plans.append((i, plan))
+                    version = event.version
+        if not plans:
+            return
+        batch = msgspec.json.encode([plan.batch_entry(keys) for _, plan in plans])
+        (results,) = await self.scripts.pipeline([("events", [], [batch])])
+        for (i, _), outcome in zip(plans, results, strict=True):
+            if outcome == 1:
+                result.applied += 1
+                MESSAGES.labels("events", "applied").inc()
+            elif outcome == 0:
+                MESSAGES.labels("events", "skipped").inc()
+            else:
+                result.retry.add(i)
+                MESSAGES.labels("events", "retried").inc()
 
     async def handle_ingest(self, msgs: Sequence[Msg]) -> Outcome:
         with tracing.batch_span("projection.views.apply", msgs, **{"iot.input": "ingest"}):
@@ -377,6 +430,23 @@ def _position_of(headers: Mapping[str, str] | None, data: bytes | None) -> int:
         return 0
 
 
+def rules_spec(namespace: str) -> ConsumerSpec:
+    """The rules' events of the EVENTS stream (NATS 2.9 gives a consumer one filter, and the
+    events consumer's is `events.>`); it checkpoints into the same views position, so the
+    stream's sequence has no gap where a rule's event is."""
+    streams = Streams(namespace)
+    return ConsumerSpec(
+        stream=streams.events,
+        durable=streams.consumer(RULES_CONSUMER),
+        filter_subject=streams.rules_wildcard,
+        batch=200,
+        ack_wait=ACK_WAIT_S,
+        retry_delay=0.2,
+        fetch_wait=1.0,
+        linger=0.002,
+    )
+
+
 def consumer_specs(namespace: str) -> tuple[ConsumerSpec, ConsumerSpec]:
     streams = Streams(namespace)
     events = ConsumerSpec(
@@ -423,6 +493,9 @@ async def run(settings: Settings) -> None:
     log.info("views projector listening", extra={"port": port})
     tasks = [
         asyncio.create_task(consume(js, events, projector.handle_events, stop)),
+        asyncio.create_task(
+            consume(js, rules_spec(settings.namespace), projector.handle_events, stop)
+        ),
         asyncio.create_task(consume(js, ingest, projector.handle_ingest, stop)),
         asyncio.create_task(report_lag(js, events, stop)),
         asyncio.create_task(report_lag(js, ingest, stop)),

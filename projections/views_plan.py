@@ -39,6 +39,10 @@ from domain.published import (
     DeviceSecretRotated,
     DeviceSuspended,
     PublishedEvent,
+    RuleCreated,
+    RuleEnabled,
+    RuleEvent,
+    RuleUpdated,
 )
 from infra.views import CONFIG_VERSION_KEY, METRIC_FIELD, ViewKeys
 
@@ -184,6 +188,116 @@ def apply_alert(
     return alerts, 0, ""
 
 
+_SEP = "\x1f"
+
+
+def _op(*parts: str) -> str:
+    return _SEP.join(parts)
+
+
+def _fields(values: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    for name, value in values.items():
+        out += [name, _encode(value).decode()]
+    return out
+
+
+def alert_ops(
+    keys: ViewKeys, event: AlertEvent, before: dict[str, dict[str, Any]]
+) -> list[tuple[str, str]]:
+    """The alert's own hash and its indexes (`{p}:alert:*`, `{p}:alerts*`) for one event;
+    `before` is the device's open alerts before it."""
+    alert_id = event.alert_id
+    hash_key = keys.alert(alert_id)
+    rule_id = alert_id.split(".")[1]  # <device_id>.<rule_id>.<raised_at_ms>
+    if isinstance(event, DeviceAlertRaised):
+        fields = {
+            "alert_id": alert_id,
+            "rule_id": event.rule_id,
+            "device_id": event.device_id,
+            "severity": event.severity,
+            "metric": event.metric,
+            "status": "active",
+            "acknowledged": False,
+            "raised_value": event.value,
+            "raised_at_ms": event.at_ms,
+            "retriggers": 0,
+            "last_value": event.value,
+            "cleared_value": None,
+            "cleared_at_ms": None,
+            "acknowledged_by": None,
+            "acknowledged_at": None,
+            "note": None,
+        }
+        score = str(event.at_ms)
+        return [
+            (_op("hset", *_fields(fields)), hash_key),
+            (_op("zadds", score, alert_id), keys.alerts),
+            (_op("zadds", score, alert_id), keys.alerts_in("open")),
+            (_op("zadds", score, alert_id), keys.alerts_of_device(event.device_id)),
+            (_op("zadds", score, alert_id), keys.alerts_of_rule(event.rule_id)),
+            (_op("hincr", event.rule_id, "1"), keys.rules_open),
+        ]
+    open_alert = before.get(alert_id)
+    if isinstance(event, DeviceAlertRetriggered):
+        retriggers = int(open_alert["retriggers"]) + 1 if open_alert else 1
+        fields = {"retriggers": retriggers, "last_value": event.value}
+        return [(_op("hset", *_fields(fields)), hash_key)]
+    if isinstance(event, DeviceAlertAcknowledged):
+        fields = {
+            "acknowledged": True,
+            "acknowledged_by": event.by,
+            "acknowledged_at": iso(event.at),
+            "note": event.note,
+        }
+        if open_alert is not None:
+            fields["status"] = "acknowledged"
+        return [(_op("hset", *_fields(fields)), hash_key)]
+    fields = {"status": "cleared", "cleared_value": event.value, "cleared_at_ms": event.at_ms}
+    ops = [(_op("hset", *_fields(fields)), hash_key)]
+    if open_alert is not None:
+        score = str(open_alert["raised_at_ms"])
+        ops += [
+            (_op("zrem", alert_id), keys.alerts_in("open")),
+            (_op("zadds", score, alert_id), keys.alerts_in("cleared")),
+            (_op("hincr", rule_id, "-1"), keys.rules_open),
+        ]
+    return ops
+
+
+def plan_rule_event(keys: ViewKeys, event: RuleEvent, doc: dict[str, Any] | None) -> EventPlan:
+    """A rule's doc after `event` (CAS on the rule's version, like a device's)."""
+    at = iso(event.at)
+    ops: list[tuple[str, str]] = []
+    if isinstance(event, RuleCreated):
+        new: dict[str, Any] = {
+            "rule_id": event.rule_id,
+            **event.spec,
+            "enabled": True,
+            "created_at": at,
+        }
+        ops.append(("zadd", keys.rules))
+    else:
+        new = dict(doc or {"rule_id": event.rule_id, "created_at": at})
+        if isinstance(event, RuleUpdated):
+            new.update(event.spec)
+        else:
+            new["enabled"] = isinstance(event, RuleEnabled)
+    new.update(version=event.version, updated_at=at)
+    return EventPlan(
+        device_id=event.rule_id,
+        version=event.version,
+        doc=_encode(new),
+        commands=b"",
+        online="",
+        online_at=0,
+        ops=tuple(ops),
+        at=event.at,
+        key=keys.rule(event.rule_id),
+        publish=False,
+    )
+
+
 _COMMAND_EVENTS = (
     DeviceCommandRequested,
     DeviceCommandSent,
@@ -210,14 +324,16 @@ class DeviceState:
 class EventPlan:
     """One event's effect: set `version` (CAS on version - 1), `doc`, commands, online, indexes."""
 
-    device_id: str
+    device_id: str  # or the rule id of a rule's event
     version: int
     doc: bytes
     commands: bytes  # b"" = unchanged
     online: str  # "1", "0" or "" (unchanged)
     online_at: int
-    ops: tuple[tuple[str, str], ...]  # (op, key): op in zadd, sadd, srem, incr, decr
+    ops: tuple[tuple[str, str], ...]  # (op, key): see views_scripts.EVENTS
     at: datetime
+    key: str = ""  # the hash versioned: "" = the device's
+    publish: bool = True  # publish the id on the changes channel (devices only)
 
     def batch_entry(self, keys: ViewKeys) -> list[list[str]]:
         """This event's [keys, args] in the batch of the events script, all as text."""
@@ -229,14 +345,15 @@ class EventPlan:
 
     def script_args(self, keys: ViewKeys) -> tuple[list[str], list[str | bytes | int]]:
         """Keys and arguments of this event in the events script (views_scripts.EVENTS)."""
-        script_keys = [keys.device(self.device_id), keys.online, *(key for _, key in self.ops)]
+        hash_key = self.key or keys.device(self.device_id)
+        script_keys = [hash_key, keys.online, *(key for _, key in self.ops)]
         args: list[str | bytes | int] = [
             self.version,
             self.doc,
             self.online,
             self.online_at,
             self.device_id,
-            keys.changes,
+            keys.changes if self.publish else "",
             self.commands,
             *(op for op, _ in self.ops),
         ]
@@ -285,7 +402,9 @@ def plan_event(
             if pending:
                 ops.append(("incr" if pending > 0 else "decr", keys.commands_pending))
         elif isinstance(event, _ALERT_EVENTS):
-            alerts, opened, severity = apply_alert(new.get("alerts") or {}, event)
+            before = new.get("alerts") or {}
+            alerts, opened, severity = apply_alert(before, event)
+            ops.extend(alert_ops(keys, event, before))
             new["alerts"] = alerts
             if opened:
                 ops.append(("incr" if opened > 0 else "decr", keys.alerts_open(severity)))

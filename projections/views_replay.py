@@ -225,7 +225,7 @@ class ViewsReplay:
             events_tail = LogTail(
                 self.context.nc,
                 self.streams.events,
-                self.streams.events_wildcard,
+                "",  # the whole stream: the devices' events and the rules'
                 events_reach.last_seq + 1,
             )
             await events_tail.open()

@@ -11,9 +11,25 @@ from __future__ import annotations
 #   keys: device hash, online set, then one key per index operation;
 #   args: version, doc, online flag ("1", "0" or ""), online_at (epoch ms), device id, changes
 #         channel ("" = do not publish), commands JSON ("" = unchanged), then one operation per
-#         extra key: zadd, sadd or srem (of the device id), incr or decr (a counter).
+#         extra key: zadd, sadd or srem (of the device id), incr or decr (a counter), or an
+#         operation with arguments, its parts joined by \31 (unit separator, which JSON text
+#         never holds raw): zadds score member, zrem member, hset field value ..., hincr
+#         field n.
 # Returns per event: 1 applied (and publishes the device id), 0 already applied, 2 gap.
 EVENTS = """
+local function split(s)
+  local out, start = {}, 1
+  while true do
+    local i = string.find(s, '\\31', start, true)
+    if not i then
+      out[#out + 1] = string.sub(s, start)
+      return out
+    end
+    out[#out + 1] = string.sub(s, start, i - 1)
+    start = i + 1
+  end
+end
+
 local function apply(K, A)
   local h = K[1]
   local v = tonumber(A[1])
@@ -39,7 +55,15 @@ local function apply(K, A)
     elseif op == 'sadd' then redis.call('SADD', K[i], id)
     elseif op == 'incr' then redis.call('INCR', K[i])
     elseif op == 'decr' then redis.call('DECR', K[i])
-    else redis.call('SREM', K[i], id) end
+    elseif op == 'srem' then redis.call('SREM', K[i], id)
+    else
+      local p = split(op)
+      if p[1] == 'zadds' then redis.call('ZADD', K[i], p[2], p[3])
+      elseif p[1] == 'zrem' then redis.call('ZREM', K[i], p[2])
+      elseif p[1] == 'hset' then redis.call('HSET', K[i], unpack(p, 2))
+      elseif p[1] == 'hincr' then redis.call('HINCRBY', K[i], p[2], p[3])
+      else return redis.error_reply('unknown index operation ' .. p[1]) end
+    end
   end
   if A[6] ~= '' then redis.call('PUBLISH', A[6], id) end
   return 1
