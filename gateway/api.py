@@ -19,6 +19,7 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from domain.device import DEVICE_ID, LABEL_KEY
+from domain.rules import RULE_ID
 from gateway import metrics
 from gateway.dashboard import DASHBOARD_HTML
 from gateway.influx import InfluxQL, InfluxQueryError, InfluxUnavailable
@@ -38,9 +39,15 @@ from gateway.telemetry import (
     series_from_rows,
     suggest_every,
 )
-from gateway.views import ViewReader, decode_cursor
+from gateway.views import (
+    ALERT_STATUSES,
+    AlertReader,
+    ViewReader,
+    decode_alert_cursor,
+    decode_cursor,
+)
 from infra.httpkit import Authorizer, Problem, ReadyCheck, build_app, etag_matches, etag_of
-from infra.views import STATUSES
+from infra.views import SEVERITIES, STATUSES
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
@@ -340,6 +347,64 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
             "series": series,
         }
 
+    alerts_reader = AlertReader(gateway.views, gateway.redis)
+
+    async def list_alerts(request: Request) -> Any:
+        params = request.query_params
+        status = params.get("status") or None
+        if status is not None and status not in ALERT_STATUSES:
+            raise invalid("status", f"one of {', '.join(ALERT_STATUSES)}")
+        severity = params.get("severity") or None
+        if severity is not None and severity not in SEVERITIES:
+            raise invalid("severity", f"one of {', '.join(SEVERITIES)}")
+        device_id = params.get("device_id") or None
+        if device_id is not None and not DEVICE_ID.fullmatch(device_id):
+            raise invalid("device_id", f"must match {DEVICE_ID.pattern}")
+        rule_id = params.get("rule_id") or None
+        if rule_id is not None and not RULE_ID.fullmatch(rule_id):
+            raise invalid("rule_id", f"must match {RULE_ID.pattern}")
+        limit = parse_limit(params.get("limit"))
+        after = None
+        if params.get("cursor"):
+            try:
+                after = decode_alert_cursor(params["cursor"])
+            except ValueError as e:
+                raise invalid("cursor", str(e)) from e
+        page = await alerts_reader.alerts(
+            status=status,
+            severity=severity,
+            device_id=device_id,
+            rule_id=rule_id,
+            after=after,
+            limit=limit,
+        )
+        return {"items": page.items, "next_cursor": page.next_cursor}
+
+    async def get_alert(request: Request) -> Any:
+        alert_id: str = request.path_params["alert_id"]
+        alert = await alerts_reader.alert(alert_id) if len(alert_id) <= 200 else None
+        if alert is None:
+            raise Problem(404, "Not Found", f"no alert {alert_id[:200]}")
+        return alert
+
+    async def list_rules(request: Request) -> Any:
+        params = request.query_params
+        raw_enabled = params.get("enabled") or None
+        if raw_enabled is not None and raw_enabled not in ("true", "false"):
+            raise invalid("enabled", "true or false")
+        severity = params.get("severity") or None
+        if severity is not None and severity not in SEVERITIES:
+            raise invalid("severity", f"one of {', '.join(SEVERITIES)}")
+        enabled = None if raw_enabled is None else raw_enabled == "true"
+        return {"items": await alerts_reader.rules(enabled=enabled, severity=severity)}
+
+    async def get_rule(request: Request) -> Any:
+        rule_id: str = request.path_params["rule_id"]
+        rule = await alerts_reader.rule(rule_id) if RULE_ID.fullmatch(rule_id) else None
+        if rule is None:
+            raise Problem(404, "Not Found", f"no rule {rule_id[:200]}")
+        return rule
+
     async def fleet(_: Request) -> Any:
         return await gateway.views.fleet(gateway.clock())
 
@@ -387,6 +452,10 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         Route(device, endpoint(get_device), methods=["GET"]),
         Route(device + "/telemetry", endpoint(telemetry), methods=["GET"]),
         Route(PREFIX + "/fleet", endpoint(fleet), methods=["GET"]),
+        Route(PREFIX + "/alerts", endpoint(list_alerts), methods=["GET"]),
+        Route(PREFIX + "/alerts/{alert_id}", endpoint(get_alert), methods=["GET"]),
+        Route(PREFIX + "/rules", endpoint(list_rules), methods=["GET"]),
+        Route(PREFIX + "/rules/{rule_id}", endpoint(get_rule), methods=["GET"]),
         Route(PREFIX + "/stream", endpoint(stream, consistent=False), methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route(PREFIX + "/openapi.json", openapi, methods=["GET"]),

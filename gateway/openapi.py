@@ -80,6 +80,129 @@ _IOT_AFTER = {
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 
 
+_SEVERITY = {"type": "string", "enum": ["critical", "warning", "info"]}
+_ALERT_SCHEMAS: dict[str, Any] = {
+    "Alert": {
+        "type": "object",
+        "description": "One alert of a rule for a device (device times as epoch ms)",
+        "required": ["alert_id", "rule_id", "device_id", "severity", "status", "raised_at_ms"],
+        "properties": {
+            "alert_id": {"type": "string", "description": "`<device_id>.<rule_id>.<raised_at_ms>`"},
+            "rule_id": {"type": "string"},
+            "device_id": {"type": "string"},
+            "severity": _SEVERITY,
+            "metric": {"type": "string"},
+            "status": {"type": "string", "enum": ["active", "acknowledged", "cleared"]},
+            "acknowledged": {"type": "boolean"},
+            "raised_value": {"type": ["number", "null"]},
+            "raised_at_ms": {"type": "integer"},
+            "retriggers": {"type": "integer"},
+            "last_value": {"type": ["number", "null"]},
+            "cleared_value": {"type": ["number", "null"]},
+            "cleared_at_ms": {"type": ["integer", "null"]},
+            "acknowledged_by": {"type": ["string", "null"]},
+            "acknowledged_at": {"type": ["string", "null"], "format": "date-time"},
+            "note": {"type": ["string", "null"]},
+        },
+    },
+    "AlertPage": {
+        "type": "object",
+        "required": ["items", "next_cursor"],
+        "properties": {
+            "items": {"type": "array", "items": {"$ref": "#/components/schemas/Alert"}},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+    },
+    "Rule": {
+        "type": "object",
+        "description": "An alert rule: its definition (see the command API), state and count of "
+        "open alerts",
+        "required": ["rule_id", "version", "enabled", "name", "metric", "severity", "open_alerts"],
+        "properties": {
+            "rule_id": {"type": "string"},
+            "version": {"type": "integer"},
+            "enabled": {"type": "boolean"},
+            "name": {"type": "string"},
+            "metric": {"type": "string"},
+            "scope": {"type": "object"},
+            "severity": _SEVERITY,
+            "condition": {"type": "object"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "updated_at": {"type": "string", "format": "date-time"},
+            "open_alerts": {"type": "integer", "minimum": 0},
+        },
+    },
+    "RuleList": {
+        "type": "object",
+        "required": ["items"],
+        "properties": {"items": {"type": "array", "items": {"$ref": "#/components/schemas/Rule"}}},
+    },
+}
+_CONSISTENT = [_IF_NONE_MATCH, _AFTER, _IOT_AFTER]
+_ALERT_PATHS: dict[str, Any] = {
+    "/alerts": {
+        "get": {
+            "summary": "A page of alerts, newest raise first, filtered",
+            "operationId": "listAlerts",
+            "parameters": [
+                _query(
+                    "status",
+                    "`open` is active or acknowledged",
+                    {"type": "string", "enum": ["active", "acknowledged", "cleared", "open"]},
+                ),
+                _query("severity", "Severity", _SEVERITY),
+                _query("device_id", "One device's alerts", {"type": "string"}),
+                _query("rule_id", "One rule's alerts", {"type": "string"}),
+                _query("cursor", "`next_cursor` of the previous page", {"type": "string"}),
+                _query(
+                    "limit",
+                    "Page size",
+                    {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                ),
+                *_CONSISTENT,
+            ],
+            "responses": _common({"200": _ok("AlertPage", "A page of alerts")}),
+        }
+    },
+    "/alerts/{alert_id}": {
+        "get": {
+            "summary": "One alert",
+            "operationId": "getAlert",
+            "parameters": [
+                {"name": "alert_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                *_CONSISTENT,
+            ],
+            "responses": _common({"200": _ok("Alert", "The alert"), "404": _PROBLEM}),
+        }
+    },
+    "/rules": {
+        "get": {
+            "summary": "Every alert rule in id order, with its open alerts",
+            "operationId": "listRules",
+            "parameters": [
+                _query(
+                    "enabled", "Only enabled (true) or disabled (false) rules", {"type": "boolean"}
+                ),
+                _query("severity", "Severity", _SEVERITY),
+                *_CONSISTENT,
+            ],
+            "responses": _common({"200": _ok("RuleList", "The rules")}),
+        }
+    },
+    "/rules/{rule_id}": {
+        "get": {
+            "summary": "One alert rule, with its open alerts",
+            "operationId": "getRule",
+            "parameters": [
+                {"name": "rule_id", "in": "path", "required": True, "schema": {"type": "string"}},
+                *_CONSISTENT,
+            ],
+            "responses": _common({"200": _ok("Rule", "The rule"), "404": _PROBLEM}),
+        }
+    },
+}
+
+
 def openapi_document() -> dict[str, Any]:
     statuses = ["provisioned", "active", "suspended", "decommissioned"]
     schemas: dict[str, Any] = {
@@ -262,6 +385,7 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
         },
+        **_ALERT_SCHEMAS,
         "Fleet": {
             "type": "object",
             "required": [
@@ -420,6 +544,7 @@ def openapi_document() -> dict[str, Any]:
                     ),
                 }
             },
+            **_ALERT_PATHS,
             "/fleet": {
                 "get": {
                     "summary": "Fleet counts",

@@ -369,3 +369,168 @@ def readings_last_minute(current: int, previous: int, now_s: float) -> int:
     """
     elapsed = (now_s % 60) / 60
     return round(current + previous * (1 - elapsed))
+
+
+# -- alerts and rules --------------------------------------------------------------------------
+
+ALERT_STATUSES = ("active", "acknowledged", "cleared", "open")
+ALERT_SCAN = 200  # index entries read per round while filling a filtered page
+
+
+def encode_alert_cursor(raised_at_ms: int, alert_id: str) -> str:
+    """An opaque cursor: the (raise time, id) of the last alert of a page."""
+    return base64.urlsafe_b64encode(f"{raised_at_ms} {alert_id}".encode()).decode().rstrip("=")
+
+
+def decode_alert_cursor(cursor: str) -> tuple[int, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ms, alert_id = raw.split(" ", 1)
+        if not ms.isdigit() or not alert_id:
+            raise ValueError
+        return int(ms), alert_id
+    except (binascii.Error, UnicodeDecodeError, ValueError) as e:
+        raise ValueError("not a cursor returned by this API") from e
+
+
+def alert_view(fields: Mapping[str, str]) -> dict[str, Any]:
+    """An alert hash (each field JSON) as the API shows it."""
+    return {name: msgspec.json.decode(value) for name, value in sorted(fields.items())}
+
+
+class AlertReader:
+    """Alerts and rules from the views (see infra.views for the layout)."""
+
+    def __init__(self, views: ViewReader, redis: Redis) -> None:
+        self._views = views
+        self._redis = redis
+
+    async def alert(self, alert_id: str) -> dict[str, Any] | None:
+        keys = await self._views.keys()
+        fields = cast(dict[str, str], await self._redis.hgetall(keys.alert(alert_id)))
+        return alert_view(fields) if fields else None
+
+    async def alerts(
+        self,
+        *,
+        status: str | None,
+        severity: str | None,
+        device_id: str | None,
+        rule_id: str | None,
+        after: tuple[int, str] | None,
+        limit: int,
+    ) -> Page:
+        """Alerts newest raise first (ties: id descending), after the cursor, matching all."""
+        keys = await self._views.keys()
+        if device_id is not None:
+            index = keys.alerts_of_device(device_id)
+        elif rule_id is not None:
+            index = keys.alerts_of_rule(rule_id)
+        elif status in ("open", "active", "acknowledged"):
+            index = keys.alerts_in("open")
+        elif status == "cleared":
+            index = keys.alerts_in("cleared")
+        else:
+            index = keys.alerts
+
+        def wanted(alert: Mapping[str, Any]) -> bool:
+            if status == "open" and alert.get("status") == "cleared":
+                return False
+            if status not in (None, "open") and alert.get("status") != status:
+                return False
+            if severity is not None and alert.get("severity") != severity:
+                return False
+            if device_id is not None and alert.get("device_id") != device_id:
+                return False
+            return rule_id is None or alert.get("rule_id") == rule_id
+
+        items: list[dict[str, Any]] = []
+        # the last index entry consumed: entries at its score with an id >= its id are done
+        last_score, last_id = after if after else (None, None)
+        num = ALERT_SCAN
+        while len(items) <= limit:
+            entries = cast(
+                list[tuple[str, float]],
+                await self._redis.zrevrangebyscore(
+                    index,
+                    "+inf" if last_score is None else last_score,
+                    "-inf",
+                    start=0,
+                    num=num,
+                    withscores=True,
+                ),
+            )
+            fresh = [
+                (aid, int(score))
+                for aid, score in entries
+                if last_score is None
+                or int(score) < last_score
+                or (last_id is not None and aid < last_id)
+            ]
+            if not fresh:
+                if len(entries) < num:
+                    break
+                num *= 2  # more alerts share one raise time than a round holds
+                continue
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for aid, _ in fresh:
+                    pipe.hgetall(keys.alert(aid))
+                found = cast(list[dict[str, str]], await pipe.execute())
+            for (aid, score), fields in zip(fresh, found, strict=True):
+                last_score, last_id = score, aid
+                if fields:
+                    alert = alert_view(fields)
+                    if wanted(alert):
+                        items.append(alert)
+                        if len(items) > limit:
+                            break
+            if len(entries) < num:
+                break
+        more = False
+        if len(items) > limit:
+            more = True
+            items = items[:limit]
+        last = items[-1] if items else None
+        next_cursor = (
+            encode_alert_cursor(int(last["raised_at_ms"]), str(last["alert_id"]))
+            if more and last
+            else None
+        )
+        return Page(items, next_cursor)
+
+    async def rule(self, rule_id: str) -> dict[str, Any] | None:
+        keys = await self._views.keys()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.rule(rule_id), "doc")
+            pipe.hget(keys.rules_open, rule_id)
+            doc, open_alerts = await pipe.execute()
+        if doc is None:
+            return None
+        return _rule_view(doc, open_alerts)
+
+    async def rules(self, *, enabled: bool | None, severity: str | None) -> list[dict[str, Any]]:
+        """Every rule in id order, filtered (rules are few: no pagination)."""
+        keys = await self._views.keys()
+        ids = cast(list[str], await self._redis.zrangebylex(keys.rules, "-", "+"))
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for rule_id in ids:
+                pipe.hget(keys.rule(rule_id), "doc")
+                pipe.hget(keys.rules_open, rule_id)
+            found = await pipe.execute()
+        out = []
+        for doc, open_alerts in zip(found[::2], found[1::2], strict=True):
+            if doc is None:
+                continue
+            rule = _rule_view(doc, open_alerts)
+            if enabled is not None and rule.get("enabled") is not enabled:
+                continue
+            if severity is not None and rule.get("severity") != severity:
+                continue
+            out.append(rule)
+        return out
+
+
+def _rule_view(doc: str, open_alerts: str | None) -> dict[str, Any]:
+    rule: dict[str, Any] = msgspec.json.decode(doc)
+    rule["open_alerts"] = max(0, _int(open_alerts) or 0)
+    return rule

@@ -671,6 +671,10 @@ async def test_openapi_document_parses_and_describes_every_endpoint(
         "/devices/{device_id}/telemetry",
         "/fleet",
         "/stream",
+        "/alerts",
+        "/alerts/{alert_id}",
+        "/rules",
+        "/rules/{rule_id}",
     }
     assert document["servers"] == [{"url": "/api/v1"}]
     for ref in refs(document):
@@ -853,3 +857,157 @@ async def test_openapi_document_describes_the_consistency_token(
         assert operation["responses"]["503"] == {"$ref": "#/components/responses/Unavailable"}
     unavailable = document["components"]["responses"]["Unavailable"]
     assert {"Retry-After", "Iot-Position"} <= set(unavailable["headers"])
+
+
+# --- alerts and rules, written by the real views projector ---------------------------------------
+
+
+async def project(settings: Settings, *events: Any) -> None:
+    """Apply published events with the views projector's own code, as it does off the stream."""
+    from projections.views import ViewsProjector
+
+    raw = Redis.from_url(settings.redis_url)
+    try:
+        projector = ViewsProjector(raw, None, settings.namespace)
+        await projector.scripts.load()
+        keys = await projector.resolve_keys()
+        applied = await projector.apply_events(keys, list(enumerate(events)))
+        assert not applied.retry
+        assert not applied.missing
+    finally:
+        await raw.aclose()
+
+
+def _alert_story() -> list[Any]:
+    """A rule; two devices; five alerts: raised, acknowledged, cleared, re-triggered."""
+    from datetime import UTC, datetime
+
+    from domain.published import (
+        DeviceAlertAcknowledged,
+        DeviceAlertCleared,
+        DeviceAlertRaised,
+        DeviceAlertRetriggered,
+        DeviceRegistered,
+        RuleCreated,
+        RuleDisabled,
+    )
+
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    spec = {
+        "name": "Hot",
+        "metric": "t",
+        "scope": {},
+        "severity": "critical",
+        "condition": {"kind": "threshold", "op": ">", "value": 80.0, "clear": None, "for_s": 0.0},
+    }
+    out: list[Any] = [
+        RuleCreated(rule_id="hot", version=1, at=at, position=1, spec=spec),
+        RuleCreated(rule_id="cold", version=1, at=at, position=2, spec={**spec, "name": "Cold"}),
+        RuleDisabled(rule_id="cold", version=2, at=at, position=3),
+    ]
+    versions = {}
+    for d in ("d1", "d2"):
+        out.append(
+            DeviceRegistered(
+                device_id=d, version=1, at=at, position=4, name=d, type="boiler", labels={}
+            )
+        )
+        versions[d] = 1
+
+    def next_version(d: str) -> int:
+        versions[d] += 1
+        return versions[d]
+
+    for n, (d, ms) in enumerate([("d1", 1000), ("d2", 2000), ("d1", 3000), ("d2", 4000)]):
+        aid = f"{d}.hot.{ms}"
+        out.append(
+            DeviceAlertRaised(
+                device_id=d, version=next_version(d), at=at, position=10 + n, alert_id=aid,
+                rule_id="hot", severity="critical" if d == "d1" else "warning", metric="t",
+                value=90.0 + n, at_ms=ms,
+            )
+        )  # fmt: skip
+        if ms in (1000, 2000):  # the first two clear before the next raise of their device
+            out.append(
+                DeviceAlertCleared(
+                    device_id=d, version=next_version(d), at=at, position=20 + n,
+                    alert_id=aid, value=70.0, at_ms=ms + 500,
+                )
+            )  # fmt: skip
+    out.append(
+        DeviceAlertAcknowledged(
+            device_id="d1", version=next_version("d1"), at=at, position=30,
+            alert_id="d1.hot.1000", by="token:abc", note="late look",
+        )
+    )  # fmt: skip
+    out.append(
+        DeviceAlertRetriggered(
+            device_id="d2", version=next_version("d2"), at=at, position=31,
+            alert_id="d2.hot.4000", value=99.0, at_ms=4100,
+        )
+    )  # fmt: skip
+    return out
+
+
+async def test_alerts_are_listed_newest_first_with_each_filter_and_a_cursor(
+    settings: Settings, client: httpx.AsyncClient
+) -> None:
+    await project(settings, *_alert_story())
+
+    async def ids(**params: Any) -> list[str]:
+        response = await client.get("/api/v1/alerts", params=params, headers=VIEWER)
+        assert response.status_code == 200, response.text
+        return [a["alert_id"] for a in response.json()["items"]]
+
+    assert await ids() == ["d2.hot.4000", "d1.hot.3000", "d2.hot.2000", "d1.hot.1000"]
+    assert await ids(status="open") == ["d2.hot.4000", "d1.hot.3000"]
+    assert await ids(status="cleared") == ["d2.hot.2000", "d1.hot.1000"]
+    assert await ids(status="active") == ["d2.hot.4000", "d1.hot.3000"]
+    assert await ids(severity="warning") == ["d2.hot.4000", "d2.hot.2000"]
+    assert await ids(device_id="d1") == ["d1.hot.3000", "d1.hot.1000"]
+    assert await ids(rule_id="hot", status="cleared", device_id="d2") == ["d2.hot.2000"]
+    assert await ids(rule_id="cold") == []
+    pages, cursor = [], None
+    while True:
+        params = {"limit": 1, **({"cursor": cursor} if cursor else {})}
+        body = (await client.get("/api/v1/alerts", params=params, headers=VIEWER)).json()
+        pages += [a["alert_id"] for a in body["items"]]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            break
+    assert pages == await ids()  # no duplicates, no gaps
+    one = (await client.get("/api/v1/alerts/d1.hot.1000", headers=VIEWER)).json()
+    assert (one["status"], one["acknowledged"], one["acknowledged_by"]) == (
+        "cleared",
+        True,
+        "token:abc",
+    )
+    assert (one["raised_value"], one["cleared_value"], one["cleared_at_ms"]) == (90.0, 70.0, 1500)
+    retriggered = (await client.get("/api/v1/alerts/d2.hot.4000", headers=VIEWER)).json()
+    assert (retriggered["retriggers"], retriggered["last_value"]) == (1, 99.0)
+    missing = await client.get("/api/v1/alerts/d9.hot.1", headers=VIEWER)
+    assert missing.status_code == 404
+    bad = await client.get("/api/v1/alerts", params={"status": "sleeping"}, headers=VIEWER)
+    assert bad.status_code == 422
+    foreign = await client.get("/api/v1/alerts", params={"cursor": "xyz"}, headers=VIEWER)
+    assert foreign.status_code == 422
+
+
+async def test_rules_are_listed_with_their_open_alert_counts(
+    settings: Settings, client: httpx.AsyncClient
+) -> None:
+    await project(settings, *_alert_story())
+    body = (await client.get("/api/v1/rules", headers=VIEWER)).json()
+    rules = {r["rule_id"]: r for r in body["items"]}
+    assert list(rules) == ["cold", "hot"]
+    assert (rules["hot"]["open_alerts"], rules["hot"]["enabled"]) == (2, True)
+    assert (rules["cold"]["open_alerts"], rules["cold"]["enabled"]) == (0, False)
+    assert rules["hot"]["condition"]["value"] == 80.0
+    enabled = (await client.get("/api/v1/rules", params={"enabled": "true"}, headers=VIEWER)).json()
+    assert [r["rule_id"] for r in enabled["items"]] == ["hot"]
+    hot = (await client.get("/api/v1/rules/hot", headers=VIEWER)).json()
+    assert hot == rules["hot"]
+    assert (await client.get("/api/v1/rules/nope", headers=VIEWER)).status_code == 404
+    await project(settings, *_alert_story())  # redelivered: nothing counts twice
+    again = (await client.get("/api/v1/rules/hot", headers=VIEWER)).json()
+    assert again["open_alerts"] == 2
