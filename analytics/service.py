@@ -121,7 +121,6 @@ class Analytics:
         self.caught_up = False  # the catalog has read the EVENTS stream to its end once
         self._events: LogTail | None = None
         self._ingest: LogTail | None = None
-        self._ingest_from = 0  # the sequence the ingest tail was opened at
         self._dirty: set[int] = set()
         self._saved: dict[int, int] = {}  # partition -> the sequence of its last checkpoint
         self._checkpointed_at = 0.0
@@ -309,19 +308,16 @@ class Analytics:
         return int(info.state.last_seq or 0)
 
     async def _ensure_ingest_tail(self) -> None:
+        """Keep the INGEST tail unless a held partition needs a message it has handed out
+        already (one just taken, from a checkpoint behind the others): then reopen it there."""
         start = min(p.seq for p in self.engine.held.values()) + 1
-        if (
-            self._ingest is not None
-            and start >= self._ingest_from
-            and (start <= self._ingest.last_seq + 1)
-        ):
+        if self._ingest is not None and start > self._ingest.last_seq:
             return
         if self._ingest is not None:
             await self._ingest.close()
         self._ingest = LogTail(
             self.nc, self.streams.ingest, self.streams.ingest_wildcard, start, batch=self.batch
         )
-        self._ingest_from = start
         await self._ingest.open()
 
     # -- notifications and gauges ----------------------------------------------------------
@@ -391,7 +387,6 @@ class Analytics:
                 with contextlib.suppress(Exception):
                     await tail.close()
         self._ingest = self._events = None
-        self._ingest_from = 0
         self.caught_up = False
         self._dirty.clear()
         if self.notifier is not None:
