@@ -42,7 +42,14 @@ Alerts (from the devices' alert events, in the same script as the device's doc):
   `{p}:alerts`               sorted set of every alert id, score raised_at_ms (device time)
   `{p}:alerts:open`, `{p}:alerts:cleared`, `{p}:alerts:device:{id}`, `{p}:alerts:rule:{id}`
                              the same, for open / cleared alerts, one device, one rule
+  `{p}:alerts:cleared_of:{device_id}`  sorted set of the device's cleared alerts, score the
+                             device version of the clear: the views keep the newest 100
+                             (`CLEARED_ALERTS_KEPT`) cleared alerts of each device; an older one
+                             goes from every index with its hash (the aggregate lets operators
+                             acknowledge only its last 20 cleared ones, so none of those is gone)
   `{p}:rules:open_alerts`    hash rule id -> open alerts of the rule (int)
+An alert raised before the views kept alerts has no hash: its later events change only the
+device's doc and the severity counters (`iot replay views` builds its hash and indexes).
 Alert rules (from `rules.<rule_id>`; compare-and-set on the rule's version like a device's):
   `{p}:rule:{rule_id}`       hash `version`, `doc` JSON {"rule_id", "version", "enabled",
                              "name", "metric", "scope", "severity", "condition",
@@ -150,6 +157,9 @@ class ViewKeys:
     def alerts_of_rule(self, rule_id: str) -> str:
         return f"{self.prefix}:alerts:rule:{rule_id}"
 
+    def alerts_cleared_of(self, device_id: str) -> str:
+        return f"{self.prefix}:alerts:cleared_of:{device_id}"
+
     def rule(self, rule_id: str) -> str:
         return f"{self.prefix}:rule:{rule_id}"
 
@@ -176,6 +186,7 @@ class ViewKeys:
 
 STATUSES = ("provisioned", "active", "suspended", "decommissioned")
 SEVERITIES = ("critical", "warning", "info")
+CLEARED_ALERTS_KEPT = 100  # cleared alerts the views keep per device, newest cleared first
 METRIC_FIELD = "m:"
 CONFIG_VERSION_KEY = "config_version"  # reserved in a device's reported state
 

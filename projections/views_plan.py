@@ -44,7 +44,7 @@ from domain.published import (
     RuleEvent,
     RuleUpdated,
 )
-from infra.views import CONFIG_VERSION_KEY, METRIC_FIELD, ViewKeys
+from infra.views import CLEARED_ALERTS_KEPT, CONFIG_VERSION_KEY, METRIC_FIELD, ViewKeys
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -206,7 +206,8 @@ def alert_ops(
     keys: ViewKeys, event: AlertEvent, before: dict[str, dict[str, Any]]
 ) -> list[tuple[str, str]]:
     """The alert's own hash and its indexes (`{p}:alert:*`, `{p}:alerts*`) for one event;
-    `before` is the device's open alerts before it."""
+    `before` is the device's open alerts before it. They come last among the event's
+    operations: past a raise, they apply only if the alert's hash exists (`ifexists`)."""
     alert_id = event.alert_id
     hash_key = keys.alert(alert_id)
     rule_id = alert_id.split(".")[1]  # <device_id>.<rule_id>.<raised_at_ms>
@@ -239,10 +240,11 @@ def alert_ops(
             (_op("hincr", event.rule_id, "1"), keys.rules_open),
         ]
     open_alert = before.get(alert_id)
+    exists = (_op("ifexists"), hash_key)
     if isinstance(event, DeviceAlertRetriggered):
         retriggers = int(open_alert["retriggers"]) + 1 if open_alert else 1
         fields = {"retriggers": retriggers, "last_value": event.value}
-        return [(_op("hset", *_fields(fields)), hash_key)]
+        return [exists, (_op("hset", *_fields(fields)), hash_key)]
     if isinstance(event, DeviceAlertAcknowledged):
         fields = {
             "acknowledged": True,
@@ -252,15 +254,30 @@ def alert_ops(
         }
         if open_alert is not None:
             fields["status"] = "acknowledged"
-        return [(_op("hset", *_fields(fields)), hash_key)]
+        return [exists, (_op("hset", *_fields(fields)), hash_key)]
     fields = {"status": "cleared", "cleared_value": event.value, "cleared_at_ms": event.at_ms}
-    ops = [(_op("hset", *_fields(fields)), hash_key)]
+    ops = [exists, (_op("hset", *_fields(fields)), hash_key)]
     if open_alert is not None:
         score = str(open_alert["raised_at_ms"])
+        device_id = event.device_id
+        cleared_of = keys.alerts_cleared_of(device_id)
         ops += [
             (_op("zrem", alert_id), keys.alerts_in("open")),
             (_op("zadds", score, alert_id), keys.alerts_in("cleared")),
             (_op("hincr", rule_id, "-1"), keys.rules_open),
+            (_op("zadds", str(event.version), alert_id), cleared_of),
+            (
+                _op(
+                    "keep",
+                    str(CLEARED_ALERTS_KEPT),
+                    keys.alert(""),
+                    keys.alerts_of_rule(""),
+                    keys.alerts,
+                    keys.alerts_in("cleared"),
+                    keys.alerts_of_device(device_id),
+                ),
+                cleared_of,
+            ),
         ]
     return ops
 
@@ -404,10 +421,10 @@ def plan_event(
         elif isinstance(event, _ALERT_EVENTS):
             before = new.get("alerts") or {}
             alerts, opened, severity = apply_alert(before, event)
-            ops.extend(alert_ops(keys, event, before))
             new["alerts"] = alerts
             if opened:
                 ops.append(("incr" if opened > 0 else "decr", keys.alerts_open(severity)))
+            ops.extend(alert_ops(keys, event, before))
         elif isinstance(event, DeviceConfigured):
             new["desired"] = {"version": event.config_version, "config": event.config}
         elif isinstance(event, DeviceSuspended):

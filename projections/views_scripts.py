@@ -14,7 +14,11 @@ from __future__ import annotations
 #         extra key: zadd, sadd or srem (of the device id), incr or decr (a counter), or an
 #         operation with arguments, its parts joined by \31 (unit separator, which JSON text
 #         never holds raw): zadds score member, zrem member, hset field value ..., hincr
-#         field n.
+#         field n; `ifexists` (its key: an alert's hash) skips the event's remaining operations
+#         when that key does not exist (an alert raised before the views kept alerts: no
+#         partial hash, no count for it); `keep n alert-prefix rule-index-prefix index ...`
+#         (its key: a device's cleared alerts by clear version) removes all but the newest n
+#         cleared alerts, each from that set, every index named and its rule's, with its hash.
 # Returns per event: 1 applied (and publishes the device id), 0 already applied, 2 gap.
 EVENTS = """
 local function split(s)
@@ -49,9 +53,11 @@ local function apply(K, A)
       if flag == '1' then redis.call('SADD', K[2], id) else redis.call('SREM', K[2], id) end
     end
   end
+  local skip = false
   for i = 3, #K do
     local op = A[i + 5]
-    if op == 'zadd' then redis.call('ZADD', K[i], 0, id)
+    if skip then break
+    elseif op == 'zadd' then redis.call('ZADD', K[i], 0, id)
     elseif op == 'sadd' then redis.call('SADD', K[i], id)
     elseif op == 'incr' then redis.call('INCR', K[i])
     elseif op == 'decr' then redis.call('DECR', K[i])
@@ -62,6 +68,18 @@ local function apply(K, A)
       elseif p[1] == 'zrem' then redis.call('ZREM', K[i], p[2])
       elseif p[1] == 'hset' then redis.call('HSET', K[i], unpack(p, 2))
       elseif p[1] == 'hincr' then redis.call('HINCRBY', K[i], p[2], p[3])
+      elseif p[1] == 'ifexists' then skip = redis.call('EXISTS', K[i]) == 0
+      elseif p[1] == 'keep' then
+        local over = redis.call('ZCARD', K[i]) - tonumber(p[2])
+        if over > 0 then
+          for _, aid in ipairs(redis.call('ZRANGE', K[i], 0, over - 1)) do
+            redis.call('ZREM', K[i], aid)
+            redis.call('DEL', p[3] .. aid)
+            local rule = string.match(aid, '^[^.]*%.([^.]*)%.')
+            if rule then redis.call('ZREM', p[4] .. rule, aid) end
+            for j = 5, #p do redis.call('ZREM', p[j], aid) end
+          end
+        end
       else return redis.error_reply('unknown index operation ' .. p[1]) end
     end
   end

@@ -53,7 +53,7 @@ from domain.published import (
 from infra.jetstream import ConsumerSpec, Outcome, consume, ensure_consumer
 from infra.settings import Settings
 from infra.streams import Streams
-from infra.views import ViewKeys
+from infra.views import CLEARED_ALERTS_KEPT, ViewKeys
 from projections.views import ViewsProjector, consumer_specs, seed_checkpoint
 
 pytestmark = pytest.mark.integration
@@ -853,3 +853,60 @@ async def test_redelivered_alert_events_change_nothing(env: Env) -> None:
     before = await env.dump()
     await env.events(*events[1:])
     assert await env.dump() == before
+
+
+async def test_each_device_keeps_its_newest_cleared_alerts_and_forgets_older_ones(
+    env: Env,
+) -> None:
+    kept = CLEARED_ALERTS_KEPT
+    events: list[PublishedEvent] = [registered("d1")]
+    ids = [f"d1.hot.{1000 * (n + 1)}" for n in range(kept + 3)]
+    for n, alert_id in enumerate(ids):
+        version = 2 + 2 * n
+        common = {"device_id": "d1", "alert_id": alert_id, "at_ms": 1000 * (n + 1)}
+        events += [
+            DeviceAlertRaised(
+                **common,
+                version=version,
+                at=at(version),
+                position=version,
+                rule_id="hot",
+                severity="critical",
+                metric="t",
+                value=91.0,
+            ),
+            DeviceAlertCleared(
+                **common, version=version + 1, at=at(version + 1), position=version + 1, value=70.0
+            ),
+        ]
+    outcome, _ = await env.events(*events)
+    assert outcome == Outcome()
+    keys, redis = env.keys, env.redis
+    gone, left = ids[:3], ids[3:]
+    for index in (
+        keys.alerts,
+        keys.alerts_in("cleared"),
+        keys.alerts_of_device("d1"),
+        keys.alerts_of_rule("hot"),
+        keys.alerts_cleared_of("d1"),
+    ):
+        assert [text(m) for m in await redis.zrange(index, 0, -1)] == left, index
+    assert not any([await redis.exists(keys.alert(alert_id)) for alert_id in gone])
+    assert all([await redis.exists(keys.alert(alert_id)) for alert_id in left])
+    assert await redis.get(keys.alerts_open("critical")) == b"0"
+    # an event of an alert the views forgot changes only the device's doc (and the position)
+    late = DeviceAlertAcknowledged(
+        device_id="d1",
+        version=len(events) + 1,
+        at=at(len(events) + 1),
+        position=len(events) + 1,
+        alert_id=gone[0],
+        by="token:x",
+        note="late",
+    )
+    before = await env.dump()
+    await env.events(late)
+    after = await env.dump()
+    assert not await redis.exists(keys.alert(gone[0]))
+    changed = {key for key in after if before.get(key) != after[key]}
+    assert changed <= {keys.device("d1").encode(), keys.position.encode()}
