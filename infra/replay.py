@@ -234,6 +234,11 @@ class LogTail:
     the next batch while the replay writes the last one, and at most two batches are held.
     A request expires after the fetch timeout; one the server served in part ends without a
     status message, so its end is taken from the clock.
+
+    A live reader passes `linger`: `fetch` then hands out at once what arrived while the
+    caller was busy, or else what has arrived `linger` seconds after the first message, rather
+    than waiting for a full batch or the request's end; and it sends the next request as soon
+    as one expires (no grace). A message then waits about `linger` at most, whatever the rate.
     """
 
     def __init__(
@@ -257,6 +262,7 @@ class LogTail:
         self._sub: Any = None
         self._buffer: deque[Msg] = deque()
         self._changed = asyncio.Event()
+        self._arrived = asyncio.Event()  # something came in since it was cleared
         self._owed = 0  # messages the request out may still bring
         self._expires_at = 0.0  # when the server gives up on that request
         self._consumer = ""
@@ -283,6 +289,7 @@ class LogTail:
                 self._owed = 0
             if self._owed <= 0 or len(self._buffer) >= self.batch:
                 self._changed.set()
+            self._arrived.set()
 
         self._sub = await self.nc.subscribe(self._inbox, cb=arrive)
 
@@ -296,18 +303,27 @@ class LogTail:
             reply=self._inbox,
         )
 
-    async def fetch(self, wait: float = 0.5) -> list[Msg]:
-        """The next batch (empty when nothing arrived within `wait` seconds)."""
+    async def fetch(self, wait: float = 0.5, linger: float | None = None) -> list[Msg]:
+        """The next batch (empty when nothing arrived within `wait` seconds); with `linger`,
+        what has arrived `linger` seconds after the first message of this turn."""
         assert self._sub is not None, "open() first"
-        if self._owed > 0 and time.monotonic() > self._expires_at + REQUEST_GRACE_S:
+        grace = REQUEST_GRACE_S if linger is None else 0.0
+        if self._owed > 0 and time.monotonic() > self._expires_at + grace:
             self._owed = 0  # expired; a partly served request ends without a status
         if self._owed <= 0 and len(self._buffer) < self.batch:
             await self._request(wait)
         if len(self._buffer) < self.batch and self._owed > 0:
-            self._changed.clear()
-            left = self._expires_at + REQUEST_GRACE_S - time.monotonic()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(left, 0.0))
+            if linger is None:
+                self._changed.clear()
+                await self._wait(self._changed, self._expires_at + grace)
+            elif not self._buffer:  # (what is here already waited long enough: at once)
+                self._arrived.clear()  # the first message, or the request's end
+                await self._wait(self._arrived, self._expires_at)
+                if self._buffer and self._owed > 0 and len(self._buffer) < self.batch:
+                    self._changed.clear()
+                    await self._wait(
+                        self._changed, min(time.monotonic() + linger, self._expires_at)
+                    )
         buffer = self._buffer
         msgs = [buffer.popleft() for _ in range(min(len(buffer), self.batch))]
         if msgs:
@@ -315,6 +331,12 @@ class LogTail:
             if self._owed <= 0:
                 await self._request(wait)  # the next batch comes while this one is written
         return msgs
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, until: float) -> None:
+        """Until `event` is set or the monotonic clock reaches `until`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), max(until - time.monotonic(), 0.0))
 
     async def remaining(self) -> int:
         """Not yet handed out: still on the server, or received and waiting here."""
