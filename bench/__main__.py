@@ -11,7 +11,13 @@ from collections.abc import Sequence
 from bench.registry import BENCHMARKS
 
 # Each module registers its benchmarks on import; a new part of the benchmark goes here.
-MODULES = ("bench.command_api", "bench.ingest", "bench.device_commands", "bench.replay")
+MODULES = (
+    "bench.command_api",
+    "bench.ingest",
+    "bench.device_commands",
+    "bench.replay",
+    "bench.analytics",
+)
 
 
 def parser() -> argparse.ArgumentParser:
