@@ -69,5 +69,6 @@ async def test_a_partition_taken_behind_the_tail_reopens_it_at_its_checkpoint(
     loop.engine.hold(Partition(1, 0))  # a killed replica's partition, checkpointed at 0
     await loop._ensure_ingest_tail()
     assert FakeTail.opened == [1, 1]
+    assert isinstance(first, FakeTail)
     assert first.closed
     assert loop._ingest is not first
