@@ -35,6 +35,7 @@ from analytics.catalog import Catalog
 from analytics.coordination import Checkpoint, Coordinator, PartitionsChanged
 from analytics.engine import Decision, Engine, Partition, partition_of
 from analytics.notify import Notifier, alertmanager_alert
+from analytics.position import position
 from analytics.writer import AlertWriter
 from domain.alerts import AlertState
 from domain.ingest import decode_ingest
@@ -78,19 +79,6 @@ DECISION_LAG = Histogram(
     "From the log time of what concluded a transition to its append to the event store",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )
-
-
-def position(msg: Msg) -> tuple[int, int]:
-    """(stream sequence, stored time in epoch ms) of a JetStream message, from its reply
-    subject (`$JS.ACK.[domain.account.]stream.consumer.delivered.sseq.cseq.ts.pending...`),
-    without building nats-py's metadata object."""
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) == 9:
-        return int(tokens[5]), int(tokens[7]) // 1_000_000
-    if len(tokens) >= 11:
-        return int(tokens[7]), int(tokens[9]) // 1_000_000
-    meta = msg.metadata
-    return meta.sequence.stream, int(meta.timestamp.timestamp() * 1000)
 
 
 class Analytics:
@@ -415,7 +403,12 @@ async def run(settings: Settings) -> None:
     async def ready() -> Mapping[str, bool]:
         return service.ready()
 
-    routes: list[BaseRoute] = []
+    from analytics.http import rule_test_routes
+    from infra.httpkit import Authorizer
+
+    routes: list[BaseRoute] = rule_test_routes(
+        nc, settings.namespace, Authorizer(settings.api_tokens), lambda: service.catalog.devices
+    )
     port = settings.port_for(PORT)
     server = asyncio.create_task(serve(build_app(routes, ready), settings.http_host, port, stop))
     loop = asyncio.create_task(service.run(stop))

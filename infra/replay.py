@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, TextIO
 
 import psycopg
@@ -250,8 +251,10 @@ class LogTail:
         *,
         batch: int = TAIL_BATCH,
         inactive_threshold: float = 30.0,
+        start_time: datetime | None = None,
     ) -> None:
         self.nc = nc
+        self.start_time = start_time  # given: from the first message stored at or after it
         self.js = nc.jetstream()
         self.stream = stream
         self.subject = subject
@@ -269,9 +272,13 @@ class LogTail:
         self._inbox = ""
 
     async def open(self) -> None:
+        by_time = self.start_time is not None
         config = ConsumerConfig(
-            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=self.start_seq,
+            deliver_policy=DeliverPolicy.BY_START_TIME
+            if by_time
+            else DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=None if by_time else self.start_seq,
+            opt_start_time=self.start_time,
             ack_policy=AckPolicy.NONE,
             filter_subject=self.subject or None,  # "": the whole stream
             inactive_threshold=self.inactive_threshold,

@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     replay.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    from iot.report import add_parser as add_report_parser
+
+    add_report_parser(sub)
+
     dyn = sub.add_parser(
         "dynsec-init",
         help="create or update the broker's dynamic security file with the backend's MQTT users "
@@ -90,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
         "the file are kept); run it while the broker is stopped, e.g. in an init container",
     )
     dyn.add_argument("file", help="the plugin's file (plugin_opt_config_file)")
+
+    from iot.rules import add_parser as add_rules_parser
+
+    add_rules_parser(sub)
 
     sim = sub.add_parser("simulate", help="a simulated device fleet speaking the MQTT contract")
     sim.add_argument("--devices", type=int, default=10)
@@ -173,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for step in steps:
             print(f"iot migrate: {step}")
         return 0
+    if args.command == "report":
+        from iot.report import run as run_report
+
+        return run_report(args, settings)
     if args.command == "up":
         from iot.supervisor import up
 
@@ -190,6 +202,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.command == "simulate":
         return asyncio.run(_simulate(args, settings))
+    if args.command == "rules":
+        from iot.rules import rules_test
+
+        return rules_test(args, settings, sys.stdout)
     if args.command in ("backup", "restore"):
         return _backup_or_restore(args, settings)
     if args.command == "replay":
