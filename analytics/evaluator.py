@@ -14,10 +14,12 @@ same transitions however they are split into consecutive batches and however eac
 ordered (for distinct times); a log out of order gives the same transitions as long as each
 message is one batch, in log order.
 
-Booleans count as 1 and 0; threshold and rate ignore string values entirely (they are neither
-evaluated nor late). For `absent`, any reading counts as seen (the caller feeds every message of
-the device when the rule's metric is "*"); `tick` raises once the series has been silent for
-`for_s` against the caller's clock. Every time here is epoch milliseconds.
+Booleans count as 1 and 0; threshold, rate and anomaly ignore string values entirely (they are
+neither evaluated nor late). For `anomaly`, the series' detector (`analytics.anomaly.Detector`,
+fixed size) lives in the state, so it is checkpointed with it. For `absent`, any reading counts
+as seen (the caller feeds every message of the device when the rule's metric is "*"); `tick`
+raises once the series has been silent for `for_s` against the caller's clock. Every time here
+is epoch milliseconds.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from typing import NamedTuple
 
 import msgspec
 
+from analytics import anomaly
 from domain.ingest import Value
-from domain.rules import Absent, Condition, Rate, Threshold
+from domain.rules import Absent, Anomaly, Condition, Rate, Threshold
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -50,11 +53,13 @@ class SeriesState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True)
     open: bool = False  # an alert is open
     breached: bool = False  # the last evaluated reading (or pair, for rate) breached
     last_seen_ms: int | None = None  # the latest reading (for absent)
+    detector: anomaly.Detector | None = None  # the learned normal (for anomaly)
 
 
 class Raise(msgspec.Struct, frozen=True):
     at_ms: int
-    value: float | None  # the reading's value, the rate per second for rate, None for absent
+    value: float | None  # the reading's value (threshold, anomaly), the rate per second for rate,
+    # None for absent
 
 
 class Retrigger(msgspec.Struct, frozen=True):
@@ -106,6 +111,8 @@ def evaluate(
             continue
         elif isinstance(condition, Threshold):
             state = _threshold(condition, state, ts, number, transitions)
+        elif isinstance(condition, Anomaly):
+            state = _anomaly(condition, state, ts, number, transitions)
         else:
             state = _rate(condition, state, ts, number, transitions)
     return Evaluation(state, transitions, late)
@@ -186,6 +193,34 @@ def _rate(
         transitions.append(Clear(ts, rate))
         return msgspec.structs.replace(state, open=False, breached=False, pending_since_ms=None)
     return msgspec.structs.replace(state, breached=True)
+
+
+def _anomaly(
+    condition: Anomaly,
+    state: SeriesState,
+    ts: int,
+    value: float,
+    transitions: list[Transition],
+) -> SeriesState:
+    """Learn the reading; raise, re-trigger or clear as the detector concludes."""
+    if not math.isfinite(value):
+        return msgspec.structs.replace(state, point_ms=ts)
+    if state.detector is None:
+        detector = anomaly.Detector(open=state.open)
+    else:
+        detector = anomaly.copy(state.detector)
+    limit = anomaly.threshold(condition.sensitivity)
+    outcome = anomaly.step(detector, ts, value, limit)
+    breached = detector.score > limit
+    if outcome > 0:
+        transitions.append(Raise(ts, value))
+    elif outcome < 0:
+        transitions.append(Clear(ts, value))
+    elif detector.open and breached and not state.breached:
+        transitions.append(Retrigger(ts, value))
+    return msgspec.structs.replace(
+        state, point_ms=ts, detector=detector, open=detector.open, breached=breached
+    )
 
 
 def _seen(

@@ -244,6 +244,24 @@ def _rule_schemas(labels: dict[str, Any]) -> dict[str, Any]:
                     "for_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_FOR_S},
                 },
             },
+            {
+                "type": "object",
+                "required": ["kind"],
+                "additionalProperties": False,
+                "description": "A streaming detector that learns the series' own normal and "
+                "raises on a departure from it (spikes, dips, level shifts, changed variance, a "
+                "broken daily or weekly rhythm, a slow drift); no threshold to give",
+                "properties": {
+                    "kind": {"const": "anomaly"},
+                    "sensitivity": {
+                        "type": "number",
+                        "minimum": 0,
+                        "maximum": 1,
+                        "default": 0.5,
+                        "description": "Higher raises on smaller departures",
+                    },
+                },
+            },
         ]
     }
     definition = {

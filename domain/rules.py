@@ -10,6 +10,9 @@ A condition is one of:
   `max_per_s`; it clears at the first pair of readings back within it.
 - `absent`: no reading of the metric for `for_s` seconds; the metric `"*"` means no message of
   the device at all (any metric, any message kind). `"*"` is only valid with `absent`.
+- `anomaly`: no level given; a streaming detector learns the series' own normal and raises on a
+  departure from it (`analytics/anomaly.py`); `sensitivity` (0 to 1, default 0.5) lowers the
+  score that raises as it grows.
 
 `for_s` of threshold and rate is how long (device time) the breach must hold before it raises.
 Booleans count as 1 and 0; string values are ignored by threshold and rate.
@@ -44,7 +47,8 @@ MAX_SCOPE_DEVICES = 1000
 MAX_FOR_S = 366 * 24 * 3600
 OPS = (">", ">=", "<", "<=")
 SEVERITIES = ("critical", "warning", "info")
-RESERVED_KINDS = ("anomaly",)
+RESERVED_KINDS: tuple[str, ...] = ()  # kinds recognised but refused as not available yet
+DEFAULT_SENSITIVITY = 0.5
 
 Op = Literal[">", ">=", "<", "<="]
 Severity = Literal["critical", "warning", "info"]
@@ -74,8 +78,12 @@ class Absent(_Condition, frozen=True, tag="absent"):
     for_s: float
 
 
-Condition = Threshold | Rate | Absent
-KINDS = ("threshold", "rate", "absent")
+class Anomaly(_Condition, frozen=True, tag="anomaly"):
+    sensitivity: float = DEFAULT_SENSITIVITY
+
+
+Condition = Threshold | Rate | Absent | Anomaly
+KINDS = ("threshold", "rate", "absent", "anomaly")
 
 
 class Scope(msgspec.Struct, frozen=True, kw_only=True):
@@ -332,6 +340,8 @@ class _Problems:
             return self._threshold(data, path)
         if kind == "rate":
             return self._rate(data, path)
+        if kind == "anomaly":
+            return self._anomaly(data, path)
         return self._absent(data, path)
 
     def _for_s(self, data: dict[str, Any], path: str, *, positive: bool) -> float | None:
@@ -379,6 +389,16 @@ class _Problems:
         if len(self.found) > before or for_s is None:
             return None
         return Absent(for_s=for_s)
+
+    def _anomaly(self, data: dict[str, Any], path: str) -> Anomaly | None:
+        self._object(data, path, ("kind", "sensitivity"), "condition")
+        before = len(self.found)
+        sensitivity: float | None = DEFAULT_SENSITIVITY
+        if data.get("sensitivity") is not None:
+            sensitivity = self._number(data, "sensitivity", path, non_negative=True, maximum=1.0)
+        if len(self.found) > before or sensitivity is None:
+            return None
+        return Anomaly(sensitivity=sensitivity)
 
 
 def _join(path: str, key: str) -> str:

@@ -13,6 +13,7 @@ from domain.device import device_uuid
 from domain.errors import IllegalTransition, InvalidCommand
 from domain.rules import (
     Absent,
+    Anomaly,
     Rate,
     Rule,
     RuleInvalid,
@@ -97,6 +98,12 @@ def test_an_absent_rule_parses_and_may_watch_any_message_with_the_star_metric() 
     assert spec.condition == Absent(for_s=300.0)
 
 
+def test_an_anomaly_rule_parses_with_a_default_sensitivity() -> None:
+    assert parse(condition(kind="anomaly")).condition == Anomaly(sensitivity=0.5)
+    assert parse(condition(kind="anomaly", sensitivity=0)).condition == Anomaly(sensitivity=0.0)
+    assert parse(condition(kind="anomaly", sensitivity=1)).condition == Anomaly(sensitivity=1.0)
+
+
 def test_scope_is_optional_and_null_scope_is_the_empty_scope() -> None:
     without = rule_json()
     del without["scope"]
@@ -125,7 +132,12 @@ def test_metric_names_follow_the_ingest_rule() -> None:
 @pytest.mark.parametrize(
     ("rule", "path", "message"),
     [
-        (condition(kind="anomaly"), "condition.kind", "condition kind 'anomaly' is not available"),
+        (condition(kind="anomaly", sensitivity=1.5), "condition.sensitivity", "at most 1"),
+        (condition(kind="anomaly", sensitivity=-0.1), "condition.sensitivity", "not be negative"),
+        (condition(kind="anomaly", sensitivity="high"), "condition.sensitivity", "be a number"),
+        (condition(kind="anomaly", sensitivity=True), "condition.sensitivity", "be a number"),
+        (condition(kind="anomaly", window=10), "condition.window", "unknown field"),
+        (rule_json(metric="*", condition={"kind": "anomaly"}), "metric", "only valid with absent"),
         (condition(kind="spike"), "condition.kind", "unknown condition kind 'spike'"),
         (condition(op=">", value=1), "condition.kind", "missing"),
         (rule_json(condition=None), "condition", "missing required field"),

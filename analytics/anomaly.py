@@ -1,0 +1,259 @@
+"""The `anomaly` condition's detector: learns one series' own normal online and flags departures.
+
+No threshold is given: each reading is scored against what the series itself has shown so far,
+by four features of the deseasonalised value `y` (the reading less the series' daily or weekly
+profile, once one explains the series better than none):
+
+- spike: the innovation, `y` less a fast level (EWMA), over the innovations' robust scale
+  (spikes, dips, outliers);
+- shift: a short EWMA of `y` against a long one (level shifts, a broken daily rhythm);
+- drift: the short EWMA against a much longer reference (slow drifts, a developing fault);
+- variance: log of the short-term over the long-term mean squared innovation (changed variance,
+  a sensor stuck on one value).
+
+Each feature is divided by its own running 99th percentile (a multiplicative stochastic
+quantile estimate), so a series that is naturally noisy, wandering or heavy-tailed needs a
+larger departure than a quiet one: the score is "how many times this feature's usual extreme",
+in the units of a Gaussian's (2.576 = the 99th percentile). The reading's score is the largest
+of the four; an alert raises when it exceeds the threshold that `sensitivity` maps to, and
+clears once the score has stayed below half of it for `CLEAR_READINGS` readings in a row.
+
+Learning is robust and does not depend on the alert: each update uses the reading clipped to a
+few scales of the current estimate, so a spike barely moves the estimates, a level shift is
+absorbed over a few hundred readings (then the alert clears: the new level is the new normal),
+and the score sequence is the same whatever the sensitivity (so a higher sensitivity flags a
+superset of readings). Nothing raises during warm-up (`WARMUP` readings, and again after the
+seasonal model changes). A gap (an interval over `GAP_FACTOR` times the usual one) re-seeds the
+short-term estimates from the long-term ones instead of reading the jump as a spike.
+
+The state is a msgspec struct of fixed size (about 2 KB serialised, the weekly profile being
+most of it), updated in pure Python floats: deterministic, checkpointed with the series, tens of
+microseconds a reading.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+WARMUP = 150  # readings learned before anything can raise
+CLEAR_READINGS = 30  # readings in a row below the clear level before an open alert clears
+CLEAR_FRACTION = 0.5  # the clear level, as a fraction of the raise threshold
+GAP_FACTOR = 20.0  # an interval over this many usual intervals is a gap
+MIN_GAP_MS = 60_000  # ... and over this
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+WEEK_MS = 7 * DAY_MS
+DAILY_BINS = 24
+WEEKLY_BINS = 168
+# EWMA weights per reading
+A_LEVEL = 0.3  # the fast level the innovation is measured from
+A_SHORT = 0.1
+A_LONG = 0.005
+A_REF = 0.0005
+A_SCALE = 0.01  # the innovations' mean absolute value
+A_VSHORT = 0.05
+A_VLONG = 0.005
+A_ERR = 0.002  # the seasonal models' squared errors
+CLIP = 4.0  # updates see the reading clipped to this many scales
+# each feature's mean square (its scale), learned from the feature clipped to GROSS scales
+A_FEATURE = (0.005, 0.002, 0.001, 0.002)
+GROSS = 3.0
+SEASON_MEMORY = 0.3  # how far a profile bin moves per visit of its period (about 3 periods)
+SEASON_GAIN = 0.85  # a profile must explain at least 15 % more than the simpler model
+SPIKE, SHIFT, DRIFT, VAR = range(4)
+FEATURES = ("spike", "shift", "drift", "variance")
+# sensitivity 0 .. 1 -> threshold on the score
+THRESHOLD_AT_0 = 12.0
+THRESHOLD_AT_1 = 3.0
+DEFAULT_SENSITIVITY = 0.5
+
+
+def threshold(sensitivity: float) -> float:
+    """The score that raises: geometric from 12 (sensitivity 0) through 6 (0.5) to 3 (1)."""
+    s = min(1.0, max(0.0, sensitivity))
+    return THRESHOLD_AT_0 * float((THRESHOLD_AT_1 / THRESHOLD_AT_0) ** s)
+
+
+class Detector(msgspec.Struct, array_like=True, kw_only=True):
+    """The learned normal of one series, and whether its alert is open."""
+
+    n: int = 0  # readings seen
+    age: int = 0  # readings since the last (re)start of learning
+    first_ms: int = 0
+    last_ms: int = 0
+    dt: float = 0.0  # the usual interval between readings (ms)
+    level: float = 0.0
+    short: float = 0.0
+    long: float = 0.0
+    ref: float = 0.0
+    scale: float = 0.0  # mean absolute innovation
+    v_short: float = 0.0
+    v_long: float = 0.0
+    m: list[float] = msgspec.field(default_factory=lambda: [0.0] * 4)  # features' mean square
+    model: int = 0  # 0 none, 1 daily, 2 weekly profile
+    err: list[float] = msgspec.field(default_factory=lambda: [0.0] * 3)
+    daily: list[float] = msgspec.field(default_factory=lambda: [0.0] * DAILY_BINS)
+    weekly: list[float] = msgspec.field(default_factory=lambda: [0.0] * WEEKLY_BINS)
+    open: bool = False
+    calm: int = 0  # readings in a row below the clear level while open
+    score: float = 0.0  # the last reading's score
+    feature: int = 0  # which feature gave it
+
+
+def copy(d: Detector) -> Detector:
+    return msgspec.structs.replace(
+        d, m=list(d.m), err=list(d.err), daily=list(d.daily), weekly=list(d.weekly)
+    )
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(Detector).decode
+
+
+def dump(d: Detector) -> bytes:
+    return _encode(d)
+
+
+def load(blob: bytes) -> Detector:
+    return _decode(blob)
+
+
+def _profile(bins: list[float], ts: int, period: int) -> tuple[float, int, int, float]:
+    """The profile's value at `ts` (linear between bin centres), the two bins and the weight."""
+    n = len(bins)
+    p = (ts % period) * n / period - 0.5
+    base = math.floor(p)
+    frac = p - base
+    i0 = base % n
+    i1 = (i0 + 1) % n
+    return bins[i0] * (1.0 - frac) + bins[i1] * frac, i0, i1, frac
+
+
+def _clip(x: float, centre: float, width: float) -> float:
+    if width <= 0.0:
+        return x
+    return min(centre + width, max(centre - width, x))
+
+
+def step(d: Detector, ts: int, x: float, limit: float) -> int:
+    """Learn reading `x` at `ts` (ms, after the last one) in place; +1 raise, -1 clear, 0 else.
+
+    `limit` is the score that raises (`threshold(sensitivity)`); learning does not depend on it.
+    """
+    d.n += 1
+    d.age += 1
+    if d.n == 1:
+        d.first_ms = d.last_ms = ts
+        d.level = d.short = d.long = d.ref = x
+        return 0
+    interval = ts - d.last_ms
+    d.last_ms = ts
+    gap = False
+    if d.dt > 0.0 and interval > max(GAP_FACTOR * d.dt, MIN_GAP_MS):
+        gap = True
+    else:
+        d.dt = interval if d.dt == 0.0 else d.dt + 0.01 * (interval - d.dt)
+
+    # the seasonal profiles: learn them all, use the one that explains the series best
+    span = ts - d.first_ms
+    around = x - d.long
+    s_day, d0, d1, dfrac = _profile(d.daily, ts, DAY_MS)
+    s_week, w0, w1, wfrac = _profile(d.weekly, ts, WEEK_MS)
+    season = (0.0, s_day, s_week)
+    width = CLIP * 1.25 * d.scale if d.age > WARMUP else 0.0
+    for i, s in enumerate(season):
+        e = _clip(around - s, 0.0, 3.0 * width)
+        d.err[i] += A_ERR * (e * e - d.err[i])
+    if d.dt > 0.0:
+        # per visit of a bin: the mean of the visits so far, then an EWMA of about 3 visits
+        per_day = max(SEASON_MEMORY, 1.0 / (1 + span // DAY_MS))
+        per_week = max(SEASON_MEMORY, 1.0 / (1 + span // WEEK_MS))
+        a_day = min(0.5, per_day * DAILY_BINS * d.dt / DAY_MS)
+        a_week = min(0.5, per_week * WEEKLY_BINS * d.dt / WEEK_MS)
+        e_day = _clip(around - s_day, 0.0, 3.0 * width)
+        e_week = _clip(around - s_week, 0.0, 3.0 * width)
+        d.daily[d0] += a_day * (1.0 - dfrac) * e_day
+        d.daily[d1] += a_day * dfrac * e_day
+        d.weekly[w0] += a_week * (1.0 - wfrac) * e_week
+        d.weekly[w1] += a_week * wfrac * e_week
+    model = d.model
+    if span >= 2 * DAY_MS and d.err[1] < SEASON_GAIN * d.err[0] and model == 0:
+        model = 1
+    if span >= WEEK_MS + DAY_MS and d.err[2] < SEASON_GAIN * d.err[min(model, 1)] and model < 2:
+        model = 2
+    if model != d.model:
+        y_old = x - season[d.model]
+        y_new = x - season[model]
+        shift = y_new - y_old
+        d.level += shift
+        d.short += shift
+        d.model = model
+        d.age = WARMUP // 2  # re-learn the scales a little before raising again
+    y = x - season[d.model]
+
+    if gap:
+        d.level = y
+        d.short = d.long
+
+    warm = d.age <= WARMUP
+    a_fast = 1.0 / d.age if warm else 0.0
+    # features, before this reading is learned
+    innovation = y - d.level
+    scale = d.scale
+    f = [0.0, 0.0, 0.0, 0.0]
+    if scale > 0.0 and not gap:
+        f[SPIKE] = abs(innovation) / scale
+    f[SHIFT] = abs(d.short - d.long)
+    f[DRIFT] = abs(d.short - d.ref)
+    if d.v_long > 0.0 and d.v_short > 0.0:
+        f[VAR] = abs(math.log(d.v_short / d.v_long))
+
+    # learn, robustly: the reading clipped to a few scales of the current estimates
+    width = CLIP * 1.25 * scale if not warm else 0.0
+    yc = _clip(y, d.level, width)
+    ic = yc - d.level
+    d.level += A_LEVEL * ic
+    d.short += max(A_SHORT, a_fast) * (yc - d.short)
+    d.long += max(A_LONG, a_fast) * (yc - d.long)
+    d.ref += max(A_REF, a_fast) * (d.long - d.ref)
+    d.scale += max(A_SCALE, a_fast) * (abs(ic) - d.scale)
+    d.v_short += max(A_VSHORT, a_fast) * (ic * ic - d.v_short)
+    d.v_long += max(A_VLONG, a_fast) * (ic * ic - d.v_long)
+
+    score = 0.0
+    feature = 0
+    for i in range(4):
+        fi = f[i]
+        m = d.m[i]
+        if warm:
+            d.m[i] = m + max(A_FEATURE[i], a_fast) * (fi * fi - m)
+            continue
+        if m <= 0.0:
+            continue
+        rms = math.sqrt(m)
+        z = fi / rms
+        if z > score:
+            score, feature = z, i
+        fc = min(fi, GROSS * rms)
+        d.m[i] = m + A_FEATURE[i] * (fc * fc - m)
+    d.score = score
+    d.feature = feature
+    if warm:
+        return 0
+    if not d.open:
+        if score > limit:
+            d.open = True
+            d.calm = 0
+            return 1
+        return 0
+    if score < CLEAR_FRACTION * limit:
+        d.calm += 1
+        if d.calm >= CLEAR_READINGS:
+            d.open = False
+            d.calm = 0
+            return -1
+    else:
+        d.calm = 0
+    return 0
