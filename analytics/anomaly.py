@@ -40,6 +40,7 @@ import msgspec
 WARMUP = 150  # readings learned before anything can raise
 CLEAR_READINGS = 30  # readings in a row below the clear level before an open alert clears
 CLEAR_FRACTION = 0.5  # the clear level, as a fraction of the raise threshold
+CLEAR_FLOOR = 3.0  # ... but never under this (a normal reading's score is mostly 1 to 2.5)
 GAP_FACTOR = 20.0  # an interval over this many usual intervals is a gap
 MIN_GAP_MS = 60_000  # ... and over this
 HOUR_MS = 3_600_000
@@ -248,7 +249,7 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
             d.calm = 0
             return 1
         return 0
-    if score < CLEAR_FRACTION * limit:
+    if score < max(CLEAR_FRACTION * limit, CLEAR_FLOOR):
         d.calm += 1
         if d.calm >= CLEAR_READINGS:
             d.open = False
