@@ -25,6 +25,8 @@ from gateway.dashboard import DASHBOARD_HTML
 from gateway.influx import InfluxQL, InfluxQueryError, InfluxUnavailable
 from gateway.openapi import AFTER_WAIT_S, openapi_document
 from gateway.ratelimit import RateLimiter, Verdict
+from gateway.report_html import MEDIA_TYPES, render
+from gateway.reports import FORMATS, ReportBuilder, ReportQuery, ReportRefused
 from gateway.telemetry import (
     AGGS,
     MAX_POINTS,
@@ -54,6 +56,7 @@ PREFIX = "/api/v1"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 DEFAULT_RANGE_MS = 3_600_000
+REPORT_RANGE_MS = 86_400_000  # a report's default period: the day before `to`
 KEEPALIVE_S = 15.0
 AFTER_POLL_S = 0.02
 AFTER_HEADER = "Iot-After"
@@ -408,6 +411,48 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
     async def fleet(_: Request) -> Any:
         return await gateway.views.fleet(gateway.clock())
 
+    reports = ReportBuilder(gateway.views, gateway.redis, gateway.influx)
+
+    async def fleet_report(request: Request) -> Any:
+        params = request.query_params
+        fmt = params.get("format") or "json"
+        if fmt not in FORMATS:
+            raise invalid("format", f"one of {', '.join(FORMATS)}")
+        now_ms = int(gateway.clock() * 1000)
+        try:
+            end = parse_time(params["to"]) if params.get("to") else now_ms
+        except ValueError as e:
+            raise invalid("to", str(e)) from e
+        try:
+            start = parse_time(params["from"]) if params.get("from") else end - REPORT_RANGE_MS
+        except ValueError as e:
+            raise invalid("from", str(e)) from e
+        try:
+            report = await reports.build(ReportQuery(start, end, now_ms))
+        except ReportRefused as e:
+            raise invalid(e.field, e.message) from e
+        except InfluxUnavailable as e:
+            log.warning("InfluxDB unavailable", extra={"error": str(e)})
+            problem = Problem(503, "Service Unavailable", "the time-series store is unreachable")
+            problem.headers["Retry-After"] = "1"
+            raise problem from e
+        except InfluxQueryError as e:
+            log.warning("InfluxQL error", extra={"error": str(e)})
+            raise Problem(502, "Bad Gateway", "the time-series store refused the query") from e
+        if fmt == "json":
+            return report
+        raw = render(report, fmt, rfc3339(now_ms))
+        etag = etag_of(raw)
+        name = f"fleet-{report['from'][:10]}.{fmt}"
+        headers = {
+            "ETag": etag,
+            "Cache-Control": "private, no-cache",
+            "Content-Disposition": f'inline; filename="{name}"',
+        }
+        if etag_matches(request.headers.get("if-none-match", ""), etag):
+            return Response(status_code=304, headers=headers)
+        return Response(raw, 200, headers, media_type=MEDIA_TYPES[fmt])
+
     async def stream(_: Request) -> Response:
         async def events() -> AsyncIterator[bytes]:
             pubsub = gateway.redis.pubsub()
@@ -452,6 +497,7 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         Route(device, endpoint(get_device), methods=["GET"]),
         Route(device + "/telemetry", endpoint(telemetry), methods=["GET"]),
         Route(PREFIX + "/fleet", endpoint(fleet), methods=["GET"]),
+        Route(PREFIX + "/reports/fleet", endpoint(fleet_report), methods=["GET"]),
         Route(PREFIX + "/alerts", endpoint(list_alerts), methods=["GET"]),
         Route(PREFIX + "/alerts/{alert_id}", endpoint(get_alert), methods=["GET"]),
         Route(PREFIX + "/rules", endpoint(list_rules), methods=["GET"]),

@@ -22,6 +22,7 @@ class InfluxQueryError(InfluxError):
 
 class Series(msgspec.Struct):
     name: str = ""
+    tags: dict[str, str] = {}  # of a GROUP BY tag
     columns: list[str] = []
     values: list[list[Any]] = []
 

@@ -203,6 +203,123 @@ _ALERT_PATHS: dict[str, Any] = {
 }
 
 
+_NUMBER_OR_NULL = {"type": ["number", "null"]}
+_STATS = {
+    "type": "object",
+    "description": "A metric's values in the period: count (every value), min and max "
+    "(numbers, or booleans), mean (numbers); null where none applies",
+    "properties": {
+        "count": {"type": "integer"},
+        "min": {"type": ["number", "boolean", "null"]},
+        "mean": _NUMBER_OR_NULL,
+        "max": {"type": ["number", "boolean", "null"]},
+    },
+}
+_REPORT_FIGURES = {
+    "uptime": {**_NUMBER_OR_NULL, "description": "Share of the observed period online, 0..1"},
+    "online_s": {"type": "number"},
+    "readings": {"type": "integer"},
+    "metrics": {"type": "object", "additionalProperties": _STATS},
+    "alerts": {
+        "type": "object",
+        "properties": {
+            "raised": {"type": "integer"},
+            "acknowledged": {"type": "integer"},
+            "cleared": {"type": "integer"},
+            "raised_by_severity": {"type": "object", "additionalProperties": {"type": "integer"}},
+            "mean_time_to_acknowledge_s": _NUMBER_OR_NULL,
+            "mean_time_to_clear_s": _NUMBER_OR_NULL,
+        },
+    },
+    "commands": {
+        "type": "object",
+        "properties": {
+            name: {"type": "integer"}
+            for name in ("finished", "acknowledged", "failed", "expired", "cancelled")
+        }
+        | {"success_rate": {**_NUMBER_OR_NULL, "description": "acknowledged / finished"}},
+    },
+    "history_complete": {"type": "boolean"},
+}
+_REPORT_SCHEMAS: dict[str, Any] = {
+    "FleetReport": {
+        "type": "object",
+        "required": ["from", "to", "observed_to", "totals", "devices", "notes"],
+        "properties": {
+            "from": {"type": "string", "format": "date-time"},
+            "to": {"type": "string", "format": "date-time"},
+            "observed_to": {
+                "type": "string",
+                "format": "date-time",
+                "description": "min(to, now): the end of the part of the period uptime covers",
+            },
+            "totals": {
+                "type": "object",
+                "properties": {"devices": {"type": "integer"}, **_REPORT_FIGURES},
+            },
+            "devices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "device_id": {"type": "string"},
+                        "name": {"type": "string"},
+                        "type": {"type": "string"},
+                        "status": {"type": "string"},
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        **_REPORT_FIGURES,
+                    },
+                },
+            },
+            "notes": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "How each figure is computed, and what is approximate",
+            },
+        },
+    },
+}
+_REPORT_PATHS: dict[str, Any] = {
+    "/reports/fleet": {
+        "get": {
+            "summary": "Fleet report over [from, to): uptime, readings, metric statistics, "
+            "alerts and commands per device and for the fleet (at most 93 days and 10000 "
+            "devices, else 422)",
+            "operationId": "getFleetReport",
+            "parameters": [
+                _query(
+                    "from",
+                    "Start, RFC 3339 or epoch ms (default: a day before `to`)",
+                    {"type": "string"},
+                ),
+                _query("to", "End, exclusive (default: now)", {"type": "string"}),
+                _query(
+                    "format",
+                    "json (default), csv (a header, a row per device) or html (a printable "
+                    "page with inline SVG charts)",
+                    {"type": "string", "enum": ["json", "csv", "html"]},
+                ),
+                _IF_NONE_MATCH,
+            ],
+            "responses": _common(
+                {
+                    "200": {
+                        "description": "The report",
+                        "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
+                        "content": {
+                            "application/json": {"schema": _ref("FleetReport")},
+                            "text/csv": {"schema": {"type": "string"}},
+                            "text/html": {"schema": {"type": "string"}},
+                        },
+                    },
+                    "502": _PROBLEM,
+                }
+            ),
+        }
+    }
+}
+
+
 def openapi_document() -> dict[str, Any]:
     statuses = ["provisioned", "active", "suspended", "decommissioned"]
     schemas: dict[str, Any] = {
@@ -386,6 +503,7 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         **_ALERT_SCHEMAS,
+        **_REPORT_SCHEMAS,
         "Fleet": {
             "type": "object",
             "required": [
@@ -545,6 +663,7 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             **_ALERT_PATHS,
+            **_REPORT_PATHS,
             "/fleet": {
                 "get": {
                     "summary": "Fleet counts",

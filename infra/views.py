@@ -48,6 +48,14 @@ Alerts (from the devices' alert events, in the same script as the device's doc):
                              goes from every index with its hash (the aggregate lets operators
                              acknowledge only its last 20 cleared ones, so none of those is gone)
   `{p}:rules:open_alerts`    hash rule id -> open alerts of the rule (int)
+History for reports (from the device's events, in the same script as its doc; each keeps the
+device's newest `HISTORY_KEPT` entries, older ones are dropped):
+  `{p}:connectivity:{id}`    sorted set of connectivity changes, score the event's time (epoch
+                             ms), member `<device version>:<1|0>` (connected, or disconnected
+                             or decommissioned)
+  `{p}:commands_done:{id}`   sorted set of finished commands, score the finishing event's time
+                             (epoch ms), member `<state>:<command_id>` (state acknowledged,
+                             failed, expired or cancelled)
 An alert raised before the views kept alerts has no hash: its later events change only the
 device's doc and the severity counters (`iot replay views` builds its hash and indexes).
 Alert rules (from `rules.<rule_id>`; compare-and-set on the rule's version like a device's):
@@ -160,6 +168,12 @@ class ViewKeys:
     def alerts_cleared_of(self, device_id: str) -> str:
         return f"{self.prefix}:alerts:cleared_of:{device_id}"
 
+    def connectivity(self, device_id: str) -> str:
+        return f"{self.prefix}:connectivity:{device_id}"
+
+    def commands_done(self, device_id: str) -> str:
+        return f"{self.prefix}:commands_done:{device_id}"
+
     def rule(self, rule_id: str) -> str:
         return f"{self.prefix}:rule:{rule_id}"
 
@@ -187,6 +201,7 @@ class ViewKeys:
 STATUSES = ("provisioned", "active", "suspended", "decommissioned")
 SEVERITIES = ("critical", "warning", "info")
 CLEARED_ALERTS_KEPT = 100  # cleared alerts the views keep per device, newest cleared first
+HISTORY_KEPT = 2_000  # connectivity changes and finished commands kept per device, newest first
 METRIC_FIELD = "m:"
 CONFIG_VERSION_KEY = "config_version"  # reserved in a device's reported state
 

@@ -44,7 +44,13 @@ from domain.published import (
     RuleEvent,
     RuleUpdated,
 )
-from infra.views import CLEARED_ALERTS_KEPT, CONFIG_VERSION_KEY, METRIC_FIELD, ViewKeys
+from infra.views import (
+    CLEARED_ALERTS_KEPT,
+    CONFIG_VERSION_KEY,
+    HISTORY_KEPT,
+    METRIC_FIELD,
+    ViewKeys,
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -282,6 +288,14 @@ def alert_ops(
     return ops
 
 
+def history_ops(key: str, at: datetime, member: str) -> list[tuple[str, str]]:
+    """Record `member` at `at` in a device's history set, keeping its newest HISTORY_KEPT."""
+    return [
+        (_op("zadds", str(epoch_ms(at)), member), key),
+        (_op("ztrim", str(HISTORY_KEPT)), key),
+    ]
+
+
 def plan_rule_event(keys: ViewKeys, event: RuleEvent, doc: dict[str, Any] | None) -> EventPlan:
     """A rule's doc after `event` (CAS on the rule's version, like a device's)."""
     at = iso(event.at)
@@ -418,6 +432,10 @@ def plan_event(
             changed_commands = True
             if pending:
                 ops.append(("incr" if pending > 0 else "decr", keys.commands_pending))
+            final = _FINAL_STATE.get(type(event))
+            if final is not None:
+                member = f"{final}:{event.command_id}"
+                ops += history_ops(keys.commands_done(event.device_id), event.at, member)
         elif isinstance(event, _ALERT_EVENTS):
             before = new.get("alerts") or {}
             alerts, opened, severity = apply_alert(before, event)
@@ -442,6 +460,9 @@ def plan_event(
             online, online_at = "0", epoch_ms(event.at)
         else:
             assert isinstance(event, DeviceSecretRotated)
+        if isinstance(event, DeviceConnected | DeviceDisconnected | DeviceDecommissioned):
+            member = f"{event.version}:{online}"
+            ops += history_ops(keys.connectivity(event.device_id), event.at, member)
         old_status = doc.get("status", "")
         if status != old_status:
             new["status"] = status

@@ -19,6 +19,7 @@ from __future__ import annotations
 #         partial hash, no count for it); `keep n alert-prefix rule-index-prefix index ...`
 #         (its key: a device's cleared alerts by clear version) removes all but the newest n
 #         cleared alerts, each from that set, every index named and its rule's, with its hash.
+#         `ztrim n` keeps the newest n members (by score) of its sorted set.
 # Returns per event: 1 applied (and publishes the device id), 0 already applied, 2 gap.
 EVENTS = """
 local function split(s)
@@ -69,6 +70,7 @@ local function apply(K, A)
       elseif p[1] == 'hset' then redis.call('HSET', K[i], unpack(p, 2))
       elseif p[1] == 'hincr' then redis.call('HINCRBY', K[i], p[2], p[3])
       elseif p[1] == 'ifexists' then skip = redis.call('EXISTS', K[i]) == 0
+      elseif p[1] == 'ztrim' then redis.call('ZREMRANGEBYRANK', K[i], 0, -tonumber(p[2]) - 1)
       elseif p[1] == 'keep' then
         local over = redis.call('ZCARD', K[i]) - tonumber(p[2])
         if over > 0 then

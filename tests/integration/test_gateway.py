@@ -675,6 +675,7 @@ async def test_openapi_document_parses_and_describes_every_endpoint(
         "/alerts/{alert_id}",
         "/rules",
         "/rules/{rule_id}",
+        "/reports/fleet",
     }
     assert document["servers"] == [{"url": "/api/v1"}]
     for ref in refs(document):

@@ -26,7 +26,7 @@ from domain.published import (
     DeviceSuspended,
     PublishedEvent,
 )
-from infra.views import ViewKeys
+from infra.views import HISTORY_KEPT, ViewKeys
 from projections.views_plan import (
     Commands,
     DeviceState,
@@ -46,6 +46,14 @@ T0_MS = 1_767_225_600_000
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
+
+
+def history(key: str, seconds: float, member: str) -> tuple[tuple[str, str], ...]:
+    """The operations recording `member` in a device's history set (see infra.views)."""
+    return (
+        (f"zadds\x1f{T0_MS + round(seconds * 1000)}\x1f{member}", key),
+        (f"ztrim\x1f{HISTORY_KEPT}", key),
+    )
 
 
 def registered(labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -150,13 +158,13 @@ def test_connection_of_a_suspended_device_keeps_it_suspended() -> None:
     event = DeviceConnected(device_id="d1", version=3, at=at(4), position=9)
     plan, doc = apply(event, {**registered(), "status": "suspended"})
     assert doc["status"] == "suspended"
-    assert plan.ops == ()
+    assert plan.ops == history(KEYS.connectivity("d1"), 4, "3:1")
 
 
 def test_disconnection_and_rotation_change_no_index() -> None:
     off = DeviceDisconnected(device_id="d1", version=2, at=at(5), position=9)
     plan, _ = apply(off, registered())
-    assert (plan.online, plan.ops) == ("0", ())
+    assert (plan.online, plan.ops) == ("0", history(KEYS.connectivity("d1"), 5, "2:0"))
     rotated = DeviceSecretRotated(device_id="d1", version=2, at=at(5), position=9)
     plan, doc = apply(rotated, registered())
     assert (plan.online, plan.ops) == ("", ())
@@ -280,7 +288,13 @@ def test_finished_commands_leave_pending_and_are_recent_newest_first() -> None:
     assert "result" not in late
     assert "reason" not in late
     assert (off["state"], off["reason"]) == ("cancelled", "why")
-    assert [p.ops for p in plans[4:]] == [(("decr", KEYS.commands_pending),)] * 4
+    done = KEYS.commands_done("d1")
+    assert [p.ops for p in plans[4:]] == [
+        (("decr", KEYS.commands_pending), *history(done, 6, "acknowledged:ok")),
+        (("decr", KEYS.commands_pending), *history(done, 7, "failed:bad")),
+        (("decr", KEYS.commands_pending), *history(done, 8, "expired:late")),
+        (("decr", KEYS.commands_pending), *history(done, 9, "cancelled:off")),
+    ]
 
 
 def test_only_the_last_twenty_finished_commands_are_kept() -> None:
