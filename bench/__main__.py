@@ -17,6 +17,7 @@ MODULES = (
     "bench.device_commands",
     "bench.replay",
     "bench.analytics",
+    "bench.anomaly",
 )
 
 
