@@ -63,6 +63,9 @@ class Settings:
     alertmanager_url: str = ""  # empty: analytics sends no notifications
     gateway_public_url: str = ""  # the gateway as operators reach it, for links in alerts
     analytics_partitions: int = 16
+    retention_raw: str = "INF"  # InfluxDB retention of the raw telemetry (IOT_RETENTION_RAW)
+    retention_1m: str = "90d"  # of the 1-minute rollups (IOT_RETENTION_1M)
+    retention_1h: str = "1095d"  # of the 1-hour rollups (IOT_RETENTION_1H)
 
     @property
     def mqtt(self) -> tuple[str, int, bool]:
@@ -199,7 +202,33 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         alertmanager_url=_optional_url(env, "IOT_ALERTMANAGER_URL"),
         gateway_public_url=_optional_url(env, "IOT_GATEWAY_URL"),
         analytics_partitions=_int(env, "IOT_ANALYTICS_PARTITIONS", 16, 1, 1024) or 16,
+        retention_raw=_retention(env, "IOT_RETENTION_RAW", "INF"),
+        retention_1m=_retention(env, "IOT_RETENTION_1M", "90d"),
+        retention_1h=_retention(env, "IOT_RETENTION_1H", "1095d"),
     )
+
+
+_RETENTION = re.compile(r"(?:[0-9]{1,9}(?:m|h|d|w))+")
+_RETENTION_UNITS = {"m": 1, "h": 60, "d": 1_440, "w": 10_080}
+
+
+def _retention(env: Mapping[str, str], name: str, default: str) -> str:
+    """An InfluxDB retention duration: `INF` (keep forever) or a literal such as `30d`, `12w`,
+    `1d12h`, of at least 1h (InfluxDB's smallest retention)."""
+    raw = (env.get(name) or default).strip()
+    if raw.upper() == "INF":
+        return "INF"
+    if not _RETENTION.fullmatch(raw):
+        raise SettingsError(
+            f"{name} must be INF or an InfluxDB duration such as 30d, 12w or 1d12h "
+            f"(units m, h, d, w), got {raw!r}"
+        )
+    minutes = sum(
+        int(n) * _RETENTION_UNITS[u] for n, u in re.findall(r"([0-9]+)([mhdw])", raw)
+    )
+    if minutes < 60:
+        raise SettingsError(f"{name} must be at least 1h (InfluxDB's shortest), got {raw!r}")
+    return raw
 
 
 def _optional_url(env: Mapping[str, str], name: str) -> str:

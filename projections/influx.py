@@ -221,16 +221,24 @@ class InfluxClient:
         name: str,
         *,
         duration: str,
-        shard_duration: str,
+        shard_duration: str | None,
         replication: int = 1,
     ) -> None:
         """Create a (non-default) retention policy; durations as `SHOW RETENTION POLICIES`
-        prints them."""
+        prints them (no shard duration: InfluxDB's default for the duration)."""
+        shards = f" SHARD DURATION {_duration(shard_duration)}" if shard_duration else ""
         await self.query(
             f"CREATE RETENTION POLICY {quote_ident(name)} ON {quote_ident(self.database)} "
-            f"DURATION {_duration(duration)} REPLICATION {int(replication)} "
-            f"SHARD DURATION {_duration(shard_duration)}"
+            f"DURATION {_duration(duration)} REPLICATION {int(replication)}{shards}"
         )
+
+    async def default_policy(self) -> str:
+        """The name of the database's default retention policy (`DatabaseNotFound` when the
+        database does not exist): the generation live writers and readers use."""
+        for policy in await self.retention_policies():
+            if policy.default:
+                return policy.name
+        raise DatabaseNotFound(f"InfluxDB database {self.database!r} has no default policy")
 
     async def set_default_retention_policy(self, name: str) -> None:
         """Make `name` the default policy: from the next request on, writes and queries that

@@ -13,6 +13,9 @@ handler returns only once InfluxDB answered 204 for every point it did not rejec
   exactly those are dead-lettered (`influx_rejected`) and terminated, the rest acknowledged.
 - a message that does not decode as telemetry is dead-lettered (`undecodable`) and terminated.
 
+After the raw points, the batch's rollups (1-minute and 1-hour windows, `projections.rollups`)
+are recomputed in the same database generation, and only then is the batch acknowledged.
+
 A point is identified by measurement, tags and timestamp, so a redelivered message overwrites
 itself: at-least-once delivery gives exactly-once contents. `PointWriter` and `TelemetryEncoder`
 carry no consumer state, so a replay can drive them directly.
@@ -48,6 +51,8 @@ from infra.settings import Settings
 from infra.streams import Streams
 from projections.influx import DatabaseNotFound, InfluxError, InfluxRejected, InfluxUnavailable
 from projections.lineproto import LineProtocolError, TelemetryEncoder
+from projections.rollups import Rollups, Touched
+from projections.rollups import Stopping as Stopping  # noqa: PLC0414 (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +102,6 @@ class DeadLetterSink(Protocol):
 
 
 Keepalive = Callable[[], Awaitable[None]]
-
-
-class Stopping(Exception):
-    """The process is stopping while InfluxDB is unavailable: leave the batch unacknowledged."""
 
 
 @dataclass
@@ -278,8 +279,10 @@ class TimeseriesProjection:
         stop: asyncio.Event | None = None,
         keepalive_every: float = 10.0,
         clock: Callable[[], float] = time.time,
+        rollups: Rollups | None = None,
     ) -> None:
         self.writer = writer
+        self.rollups = rollups
         self.deadletters = deadletters
         self.encoder = encoder or TelemetryEncoder()
         self.stop = stop
@@ -297,6 +300,7 @@ class TimeseriesProjection:
         dead: list[DeadLetter] = []
         newest = 0
         encode = self.encoder.encode
+        touched = Touched()
         for i, msg in enumerate(msgs):
             try:
                 message = decode_ingest(msg.data)
@@ -314,6 +318,7 @@ class TimeseriesProjection:
             groups[i] = text.encode()
             lines[i] = text.count("\n")
             newest = max(newest, message.received_at)
+            touched.add(message.device_id, message.readings)
 
         async def keepalive() -> None:
             for msg in msgs:
@@ -322,6 +327,8 @@ class TimeseriesProjection:
         refused = await self.writer.write_groups(
             groups, keepalive=keepalive, keepalive_every=self.keepalive_every, stop=self.stop
         )
+        if self.rollups is not None:  # before the batch is acknowledged
+            await self.rollups.update(touched, keepalive=keepalive, stop=self.stop)
         for i, detail in refused.items():
             dead.append(DeadLetter(i, "influx_rejected", detail))
             REJECTED_POINTS.inc(lines[i])
@@ -402,6 +409,9 @@ async def run(settings: Settings) -> None:
         JetStreamDeadLetters(js, streams),
         stop=stop,
         keepalive_every=spec.ack_wait / 3,
+        rollups=Rollups(
+            influx, retention_1m=settings.retention_1m, retention_1h=settings.retention_1h
+        ),
     )
 
     async def ready() -> Mapping[str, bool]:
