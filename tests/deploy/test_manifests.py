@@ -39,6 +39,7 @@ PVC_SIZES = {
     "nats": "20Gi",
     "mosquitto-data": "5Gi",
     "backups": "100Gi",
+    "reports": "1Gi",
 }
 POD_KINDS = ("Deployment", "StatefulSet", "Job", "CronJob")
 
@@ -242,11 +243,25 @@ def test_backups_run_daily_with_seven_day_retention() -> None:
         assert re.fullmatch(r"\d+ \d+ \* \* \*", cron["spec"]["schedule"])
         (container,) = pod_spec(cron)["containers"]
         commands[cron["metadata"]["name"]] = container["args"][0]
-    assert set(commands) == {"backup", "influxdb-backup"}
+    assert set(commands) == {"backup", "influxdb-backup", "report"}
     assert 'iot backup "/backups/iot/$stamp"' in commands["backup"]
     assert "influxd backup -portable -host influxdb:8088" in commands["influxdb-backup"]
-    for script in commands.values():
-        assert "-mtime +6 -exec rm -rf" in script
+    for name in ("backup", "influxdb-backup"):
+        assert "-mtime +6 -exec rm -rf" in commands[name]
+
+
+def test_daily_report_writes_yesterday_onto_its_volume_and_keeps_a_month() -> None:
+    cron = named("CronJob", "report")
+    pod = pod_spec(cron)
+    (container,) = pod["containers"]
+    script = container["args"][0]
+    assert 'iot report --from "$yesterday" --to "$today"' in script
+    assert '--out "/reports/fleet-$yesterday.html"' in script
+    env = {e["name"]: e for e in container["env"]}
+    assert env["KEEP"]["value"] == "31"
+    assert {"name": "reports", "mountPath": "/reports"} in container["volumeMounts"]
+    claims = {v["name"]: v.get("persistentVolumeClaim") for v in pod["volumes"]}
+    assert claims["reports"] == {"claimName": "reports"}
 
 
 def test_secrets_are_referenced_never_rendered() -> None:
