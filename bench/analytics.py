@@ -26,7 +26,9 @@ re-triggered and cleared all along. Each run:
    time = now) for a threshold rule without `for_s` on one of `--analytics-probes` devices kept
    out of the load, the gateway polled every 20 ms until the alert is open in
    `GET /api/v1/devices/{id}`, then a normal reading and the same until it is gone;
-4. the analytics process's VmRSS and VmHWM after each phase.
+4. the analytics process's VmRSS and VmHWM after each phase;
+5. rule test: `POST /api/v1/rules/test` of the hot rule over everything stored so far (the
+   backlogs and loads of this run and the runs before): messages and readings read per second.
 
 `--analytics-profile DIR` records the analytics process under `py-spy` in run 1's capacity and
 keep-up phases (raw collapsed stacks; those figures are perturbed).
@@ -65,6 +67,7 @@ from infra.settings import load as load_settings
 from infra.streams import Streams
 
 TOKEN = "bench-analytics-viewer-0123456789"
+OPERATOR_TOKEN = "bench-analytics-operator-0123456789"
 BATCHED_RATE = 150_000.0  # docs/performance.md, ingestion: 50 readings per message, sustained
 TARGET_P99_MS = 1000.0
 METRICS = ("temperature", "humidity", "pressure", "battery", "rssi")
@@ -968,6 +971,36 @@ async def half_phase(ctx: Context, report: Report, run: int) -> None:
     )
 
 
+async def rule_test_phase(ctx: Context, report: Report, run: int) -> None:
+    """`POST /api/v1/rules/test` of the hot rule over everything stored so far."""
+    assert ctx.analytics is not None
+    progress(f"run {run + 1}: rule test of {RULES['hot']['name']!r} over the stored history")
+    started = time.monotonic()
+    response = await ctx.http.post(
+        f"{ctx.analytics.url}/api/v1/rules/test",
+        json={"rule": RULES["hot"], "since": "1d"},
+        headers={"Authorization": f"Bearer {OPERATOR_TOKEN}"},
+        timeout=600.0,
+    )
+    wall = time.monotonic() - started
+    if response.status_code != 200:
+        raise RuntimeError(f"the rule test answered {response.status_code}: {response.text}")
+    result = response.json()
+    report.section = (
+        "rule test: the hot rule (threshold, clear, for_s) over the whole INGEST stream"
+    )
+    report.add(run, "rule test: messages read", "count", result["messages"], 0)
+    report.add(run, "rule test: readings", "count", result["readings"], 0)
+    report.add(run, "rule test: alerts it would have raised", "count", result["raised"], 0)
+    report.add(run, "rule test: wall time (request -> answer)", "s", wall, 2)
+    report.add(run, "rule test: messages/s", "msg/s", result["messages"] / wall, 0)
+    report.add(run, "rule test: readings/s", "readings/s", result["readings"] / wall, 0)
+    progress(
+        f"  {result['messages']:,} messages in {wall:.2f} s"
+        f" ({result['messages'] / wall:,.0f}/s), {result['raised']} alerts"
+    )
+
+
 def verdicts(report: Report, args: argparse.Namespace) -> None:
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
@@ -997,7 +1030,7 @@ async def _run(args: argparse.Namespace) -> Report:
     env = {
         "IOT_NAMESPACE": namespace,
         "IOT_INFLUX_DB": namespace,
-        "IOT_API_TOKENS": f"{TOKEN}=viewer",
+        "IOT_API_TOKENS": f"{TOKEN}=viewer,{OPERATOR_TOKEN}=operator",
         "IOT_LOG_LEVEL": "WARNING",
         "IOT_RATE_LIMIT_PER_MINUTE": "10000000",  # the probes poll fast
     }
@@ -1092,6 +1125,7 @@ async def _with_system(
                 await capacity_phase(ctx, report, run)
                 await keep_up_phase(ctx, report, run)
                 await half_phase(ctx, report, run)
+                await rule_test_phase(ctx, report, run)
             verdicts(report, args)
             if ctx.analytics is not None:
                 report.note(
