@@ -18,6 +18,7 @@ small record per device) are the only thing held for the whole report.
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any, cast
 import msgspec
 from redis.asyncio import Redis
 
-from gateway.influx import InfluxQL
+from gateway.influx import InfluxQL, InfluxQueryError
 from gateway.telemetry import DEVICE_TAG, MEASUREMENT, quote_ident, quote_string, rfc3339
 from gateway.views import ViewReader
 from infra.views import HISTORY_KEPT, SEVERITIES, ViewKeys
@@ -327,6 +328,19 @@ class ReportBuilder:
     async def _page(
         self, keys: ViewKeys, ids: Sequence[str], query: ReportQuery
     ) -> list[DeviceRow]:
+        """One page of devices: the views and the time series read at the same time."""
+        rows, metrics = await asyncio.gather(
+            self._views_page(keys, ids, query),
+            self._telemetry(ids, query.start_ms, query.end_ms),
+        )
+        for row in rows:
+            row.metrics = metrics.get(row.device_id, {})
+            row.readings = max((m.count for m in row.metrics.values()), default=0)
+        return rows
+
+    async def _views_page(
+        self, keys: ViewKeys, ids: Sequence[str], query: ReportQuery
+    ) -> list[DeviceRow]:
         start, end = query.start_ms, query.end_ms
         observed = query.observed_end_ms
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -380,19 +394,20 @@ class ReportBuilder:
             position += len(found)
             decoded = [{k: _decode(v) for k, v in h.items()} for h in mine if h]
             row.alerts = alert_stats(decoded, start, end)
-        if rows:
-            await self._telemetry(rows, start, end)
         return rows
 
-    async def _telemetry(self, rows: Sequence[DeviceRow], start: int, end: int) -> None:
-        by_id = {row.device_id: row for row in rows}
-        series, _ = await self._influx.query(influxql(list(by_id), start, end))
+    async def _telemetry(
+        self, ids: Sequence[str], start: int, end: int
+    ) -> dict[str, dict[str, MetricStats]]:
+        """Per device id, its metrics' statistics in [start, end)."""
+        series, partial = await self._influx.query(influxql(ids, start, end))
+        if partial:
+            raise InfluxQueryError("InfluxDB cut the aggregate answer short")
+        out: dict[str, dict[str, MetricStats]] = {}
         for found in series:
-            row = by_id.get(found.tags.get(DEVICE_TAG, ""))
-            if row is None or not found.values:
-                continue
-            row.metrics = metric_stats(found.columns, found.values[0])
-            row.readings = max((m.count for m in row.metrics.values()), default=0)
+            if found.values:
+                out[found.tags.get(DEVICE_TAG, "")] = metric_stats(found.columns, found.values[0])
+        return out
 
 
 def device_doc(row: DeviceRow, observed_ms: int) -> dict[str, Any]:
