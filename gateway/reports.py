@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from gateway.influx import InfluxQL, InfluxQueryError
 from gateway.telemetry import DEVICE_TAG, MEASUREMENT, quote_ident, quote_string, rfc3339
 from gateway.views import ViewReader
-from infra.views import HISTORY_KEPT, SEVERITIES, ViewKeys
+from infra.views import CLEARED_ALERTS_KEPT, HISTORY_KEPT, SEVERITIES, ViewKeys
 
 DAY_MS = 86_400_000
 MAX_PERIOD_MS = 93 * DAY_MS  # a quarter
@@ -245,6 +245,16 @@ def alert_stats(alerts: Iterable[Mapping[str, Any]], start: int, end: int) -> Al
     return stats
 
 
+def alerts_complete(alerts: Iterable[Mapping[str, Any]], cleared_kept: int, start: int) -> bool:
+    """Whether the device's kept alerts cover `start`: the views never dropped a cleared one, or
+    the oldest clear they keep is no later than `start` (the dropped ones cleared before it)."""
+    if cleared_kept < CLEARED_ALERTS_KEPT:
+        return True
+    clears = [a.get("cleared_at_ms") for a in alerts]
+    oldest = min((c for c in clears if isinstance(c, int)), default=None)
+    return oldest is not None and oldest <= start
+
+
 def command_stats(members: Iterable[str]) -> CommandStats:
     stats = CommandStats()
     for member in members:
@@ -355,14 +365,24 @@ class ReportBuilder:
                 pipe.zcard(done)
                 pipe.zrange(done, 0, 0, withscores=True)
                 pipe.zrangebyscore(keys.alerts_of_device(device_id), "-inf", f"({end}")
+                pipe.zcard(keys.alerts_cleared_of(device_id))
             answers: list[Any] = await pipe.execute()
-        per = 9
+        per = 10
         rows: list[DeviceRow] = []
-        alert_ids: list[tuple[DeviceRow, list[str]]] = []
+        alert_ids: list[tuple[DeviceRow, list[str], int]] = []
         for i, device_id in enumerate(ids):
-            doc_raw, before, changes, conn_n, conn_old, done, done_n, done_old, alerts = answers[
-                i * per : (i + 1) * per
-            ]
+            (
+                doc_raw,
+                before,
+                changes,
+                conn_n,
+                conn_old,
+                done,
+                done_n,
+                done_old,
+                alerts,
+                cleared_n,
+            ) = answers[i * per : (i + 1) * per]
             doc = _decode(doc_raw) if doc_raw else None
             if not isinstance(doc, dict):
                 continue  # indexed, hash not written yet
@@ -382,18 +402,20 @@ class ReportBuilder:
                 and _complete(done_n, done_old, start),
             )
             rows.append(row)
-            alert_ids.append((row, alerts))
+            alert_ids.append((row, alerts, cleared_n))
         async with self._redis.pipeline(transaction=False) as pipe:
-            for _, found in alert_ids:
+            for _, found, _ in alert_ids:
                 for alert_id in found:
                     pipe.hgetall(keys.alert(alert_id))
             hashes = cast(list[dict[str, str]], await pipe.execute())
         position = 0
-        for row, found in alert_ids:
+        for row, found, cleared_n in alert_ids:
             mine = hashes[position : position + len(found)]
             position += len(found)
             decoded = [{k: _decode(v) for k, v in h.items()} for h in mine if h]
             row.alerts = alert_stats(decoded, start, end)
+            if not alerts_complete(decoded, cleared_n, start):
+                row.history_complete = False
         return rows
 
     async def _telemetry(
