@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import httpx
 import nats
@@ -13,6 +14,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from psycopg import sql
 
 from infra.eventstore import open_store
+from infra.rollups import HOUR, MINUTE, duration_ms
 from infra.settings import Settings
 from infra.streams import Streams, kv_configs
 
@@ -85,16 +87,53 @@ async def migrate_streams(settings: Settings, replicas: int = 1) -> list[str]:
         await nc.close()
 
 
-async def migrate_influx(settings: Settings) -> None:
+async def migrate_influx(settings: Settings) -> list[str]:
+    """The database, and the retention policies of its live generation: the default policy
+    (raw telemetry) gets `IOT_RETENTION_RAW`, `<default>_1m` and `<default>_1h` (the rollups)
+    `IOT_RETENTION_1M` and `IOT_RETENTION_1H`; created when missing, altered when different."""
+    db = settings.influx_db
     async with httpx.AsyncClient(base_url=settings.influx_url, timeout=10) as client:
-        response = await client.post(
-            "/query", data={"q": f'CREATE DATABASE "{settings.influx_db}"'}
-        )
-        response.raise_for_status()
-        body = response.json()
-        errors = [r["error"] for r in body.get("results", []) if "error" in r]
-        if errors:
-            raise RuntimeError(f"InfluxDB refused CREATE DATABASE: {errors[0]}")
+
+        async def query(statement: str) -> list[dict[str, Any]]:
+            response = await client.post("/query", data={"q": statement, "db": db})
+            response.raise_for_status()
+            results: list[dict[str, Any]] = response.json().get("results", [])
+            errors = [r["error"] for r in results if "error" in r]
+            if errors:
+                raise RuntimeError(f"InfluxDB refused {statement!r}: {errors[0]}")
+            return results
+
+        await query(f'CREATE DATABASE "{db}"')
+        results = await query(f'SHOW RETENTION POLICIES ON "{db}"')
+        series = results[0].get("series") or [{"columns": [], "values": []}]
+        columns = series[0]["columns"]
+        policies = {row[0]: dict(zip(columns, row, strict=True)) for row in series[0]["values"]}
+        default = next((name for name, p in policies.items() if p["default"]), None)
+        if default is None:
+            raise RuntimeError(f"InfluxDB database {db!r} has no default retention policy")
+        wanted = {
+            default: settings.retention_raw,
+            MINUTE.policy(default): settings.retention_1m,
+            HOUR.policy(default): settings.retention_1h,
+        }
+        steps = []
+        for name, duration in wanted.items():
+            existing = policies.get(name)
+            if existing is None:
+                await query(
+                    f'CREATE RETENTION POLICY "{name}" ON "{db}" DURATION {duration} REPLICATION 1'
+                )
+                steps.append(f"retention policy {name}: created, {duration}")
+            elif duration_ms(existing["duration"]) != duration_ms(duration):
+                shards = duration_ms(existing["shardGroupDuration"]) or 0
+                limit = duration_ms(duration)
+                # a policy's shard groups may not outlast it: shorten them for a short policy
+                shard = " SHARD DURATION 1h" if limit is not None and shards > limit else ""
+                await query(f'ALTER RETENTION POLICY "{name}" ON "{db}" DURATION {duration}{shard}')
+                steps.append(f"retention policy {name}: {existing['duration']} -> {duration}")
+            else:
+                steps.append(f"retention policy {name}: {duration}")
+        return steps
 
 
 async def migrate(settings: Settings, replicas: int = 1) -> list[str]:
@@ -104,6 +143,6 @@ async def migrate(settings: Settings, replicas: int = 1) -> list[str]:
     await asyncio.to_thread(migrate_postgres, settings)
     steps.append(f"postgres schema {settings.pg_schema}: event store and idempotency tables ready")
     steps += [f"jetstream: {line}" for line in await migrate_streams(settings, replicas)]
-    await migrate_influx(settings)
-    steps.append(f"influxdb database {settings.influx_db}: ready")
+    influx = await migrate_influx(settings)
+    steps.append(f"influxdb database {settings.influx_db}: ready; " + "; ".join(influx))
     return steps

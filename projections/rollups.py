@@ -358,17 +358,22 @@ class Rollups:
                 raise
 
     async def _run(self, statements: Sequence[str], max_seconds: float | None) -> None:
-        """All statements in one request; InfluxDB stops at the first failing one, so after a
-        window beyond a level's retention the rest run one by one."""
+        """All statements in one request. InfluxDB stops at the first failing statement, and
+        when that is the first one it answers only "not executed", so after any failure the
+        statements run one by one: a window beyond its level's retention is dropped, which is
+        what retention means; anything else is raised."""
         try:
             await self.influx.query(";\n".join(statements), max_seconds=max_seconds)
             return
-        except InfluxError as e:
-            if not _beyond_retention(e) or isinstance(e, InfluxUnavailable):
-                raise
+        except InfluxUnavailable:
+            raise
+        except InfluxError:
+            pass
         for statement in statements:
             try:
                 await self.influx.query(statement, max_seconds=max_seconds)
+            except InfluxUnavailable:
+                raise
             except InfluxError as e:
-                if not _beyond_retention(e) or isinstance(e, InfluxUnavailable):
+                if not _beyond_retention(e):
                     raise

@@ -18,6 +18,15 @@ into a new policy `r<epoch ms>` with the live default's duration and shard group
    the old policy just before it), then drop the old policy once the grace period
    (`iot.replay.SWITCH_GRACE_S`) since the switch has passed.
 
+The rollups (`projections.rollups`) are part of the generation: the new policy `r<ms>` comes
+with `r<ms>_1m` and `r<ms>_1h` (durations from `IOT_RETENTION_*`, as the raw policy's). The
+old rollups are carried over whole (they may reach further back than the raw data), then
+every window with raw data in the rebuild is recomputed from it in bulk once caught up; the
+batches written after that recompute their windows as the live projector does, and those
+written after the switch are recomputed once more after the grace period, when no live
+projector can still be writing a rollup computed before them. Raw data and rollups therefore
+switch together and never disagree.
+
 An interruption before the switch leaves the live policy untouched: the rebuild is dropped on
 the way out or, after SIGKILL, by the next run's step 1.
 """
@@ -49,6 +58,7 @@ from infra.replay import (
     stream_reach,
     wait_caught_up,
 )
+from infra.rollups import LEVELS, Level, duration_ms, rollup_policies
 from infra.streams import Streams
 from projections.influx import (
     DatabaseNotFound,
@@ -59,11 +69,13 @@ from projections.influx import (
     quote_string,
 )
 from projections.lineproto import DEVICE_TAG, MEASUREMENT, LineProtocolError, TelemetryEncoder
+from projections.rollups import Rollups, Touched
 from projections.timeseries import PointWriter
 
 BATCH = 2_000  # messages per fetch (about 120 kB of line protocol for one-reading messages)
 WRITES_IN_FLIGHT = 2  # batches written concurrently while the next one is fetched
 LEFTOVER = re.compile(r"r\d+")  # the names this replay gives its policies
+ROLLUP_SUFFIXES = tuple(level.suffix for level in LEVELS)
 COPY_TIMEOUT_S = 3_600.0  # one carry-over statement copies a whole shard group
 FIRST_MESSAGE_PROBES = 100  # undecodable messages passed over looking for the first receipt
 RECHECKS = 5  # a verification re-compares differing devices this often (live ingest moves on)
@@ -129,9 +141,25 @@ def compare(live: Stats, rebuilt: Stats) -> dict[str, list[str]]:
     return differences
 
 
+def _generation_of(name: str) -> str:
+    """The raw policy a policy belongs to (itself, or the base of `<P>_1m` / `<P>_1h`)."""
+    for suffix in ROLLUP_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def leftovers(policies: Sequence[RetentionPolicy]) -> list[RetentionPolicy]:
-    """Policies an interrupted replay left: named like ours and not the default."""
-    return [p for p in policies if LEFTOVER.fullmatch(p.name) and not p.default]
+    """Policies an interrupted replay left: named like ours (a rebuild's raw or rollup
+    policies) and not of the default generation."""
+    live = {p.name for p in policies if p.default}
+    return [
+        p
+        for p in policies
+        if LEFTOVER.fullmatch(_generation_of(p.name))
+        and _generation_of(p.name) not in live
+        and not p.default
+    ]
 
 
 def new_policy_name(policies: Sequence[RetentionPolicy], now_ms: int) -> str:
@@ -172,6 +200,9 @@ class ReplaySink:
         self.points = 0
         self.skipped = 0  # undecodable, not representable, or refused by InfluxDB
         self._writes: deque[asyncio.Task[None]] = deque()
+        self.rollups: Rollups | None = None  # set: each batch recomputes its windows in `policy`
+        self.policy = ""
+        self.touched_since: Touched | None = None  # set: collects the windows written since
 
     async def handle(self, msgs: Sequence[Msg]) -> None:
         self.delivered += len(msgs)
@@ -179,6 +210,7 @@ class ReplaySink:
         lines: list[int] = []
         skipped = 0
         encode = self.encoder.encode
+        touched = Touched() if self.rollups is not None else None
         for msg in msgs:
             try:
                 message = decode_ingest(msg.data)
@@ -191,12 +223,22 @@ class ReplaySink:
                 continue
             groups.append(text.encode())
             lines.append(text.count("\n"))
+            if touched is not None:
+                touched.add(message.device_id, message.readings)
         while len(self._writes) >= self.depth:
             await self._writes.popleft()
-        self._writes.append(asyncio.create_task(self._write(groups, lines, len(msgs), skipped)))
+        self._writes.append(
+            asyncio.create_task(self._write(groups, lines, len(msgs), skipped, touched))
+        )
 
-    async def _write(self, groups: list[bytes], lines: list[int], n: int, skipped: int) -> None:
+    async def _write(
+        self, groups: list[bytes], lines: list[int], n: int, skipped: int, touched: Touched | None
+    ) -> None:
         refused = await self.writer.write_groups(groups)
+        if touched is not None and self.rollups is not None:
+            await self.rollups.update(touched, policy=self.policy)
+            if self.touched_since is not None:
+                self.touched_since.update(touched)
         self.skipped += skipped + len(refused)
         self.points += sum(lines) - sum(lines[i] for i in refused)
         self.messages += n
@@ -225,6 +267,7 @@ class _Build:
     first_receipt: int | None
     carried: int
     sink: ReplaySink
+    rollups: Rollups
     tail: LogTail
     follower: asyncio.Task[None]
     caught_up_after: float  # seconds from the first fetch to caught up
@@ -309,6 +352,7 @@ class TimeseriesReplay:
     async def run(self, progress: Progress) -> Report:
         db = self.settings.influx_db
         async with self._client() as influx, self._building(influx, progress) as build:
+            build.sink.touched_since = Touched()  # the windows written from the switch on
             await influx.set_default_retention_policy(build.new)
             switched = time.monotonic()
             build.switched = True
@@ -324,7 +368,11 @@ class TimeseriesReplay:
             await build.sink.drain()
             # a query already running on the old policy ends before it is dropped
             await asyncio.sleep(max(0.0, self.context.grace - (time.monotonic() - switched)))
-            await influx.drop_retention_policy(build.old.name)
+            # a live projector's rollup update computed before our last writes is over too:
+            # recompute what was written since the switch once more
+            await build.rollups.update(build.sink.touched_since, policy=build.new)
+            for name in (build.old.name, *rollup_policies(build.old.name)):
+                await influx.drop_retention_policy(name)
             progress.note(f"timeseries: dropped the old retention policy {build.old.name!r}")
         return Report(
             lines=[
@@ -385,8 +433,18 @@ class TimeseriesReplay:
             )
             progress.note(f"timeseries: {notes[-1]}")
         new = new_policy_name(policies, int(time.time() * 1000))
+        duration = self.settings.retention_raw
+        same = duration_ms(duration) == duration_ms(old.duration)
         await influx.create_retention_policy(
-            new, duration=old.duration, shard_duration=old.shard_group_duration, replication=1
+            new,
+            duration=duration,
+            shard_duration=old.shard_group_duration if same else None,
+            replication=1,
+        )
+        rollups = Rollups(
+            influx,
+            retention_1m=self.settings.retention_1m,
+            retention_1h=self.settings.retention_1h,
         )
         progress.note(f"timeseries: building retention policy {new!r} beside {old.name!r} ({db})")
         writes = self._client(new)
@@ -400,7 +458,12 @@ class TimeseriesReplay:
         try:
             reach = await stream_reach(self.context.js, self.streams.ingest)
             first = await self._first_receipt(reach.first_seq) if reach.messages else None
+            await rollups.ensure_policies(new)
             carried = await self._carry_over(influx, old.name, new, first, progress)
+            names = {p.name for p in policies}
+            for level in LEVELS:
+                if level.policy(old.name) in names:
+                    await self._carry_rollups(influx, level, old.name, new, progress)
             tail = LogTail(
                 self.context.nc, self.streams.ingest, self.subject, reach.first_seq, batch=BATCH
             )
@@ -417,7 +480,14 @@ class TimeseriesReplay:
                 self.context.caught_up,
                 on_wait=lambda left: progress.advance(0, total=sink.delivered + left),
             )
-            await sink.drain()
+            caught_up = time.monotonic() - started
+            sink.rollups, sink.policy = rollups, new  # from now on each batch recomputes...
+            await sink.drain()  # ...and the bulk covers every batch written before
+            groups = await influx.shard_groups(new)
+            progress.phase("timeseries: rollups", total=len(groups), unit="shard groups")
+            for start, end in groups:
+                await rollups.rebuild(new, start, end)
+                progress.advance(1)
             build = _Build(
                 old,
                 new,
@@ -425,9 +495,10 @@ class TimeseriesReplay:
                 first,
                 carried,
                 sink,
+                rollups,
                 tail,
                 follower,
-                time.monotonic() - started,
+                caught_up,
                 sink.messages,
                 sink.points,
                 notes=notes,
@@ -459,11 +530,36 @@ class TimeseriesReplay:
         await build.sink.drain()
 
     async def _discard(self, influx: InfluxClient, name: str) -> None:
-        """Drop the rebuild unless it is the default (an ALTER whose answer got lost)."""
+        """Drop the rebuild (and its rollups) unless it is the default (an ALTER whose answer
+        got lost)."""
         with contextlib.suppress(InfluxError):
             policies = await influx.retention_policies()
             if any(p.name == name and not p.default for p in policies):
-                await influx.drop_retention_policy(name)
+                for policy in (name, *rollup_policies(name)):
+                    await influx.drop_retention_policy(policy)
+
+    async def _carry_rollups(
+        self, influx: InfluxClient, level: Level, old: str, new: str, progress: Progress
+    ) -> None:
+        """Copy a level's old windows whole (they may reach further back than the raw data;
+        the windows with raw data in the rebuild are recomputed from it afterwards)."""
+        source, target = level.policy(old), level.policy(new)
+        groups = await influx.shard_groups(source)
+        progress.phase(f"timeseries: carry-over of the {level.name} rollups", total=len(groups))
+        db = quote_ident(self.settings.influx_db)
+        measurement = quote_ident(level.measurement)
+        for start, end in groups:
+            try:
+                await influx.query(
+                    f"SELECT * INTO {db}.{quote_ident(target)}.{measurement} "  # noqa: S608
+                    f"FROM {db}.{quote_ident(source)}.{measurement} "
+                    f"WHERE time >= {start}ms AND time < {end}ms GROUP BY *",
+                    max_seconds=COPY_TIMEOUT_S,
+                )
+            except InfluxError as e:  # a shorter retention than before: the older windows go
+                if "beyond retention policy" not in str(e):
+                    raise
+            progress.advance(1)
 
     async def _carry_over(
         self,
@@ -480,11 +576,16 @@ class TimeseriesReplay:
         written = 0
         for start, end in groups:
             upto = end if before is None else min(end, before)
-            results = await influx.query(
-                f"SELECT * INTO {self._source(new)} FROM {self._source(old)} "  # noqa: S608
-                f"WHERE time >= {start}ms AND time < {upto}ms GROUP BY *",
-                max_seconds=COPY_TIMEOUT_S,
-            )
+            try:
+                results = await influx.query(
+                    f"SELECT * INTO {self._source(new)} FROM {self._source(old)} "  # noqa: S608
+                    f"WHERE time >= {start}ms AND time < {upto}ms GROUP BY *",
+                    max_seconds=COPY_TIMEOUT_S,
+                )
+            except InfluxError as e:  # a shorter IOT_RETENTION_RAW: the older points go
+                if "beyond retention policy" not in str(e):
+                    raise
+                results = []
             series = results[0].get("series") if results else None
             if series:
                 written += int(series[0]["values"][0][1])

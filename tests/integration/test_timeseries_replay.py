@@ -98,9 +98,9 @@ async def test_a_replay_rebuilds_the_same_points_and_makes_them_the_default(
 
     assert await stats(pipeline.influx) == before
     names = [p.name for p in await policies(pipeline.influx)]
-    assert len(names) == 1
-    assert re.fullmatch(r"r\d+", names[0])
-    assert names[0] == await default_policy(pipeline.influx)
+    live = await default_policy(pipeline.influx)
+    assert re.fullmatch(r"r\d+", live)
+    assert sorted(names) == [live, f"{live}_1h", f"{live}_1m"]  # with its rollups
     text = "\n".join(report.lines)
     assert "67 telemetry messages, 142 points written" in text
     assert "1 messages skipped" in text
@@ -119,7 +119,11 @@ async def test_an_interrupted_replay_leaves_the_live_policy_and_the_next_run_cle
     task = asyncio.create_task(replayer(pipeline, caught_up=-1).run(Progress(enabled=False)))
 
     async def rebuilding() -> bool:
-        others = [p.name for p in await policies(pipeline.influx) if not p.default]
+        others = [
+            p.name
+            for p in await policies(pipeline.influx)
+            if not p.default and not p.name.endswith(("_1m", "_1h"))
+        ]
         return bool(others) and await stats(pipeline.influx, others[0]) == live
 
     await eventually(rebuilding, what="the rebuild written")
@@ -128,7 +132,8 @@ async def test_an_interrupted_replay_leaves_the_live_policy_and_the_next_run_cle
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    assert [p.name for p in await policies(pipeline.influx)] == ["autogen"]
+    live_generation = ["autogen", "autogen_1h", "autogen_1m"]  # as `iot migrate` made it
+    assert sorted(p.name for p in await policies(pipeline.influx)) == live_generation
     assert await stats(pipeline.influx) == live
 
     # What a SIGKILLed replay leaves: a policy of ours that is not the default.
@@ -146,8 +151,9 @@ async def test_an_interrupted_replay_leaves_the_live_policy_and_the_next_run_cle
         await eventually(pipeline.all_acked, what="the late message projected")
     assert "dropped retention policy 'r123' left by an interrupted replay" in report.lines
     names = [p.name for p in await policies(pipeline.influx)]
-    assert names == [await default_policy(pipeline.influx)]
-    assert names[0] not in ("autogen", "r123")
+    live_policy = await default_policy(pipeline.influx)
+    assert sorted(names) == [live_policy, f"{live_policy}_1h", f"{live_policy}_1m"]
+    assert live_policy not in ("autogen", "r123")
     after = await stats(pipeline.influx)
     assert after.pop("late")["x"].count == 1  # written by the live projector into the new one
     assert after == live
@@ -172,7 +178,11 @@ async def test_verify_finds_nothing_after_a_replay_and_the_device_whose_points_w
     assert all(line.startswith("device meter-7 field ") for line in report.differences)
     assert "device meter-7 field temperature: count live=0 rebuilt=30" in report.differences
     # Nothing switched, nothing left behind.
-    assert [p.name for p in await policies(pipeline.influx)] == [live_policy]
+    assert sorted(p.name for p in await policies(pipeline.influx)) == [
+        live_policy,
+        f"{live_policy}_1h",
+        f"{live_policy}_1m",
+    ]
     live.pop("meter-7")
     assert await stats(pipeline.influx) == live
 
