@@ -287,14 +287,23 @@ def test_ingress_serves_gateway_and_command_api_over_tls() -> None:
     (ingress,) = objects("Ingress")
     assert ingress["spec"]["ingressClassName"] == "nginx"
     backends = {
-        r["host"]: r["http"]["paths"][0]["backend"]["service"] for r in ingress["spec"]["rules"]
+        (r["host"], p["path"], p["pathType"]): p["backend"]["service"]
+        for r in ingress["spec"]["rules"]
+        for p in r["http"]["paths"]
     }
     assert backends == {
-        "api.neurobuildtech.local": {"name": "gateway", "port": {"number": 8082}},
-        "commands.neurobuildtech.local": {"name": "commands", "port": {"number": 8080}},
+        ("api.neurobuildtech.local", "/", "Prefix"): {"name": "gateway", "port": {"number": 8082}},
+        ("commands.neurobuildtech.local", "/", "Prefix"): {
+            "name": "commands",
+            "port": {"number": 8080},
+        },
+        ("commands.neurobuildtech.local", "/api/v1/rules/test", "Exact"): {
+            "name": "analytics-headless",
+            "port": {"number": 8083},
+        },
     }
     (tls,) = ingress["spec"]["tls"]
-    assert set(tls["hosts"]) == set(backends)
+    assert set(tls["hosts"]) == {host for host, _, _ in backends}
 
 
 # --- network policies --------------------------------------------------------------------------
