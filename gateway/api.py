@@ -21,8 +21,15 @@ from starlette.routing import Route
 from domain.device import DEVICE_ID, LABEL_KEY
 from domain.rules import RULE_ID
 from gateway import metrics
+from gateway.aggregates import (
+    AggregateQuery,
+    AggregateRefused,
+    fleet_aggregates,
+    parse_group_by,
+    telemetry_series,
+)
 from gateway.dashboard import DASHBOARD_HTML
-from gateway.influx import InfluxQL, InfluxQueryError, InfluxUnavailable
+from gateway.influx import InfluxQL, InfluxQueryError, InfluxUnavailable, Series
 from gateway.openapi import AFTER_WAIT_S, openapi_document
 from gateway.ratelimit import RateLimiter, Verdict
 from gateway.report_html import MEDIA_TYPES, render
@@ -56,6 +63,7 @@ PREFIX = "/api/v1"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 DEFAULT_RANGE_MS = 3_600_000
+AGGREGATE_RANGE_MS = 86_400_000  # a fleet aggregate's default period: the day before `to`
 REPORT_RANGE_MS = 86_400_000  # a report's default period: the day before `to`
 KEEPALIVE_S = 15.0
 AFTER_POLL_S = 0.02
@@ -319,8 +327,19 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
                 raise too_many_points(query, max(known, 1), limit, estimated)
         statement = build_influxql(query, limit)
         started = time.perf_counter()
+        source = "raw"
+        rolled: dict[str, list[list[Any]]] | None = None
         try:
-            found, partial = await gateway.influx.query(statement)
+            if query.downsampled:  # from the rollups when they can answer it
+                answer = await telemetry_series(
+                    gateway.influx, query, int(gateway.clock() * 1000), max_points=limit
+                )
+                found: list[Series] = []
+                partial, source, rolled = False, answer.source, answer.series
+            else:
+                found, partial = await gateway.influx.query(statement)
+        except TooManyPoints:
+            raise too_many_points(query, max(len(query.metrics), 1), limit) from None
         except InfluxUnavailable as e:
             log.warning("InfluxDB unavailable", extra={"error": str(e)})
             problem = Problem(503, "Service Unavailable", "the time-series store is unreachable")
@@ -338,10 +357,10 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         if partial:
             raise too_many_points(query, len(query.metrics) or len(columns) - 1, limit)
         try:
-            series = series_from_rows(query, columns, rows, limit)
+            series = rolled if rolled is not None else series_from_rows(query, columns, rows, limit)
         except TooManyPoints:
             raise too_many_points(query, len(query.metrics) or len(columns) - 1, limit) from None
-        return {
+        body = {
             "device_id": device_id,
             "from": rfc3339(query.start_ms),
             "to": rfc3339(query.end_ms),
@@ -349,6 +368,9 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
             "agg": query.agg,
             "series": series,
         }
+        if query.downsampled:  # raw points, or the rollups that answered
+            body["source"] = source
+        return body
 
     alerts_reader = AlertReader(gateway.views, gateway.redis)
 
@@ -410,6 +432,51 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
 
     async def fleet(_: Request) -> Any:
         return await gateway.views.fleet(gateway.clock())
+
+    async def aggregates(request: Request) -> Any:
+        params = request.query_params
+        metric_names = parse_metrics(params.getlist("metric"))
+        if len(metric_names) != 1:
+            raise invalid("metric", "exactly one metric name is required")
+        now_ms = int(gateway.clock() * 1000)
+        try:
+            end = parse_time(params["to"]) if params.get("to") else now_ms
+        except ValueError as e:
+            raise invalid("to", str(e)) from e
+        try:
+            start = parse_time(params["from"]) if params.get("from") else end - AGGREGATE_RANGE_MS
+        except ValueError as e:
+            raise invalid("from", str(e)) from e
+        if start >= end:
+            raise invalid("from", "must be before `to`")
+        try:
+            every_ms = parse_duration(params.get("every") or "1h")
+        except ValueError as e:
+            raise invalid("every", str(e)) from e
+        try:
+            kind, key = parse_group_by(params.get("group_by"))
+            query = AggregateQuery(metric_names[0], kind, key, start, end, every_ms)
+            body = await fleet_aggregates(
+                gateway.influx, gateway.views, gateway.redis, query, now_ms
+            )
+        except AggregateRefused as e:
+            raise invalid(e.field, e.message) from e
+        except InfluxUnavailable as e:
+            log.warning("InfluxDB unavailable", extra={"error": str(e)})
+            problem = Problem(503, "Service Unavailable", "the time-series store is unreachable")
+            problem.headers["Retry-After"] = "1"
+            raise problem from e
+        except InfluxQueryError as e:
+            log.warning("InfluxQL error", extra={"error": str(e)})
+            raise Problem(502, "Bad Gateway", "the time-series store refused the query") from e
+        return {
+            "metric": query.metric,
+            "group_by": params["group_by"],
+            "from": rfc3339(start),
+            "to": rfc3339(end),
+            "every": format_duration(every_ms),
+            **body,
+        }
 
     reports = ReportBuilder(gateway.views, gateway.redis, gateway.influx)
 
@@ -497,6 +564,7 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         Route(device, endpoint(get_device), methods=["GET"]),
         Route(device + "/telemetry", endpoint(telemetry), methods=["GET"]),
         Route(PREFIX + "/fleet", endpoint(fleet), methods=["GET"]),
+        Route(PREFIX + "/fleet/aggregates", endpoint(aggregates), methods=["GET"]),
         Route(PREFIX + "/reports/fleet", endpoint(fleet_report), methods=["GET"]),
         Route(PREFIX + "/alerts", endpoint(list_alerts), methods=["GET"]),
         Route(PREFIX + "/alerts/{alert_id}", endpoint(get_alert), methods=["GET"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -74,6 +75,42 @@ class InfluxQL:
         if result.error:
             raise InfluxQueryError(result.error)
         return result.series, result.partial
+
+    @property
+    def database(self) -> str:
+        return self._db
+
+    async def query_all(self, statements: Sequence[str]) -> list[list[Series]]:
+        """The series of each statement, run in one request (POST: the text may be long);
+        InfluxQueryError when any statement fails or InfluxDB cut an answer short."""
+        if not statements:
+            return []
+        try:
+            response = await self._client.post(
+                self._url + "/query",
+                data={"db": self._db, "q": ";\n".join(statements), "epoch": "ms"},
+            )
+        except httpx.HTTPError as e:
+            raise InfluxUnavailable(f"InfluxDB unreachable: {e!r}") from e
+        if response.status_code >= 500:
+            raise InfluxUnavailable(f"InfluxDB answered {response.status_code}")
+        try:
+            answer = _decode(response.content)
+        except msgspec.DecodeError as e:
+            raise InfluxUnavailable(f"InfluxDB answered {response.status_code}: {e}") from e
+        if answer.error:
+            raise InfluxQueryError(answer.error)
+        if response.status_code >= 400:
+            raise InfluxQueryError(f"InfluxDB answered {response.status_code}")
+        out: list[list[Series]] = [[] for _ in statements]
+        for result in answer.results:
+            if result.error:
+                raise InfluxQueryError(result.error)
+            if result.partial:
+                raise InfluxQueryError("InfluxDB cut the answer short (partial)")
+            if 0 <= result.statement_id < len(out):
+                out[result.statement_id] = result.series
+        return out
 
     async def ping(self) -> bool:
         try:
