@@ -11,12 +11,15 @@ profile, once one explains the series better than none):
 - variance: log of the short-term over the long-term mean squared innovation (changed variance,
   a sensor stuck on one value).
 
-Each feature is divided by its own running 99th percentile (a multiplicative stochastic
-quantile estimate), so a series that is naturally noisy, wandering or heavy-tailed needs a
-larger departure than a quiet one: the score is "how many times this feature's usual extreme",
-in the units of a Gaussian's (2.576 = the 99th percentile). The reading's score is the largest
-of the four; an alert raises when it exceeds the threshold that `sensitivity` maps to, and
-clears once the score has stayed below half of it for `CLEAR_READINGS` readings in a row.
+The spike's innovation is scored against the innovations' running 99th percentile (a
+multiplicative stochastic quantile estimate, so a quantised, sparse or heavy-tailed series
+learns its usual jumps) as 2.576 times a Gaussian's; shift, drift and variance are divided by
+their own running root mean square (learned from values clipped to three of it, so a slow drift
+cannot teach itself as normal). Either way a series that is naturally noisy, wandering or
+heavy-tailed needs a larger departure than a quiet one, and the score is in the units of a
+Gaussian's standard deviation. The reading's score is the largest of the four; an alert raises
+when it exceeds the threshold that `sensitivity` maps to, and clears once the score has stayed
+under max(half of it, 3) for `CLEAR_READINGS` readings in a row.
 
 Learning is robust and does not depend on the alert: each update uses the reading clipped to a
 few scales of the current estimate, so a spike barely moves the estimates, a level shift is
@@ -61,18 +64,26 @@ CLIP = 4.0  # updates see the reading clipped to this many scales
 # each feature's mean square (its scale), learned from the feature clipped to GROSS scales
 A_FEATURE = (0.005, 0.002, 0.001, 0.002)
 GROSS = 3.0
+FLOOR = (0.05, 1.0, 1.0, 0.01)  # least scale of each feature (shift, drift: times `tiny`)
+# the innovations' scale is at least their running 99th percentile (a multiplicative stochastic
+# quantile estimate) over 2.576 (a Gaussian's): intermittent large innovations (a quantised,
+# sparse or bursty series) are learned as normal instead of being clipped as outliers forever
+Q_P = 0.01
+Q_STEP = 0.1
+Q_GROSS = 10.0  # an innovation over this many times the percentile does not move it
+GAUSS_Q99 = 2.576
 SEASON_MEMORY = 0.3  # how far a profile bin moves per visit of its period (about 3 periods)
 SEASON_GAIN = 0.85  # a profile must explain at least 15 % more than the simpler model
 SPIKE, SHIFT, DRIFT, VAR = range(4)
 FEATURES = ("spike", "shift", "drift", "variance")
 # sensitivity 0 .. 1 -> threshold on the score
-THRESHOLD_AT_0 = 12.0
-THRESHOLD_AT_1 = 3.0
+THRESHOLD_AT_0 = 10.5
+THRESHOLD_AT_1 = 2.625
 DEFAULT_SENSITIVITY = 0.5
 
 
 def threshold(sensitivity: float) -> float:
-    """The score that raises: geometric from 12 (sensitivity 0) through 6 (0.5) to 3 (1)."""
+    """The score that raises: geometric from 10.5 (sensitivity 0) through 5.25 (0.5) to 2.6."""
     s = min(1.0, max(0.0, sensitivity))
     return THRESHOLD_AT_0 * float((THRESHOLD_AT_1 / THRESHOLD_AT_0) ** s)
 
@@ -93,6 +104,7 @@ class Detector(msgspec.Struct, array_like=True, kw_only=True):
     v_short: float = 0.0
     v_long: float = 0.0
     m: list[float] = msgspec.field(default_factory=lambda: [0.0] * 4)  # features' mean square
+    q_abs: float = 0.0  # the innovations' 99th percentile of absolute value
     model: int = 0  # 0 none, 1 daily, 2 weekly profile
     err: list[float] = msgspec.field(default_factory=lambda: [0.0] * 3)
     daily: list[float] = msgspec.field(default_factory=lambda: [0.0] * DAILY_BINS)
@@ -202,17 +214,28 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
     a_fast = 1.0 / d.age if warm else 0.0
     # features, before this reading is learned
     innovation = y - d.level
-    scale = d.scale
+    scale = max(1.25 * d.scale, d.q_abs / GAUSS_Q99)  # the innovations' usual size
     f = [0.0, 0.0, 0.0, 0.0]
-    if scale > 0.0 and not gap:
-        f[SPIKE] = abs(innovation) / scale
+    tiny = 1e-9 + 1e-6 * abs(d.long)  # a flat series: any change is a departure
+    if not gap:
+        f[SPIKE] = abs(innovation) / max(scale, tiny)
+    a = abs(innovation)
+    if warm:  # start from the largest innovation of the warm-up's second half
+        if d.age == WARMUP // 2 + 1:
+            d.q_abs = a
+        elif d.age > WARMUP // 2 + 1:
+            d.q_abs = max(d.q_abs, a)
+    else:
+        q = max(d.q_abs, GAUSS_Q99 * scale, tiny)
+        if a <= Q_GROSS * q and not gap:
+            d.q_abs = q * (1.0 + Q_STEP * (1.0 - Q_P)) if a > q else q * (1.0 - Q_STEP * Q_P)
     f[SHIFT] = abs(d.short - d.long)
     f[DRIFT] = abs(d.short - d.ref)
     if d.v_long > 0.0 and d.v_short > 0.0:
         f[VAR] = abs(math.log(d.v_short / d.v_long))
 
     # learn, robustly: the reading clipped to a few scales of the current estimates
-    width = CLIP * 1.25 * scale if not warm else 0.0
+    width = CLIP * max(scale, tiny) if not warm else 0.0
     yc = _clip(y, d.level, width)
     ic = yc - d.level
     d.level += A_LEVEL * ic
@@ -220,21 +243,21 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
     d.long += max(A_LONG, a_fast) * (yc - d.long)
     d.ref += max(A_REF, a_fast) * (d.long - d.ref)
     d.scale += max(A_SCALE, a_fast) * (abs(ic) - d.scale)
-    d.v_short += max(A_VSHORT, a_fast) * (ic * ic - d.v_short)
-    d.v_long += max(A_VLONG, a_fast) * (ic * ic - d.v_long)
+    d.v_short += max(A_VSHORT, a_fast) * (abs(ic) - d.v_short)
+    d.v_long += max(A_VLONG, a_fast) * (abs(ic) - d.v_long)
 
     score = 0.0
     feature = 0
     for i in range(4):
         fi = f[i]
         m = d.m[i]
-        if warm:
-            d.m[i] = m + max(A_FEATURE[i], a_fast) * (fi * fi - m)
+        if warm:  # the features' scales from the second half of the warm-up only
+            settled = d.age - WARMUP // 2
+            if settled > 0:
+                d.m[i] = m + max(A_FEATURE[i], 1.0 / settled) * (fi * fi - m)
             continue
-        if m <= 0.0:
-            continue
-        rms = math.sqrt(m)
-        z = fi / rms
+        rms = max(math.sqrt(m), FLOOR[i] * tiny if i in (SHIFT, DRIFT) else FLOOR[i])
+        z = fi / rms if i != SPIKE else fi * scale * GAUSS_Q99 / max(d.q_abs, tiny)
         if z > score:
             score, feature = z, i
         fc = min(fi, GROSS * rms)

@@ -12,7 +12,9 @@ Families (each a few series on their own seeds):
 - `traffic`: counts every 5 min with daily and weekly seasonality (Poisson noise, quiet
   weekends); a weekday that keeps the night's level (a broken rhythm), a dip, a surge;
 - `quiet`: one series of each shape with no anomaly at all (false alarms only), with gaps and
-  irregular sampling.
+  irregular sampling; and small integer counts (sparse, skewed) and a sensor reported at a
+  0.1 resolution (long runs of one value), which punish a detector that takes quantisation
+  steps for spikes.
 
 Several series have gaps (hours without a reading) and jittered intervals. Each anomaly is
 labelled at its onset; its window, as NAB builds them, is centred on the onset and 10 % of the
@@ -167,11 +169,46 @@ def traffic(seed: int, *, anomalies: bool = True) -> Series:
     return _finish(f"traffic_{seed}", "quiet" if not anomalies else "traffic", ts, values, onsets)
 
 
+def counts(seed: int) -> Series:
+    """Quiet: small integer counts every minute (Poisson, a daily swing of 1 to 5), and hours
+    with none at night: quantised, sparse and skewed, with no anomaly."""
+    rng = random.Random(seed)
+    n = 6000
+    ts = _times(rng, n, 60, 0.2, [(3000, 3.0)])
+    values = []
+    for t in ts:
+        hour = ((t - T0) % 86_400_000) / 3_600_000
+        lam = 0.2 + 4.8 * max(0.0, math.sin(math.pi * (hour - 6) / 16)) ** 2
+        k, p, u = 0, math.exp(-lam), rng.random()
+        while u > p:  # Poisson by inversion
+            u -= p
+            k += 1
+            p *= lam / k
+        values.append(float(k))
+    return _finish(f"counts_{seed}", "quiet", ts, values, [])
+
+
+def sensor(seed: int) -> Series:
+    """Quiet: a room temperature at a 0.1 resolution every 30 s, a slow swing: long runs of the
+    same value and single steps, with no anomaly."""
+    rng = random.Random(seed)
+    n = 6000
+    ts = _times(rng, n, 30, 0.3, [])
+    values = []
+    slow = 0.0
+    for t in ts:
+        slow = 0.999 * slow + rng.gauss(0, 0.01)
+        day = 0.6 * math.sin(2 * math.pi * ((t - T0) % 86_400_000) / 86_400_000)
+        values.append(round(21.0 + day + slow + rng.gauss(0, 0.03), 1))
+    return _finish(f"sensor_{seed}", "quiet", ts, values, [])
+
+
 FAMILIES = ("machine_temp", "cpu", "latency", "traffic", "quiet")
 
 
 def evaluation_set(seeds: tuple[int, ...] = (1, 2)) -> list[Series]:
-    """Every family on each seed, plus one quiet series of each shape per seed."""
+    """Every family on each seed, plus one quiet series of each shape, counts and a quantised
+    sensor per seed."""
     out: list[Series] = []
     for seed in seeds:
         out += [machine_temp(seed), cpu(seed), latency(seed), traffic(seed)]
@@ -181,5 +218,7 @@ def evaluation_set(seeds: tuple[int, ...] = (1, 2)) -> list[Series]:
             cpu(100 + seed, anomalies=False),
             latency(100 + seed, anomalies=False),
             traffic(100 + seed, anomalies=False),
+            counts(200 + seed),
+            sensor(300 + seed),
         ]
     return out
