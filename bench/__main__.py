@@ -18,6 +18,7 @@ MODULES = (
     "bench.replay",
     "bench.analytics",
     "bench.anomaly",
+    "bench.rollups",
 )
 
 
