@@ -11,10 +11,12 @@ Families (each a few series on their own seeds):
   noise; bursts of slow requests and a level rise;
 - `traffic`: counts every 5 min with daily and weekly seasonality (Poisson noise, quiet
   weekends); a weekday that keeps the night's level (a broken rhythm), a dip, a surge;
+- `artificial`: the shapes of NAB's artificial corpus, a daily bump with small noise of which
+  one day jumps up, jumps down, stays flat in the middle, or has no bump (broken rhythms);
 - `quiet`: one series of each shape with no anomaly at all (false alarms only), with gaps and
   irregular sampling; and small integer counts (sparse, skewed) and a sensor reported at a
   0.1 resolution (long runs of one value), which punish a detector that takes quantisation
-  steps for spikes.
+  steps for spikes; and a noiseless square wave.
 
 Several series have gaps (hours without a reading) and jittered intervals. Each anomaly is
 labelled at its onset; its window, as NAB builds them, is centred on the onset and 10 % of the
@@ -203,7 +205,40 @@ def sensor(seed: int) -> Series:
     return _finish(f"sensor_{seed}", "quiet", ts, values, [])
 
 
-FAMILIES = ("machine_temp", "cpu", "latency", "traffic", "quiet")
+def artificial(kind: str, seed: int) -> Series:
+    """NAB's artificial shapes: two weeks every 5 min of a daily bump (20 at night, 80 at noon)
+    with small noise; one day (the 10th) breaks it: `jumpsup` (its peak at 110), `jumpsdown`
+    (50), `flatmiddle` (flat at 50 all day), `nojump` (no bump). Labelled at 6:00 of that day,
+    when its bump should start. `square` (a noiseless square wave, 20 and 80) has no anomaly."""
+    rng = random.Random(seed)
+    n = 14 * 288
+    ts = _times(rng, n, 300, 0.0, [])
+    day0 = 10 * 288  # midnight starting the 11th day (T0 is a midnight, the sampling exact)
+    values = []
+    for i, t in enumerate(ts):
+        hour = ((t - T0) % 86_400_000) / 3_600_000
+        bump = math.sin(math.pi * (hour - 6) / 12) ** 0.5 if 6 <= hour <= 18 else 0.0
+        odd = day0 <= i < day0 + 288
+        if kind == "square":
+            values.append(80.0 if 8 <= hour < 20 else 20.0)
+            continue
+        peak = 60.0
+        if odd and kind == "jumpsup":
+            peak = 90.0
+        elif odd and kind == "jumpsdown":
+            peak = 30.0
+        elif odd and kind == "nojump":
+            peak = 0.0
+        v = 20.0 + peak * bump
+        if odd and kind == "flatmiddle":
+            v = 50.0
+        values.append(v + rng.gauss(0, 2.0))
+    onsets = [] if kind == "square" else [day0 + 72]
+    family = "quiet" if kind == "square" else "artificial"
+    return _finish(f"art_{kind}_{seed}", family, ts, values, onsets)
+
+
+FAMILIES = ("machine_temp", "cpu", "latency", "traffic", "artificial", "quiet")
 
 
 def evaluation_set(seeds: tuple[int, ...] = (1, 2)) -> list[Series]:
@@ -212,6 +247,8 @@ def evaluation_set(seeds: tuple[int, ...] = (1, 2)) -> list[Series]:
     out: list[Series] = []
     for seed in seeds:
         out += [machine_temp(seed), cpu(seed), latency(seed), traffic(seed)]
+    for seed, kind in enumerate(("jumpsup", "jumpsdown", "flatmiddle", "nojump"), start=seeds[0]):
+        out.append(artificial(kind, 400 + seed))
     for seed in seeds:
         out += [
             machine_temp(100 + seed, anomalies=False),
@@ -221,4 +258,5 @@ def evaluation_set(seeds: tuple[int, ...] = (1, 2)) -> list[Series]:
             counts(200 + seed),
             sensor(300 + seed),
         ]
+    out.append(artificial("square", 500))
     return out
