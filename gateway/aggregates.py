@@ -47,6 +47,14 @@ LONG_RANGE_MS = 6 * HOUR.ms  # longer ranges are answered from rollups when `eve
 MAX_BUCKETS = 1_000  # of a fleet aggregate, per group
 MAX_GROUPS = 200
 FUNCS = {"count": "sum", "sum": "sum", "min": "min", "max": "max", "last": "last"}
+NEEDS = {  # the partial aggregates each answer needs
+    "mean": ("count", "sum"),
+    "count": ("count",),
+    "min": ("min",),
+    "max": ("max",),
+    "last": ("last",),
+}
+FLEET_NEEDS = ("count", "sum", "min", "max")
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ def segment_statement(
     every_ms: int,
     devices: Iterable[str] | None,
     by_device: bool,
+    kinds: Sequence[str] = tuple(FUNCS),
 ) -> str:
     level, start, end = segment
     where = f"time >= {int(start)}ms AND time < {int(end)}ms"
@@ -140,11 +149,11 @@ def segment_statement(
         )
     if level is None:
         source = f"{quote_ident(db)}.{quote_ident(gen.raw)}.{quote_ident(MEASUREMENT)}"
-        fields = ", ".join(f"{f}({_field_regex('', metrics)})" for f in FUNCS)
+        fields = ", ".join(f"{k}({_field_regex('', metrics)})" for k in kinds)
     else:
         policy = level.policy(gen.raw)
         source = f"{quote_ident(db)}.{quote_ident(policy)}.{quote_ident(level.measurement)}"
-        fields = ", ".join(f"{f}({_field_regex(k + '_', metrics)})" for k, f in FUNCS.items())
+        fields = ", ".join(f"{FUNCS[k]}({_field_regex(k + '_', metrics)})" for k in kinds)
     group = f"time({int(every_ms)}ms)" + (f", {quote_ident(DEVICE_TAG)}" if by_device else "")
     return f"SELECT {fields} FROM {source} WHERE {where} GROUP BY {group} fill(none)"  # noqa: S608
 
@@ -240,9 +249,11 @@ async def run_segments(
     every_ms: int,
     devices: Iterable[str] | None = None,
     by_device: bool = False,
+    kinds: Sequence[str] = tuple(FUNCS),
 ) -> list[tuple[Segment, list[Series]]]:
     statements = [
-        segment_statement(db, gen, part, metrics, every_ms, devices, by_device) for part in parts
+        segment_statement(db, gen, part, metrics, every_ms, devices, by_device, kinds)
+        for part in parts
     ]
     results = await influx.query_all(statements)
     return list(zip(parts, results, strict=True))
@@ -273,12 +284,19 @@ async def telemetry_series(
         return Answer("raw", series_from_rows(query, columns, rows, max_points))
     parts = segments(query.start_ms, query.end_ms, _levels_for(level, gen, query.start_ms, now_ms))
     buckets: Buckets = {}
+    agg = query.agg or "mean"
     for (part_level, _, _), found in await run_segments(
-        influx, influx.database, gen, parts, query.metrics, query.every_ms, [query.device_id]
+        influx,
+        influx.database,
+        gen,
+        parts,
+        query.metrics,
+        query.every_ms,
+        [query.device_id],
+        kinds=NEEDS[agg],
     ):
         for series in found:
             accumulate(buckets, series, part_level is not None)
-    agg = query.agg or "mean"
     series_out: dict[str, list[list[Any]]] = {m: [] for m in query.metrics}
     points = 0
     for metric in sorted(buckets):
@@ -373,7 +391,14 @@ async def fleet_aggregates(
     parts = segments(query.start_ms, query.end_ms, levels)
     per_device: dict[str, Buckets] = {}
     for (part_level, _, _), found in await run_segments(
-        influx, influx.database, gen, parts, [query.metric], query.every_ms, by_device=True
+        influx,
+        influx.database,
+        gen,
+        parts,
+        [query.metric],
+        query.every_ms,
+        by_device=True,
+        kinds=FLEET_NEEDS,
     ):
         for series in found:
             device = series.tags.get(DEVICE_TAG, "")

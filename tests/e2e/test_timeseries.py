@@ -1,4 +1,5 @@
-"""`iot run projector timeseries` as a process: a SIGKILL mid-stream loses and repeats nothing."""
+"""`iot run projector timeseries` as a process: a SIGKILL mid-stream loses and repeats nothing,
+in the raw points and in the rollups (late readings among them)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from infra.streams import Streams
 from projections.influx import InfluxClient
 from projections.timeseries import consumer_spec
 from tests.e2e.processes import Component, free_port
+from tests.integration.test_rollups import HOUR, MINUTE, Level, Table, assert_exact
 
 pytestmark = pytest.mark.e2e
 
-T0 = 1_764_201_600_000
+NOW_MS = int(time.time() * 1000)
+T0 = NOW_MS - NOW_MS % 3_600_000 - 2 * 3_600_000  # recent: inside the rollups' retention
 DEVICES = 20
 MESSAGES = 4_000
 PER_MESSAGE = 5  # 20,000 readings
@@ -61,7 +64,9 @@ async def publish_paced(settings: Settings, done: asyncio.Event) -> None:
     try:
         for m in range(MESSAGES):
             device_id = f"dev-{m % DEVICES:02d}"
-            base = T0 + (m // DEVICES) * PER_MESSAGE
+            base = T0 + (m // DEVICES) * 1_000  # a message a second per device
+            if m % 10 == 9 and base >= T0 + 60_000:  # late: into a window a minute back
+                base -= 59_500  # (at times of their own)
             message = Telemetry(
                 device_id=device_id,
                 received_at=int(time.time() * 1000),
@@ -88,6 +93,48 @@ async def wait_for(influx: InfluxClient, at_least: int, within: float = 60.0) ->
             return count
         await asyncio.sleep(0.1)
     return count
+
+
+async def all_acked(settings: Settings) -> bool:
+    streams = Streams(settings.namespace)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        info = await nc.jsm().consumer_info(streams.ingest, streams.consumer("timeseries"))
+        return not info.num_ack_pending and not info.num_pending
+    finally:
+        await nc.close()
+
+
+async def settled(settings: Settings, within: float) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if await all_acked(settings):
+            return
+        await asyncio.sleep(0.1)
+
+
+async def raw_table(influx: InfluxClient, level: Level) -> Table:
+    return await table(
+        influx,
+        f"SELECT count(*), min(*), max(*), mean(*), last(*) FROM telemetry "
+        f"WHERE time >= {T0 - HOUR.ms}ms AND time < {T0 + 2 * HOUR.ms}ms "
+        f"GROUP BY time({level.ms}ms), device_id fill(none)",
+    )
+
+
+async def rollup_table(influx: InfluxClient, level: Level) -> Table:
+    policy = level.policy(await influx.default_policy())
+    return await table(influx, f'SELECT * FROM "{policy}"."{level.measurement}" GROUP BY *')
+
+
+async def table(influx: InfluxClient, statement: str) -> Table:
+    out: Table = {}
+    for series in (await influx.query(statement))[0].get("series") or []:
+        for row in series["values"]:
+            for column, value in zip(series["columns"][1:], row[1:], strict=True):
+                if value is not None:
+                    out[(series["tags"]["device_id"], row[0], column)] = value
+    return out
 
 
 async def kill_with_messages_in_flight(
@@ -134,6 +181,11 @@ async def test_projector_killed_mid_way_and_restarted_stores_every_reading_exact
         assert await point_count(influx) == total
         results = await influx.query("SELECT count(v) FROM telemetry WHERE device_id = 'dev-07'")
         assert results[0]["series"][0]["values"][0][1] == total // DEVICES
+
+        await settled(settings, within=3 * ack_wait)  # the last batches' rollups, then the ack
+        for level in (MINUTE, HOUR):
+            raw = await raw_table(influx, level)
+            assert_exact(raw, await rollup_table(influx, level))
 
         async with httpx.AsyncClient() as client:
             metrics = (await client.get(f"{second.url}/metrics")).text
