@@ -14,12 +14,13 @@ import nats
 import pytest
 
 from domain.ingest import Reading, Telemetry, encode_ingest
+from infra.rollups import HOUR, MINUTE, Level
 from infra.settings import Settings
 from infra.streams import Streams
 from projections.influx import InfluxClient
 from projections.timeseries import consumer_spec
 from tests.e2e.processes import Component, free_port
-from tests.integration.test_rollups import HOUR, MINUTE, Level, Table, assert_exact
+from tests.integration.test_rollups import Table, assert_exact
 
 pytestmark = pytest.mark.e2e
 
