@@ -319,6 +319,99 @@ _REPORT_PATHS: dict[str, Any] = {
     }
 }
 
+_NUMBER_OR_NULL_AGG = {"type": ["number", "null"]}
+_AGGREGATE_SCHEMAS: dict[str, Any] = {
+    "FleetAggregates": {
+        "type": "object",
+        "required": ["metric", "group_by", "from", "to", "every", "source", "groups"],
+        "properties": {
+            "metric": {"type": "string"},
+            "group_by": {"type": "string", "description": "`type` or `label:<key>`"},
+            "from": {"type": "string", "format": "date-time"},
+            "to": {"type": "string", "format": "date-time"},
+            "every": {"type": "string"},
+            "source": {
+                "type": "string",
+                "enum": ["rollup_1m", "rollup_1h"],
+                "description": "The rollups that answered (partial windows at the edges of "
+                "the range come from finer data)",
+            },
+            "ungrouped_devices": {
+                "type": "integer",
+                "description": "Devices with data but no value for the key (or no view)",
+            },
+            "groups": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["group", "devices", "buckets"],
+                    "properties": {
+                        "group": {"type": "string", "description": "The type or label value"},
+                        "devices": {"type": "integer", "description": "Devices with data"},
+                        "buckets": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["time", "count", "min", "max", "mean"],
+                                "properties": {
+                                    "time": {
+                                        "type": "integer",
+                                        "description": "Start of the interval, epoch ms",
+                                    },
+                                    "count": {"type": "integer"},
+                                    "min": _NUMBER_OR_NULL_AGG,
+                                    "max": _NUMBER_OR_NULL_AGG,
+                                    "mean": {
+                                        **_NUMBER_OR_NULL_AGG,
+                                        "description": "Weighted by each device's count",
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    }
+}
+_AGGREGATE_PATHS: dict[str, Any] = {
+    "/fleet/aggregates": {
+        "get": {
+            "summary": "One metric across the fleet per device type or label value and "
+            "interval: count, min, max and count-weighted mean, from the rollups",
+            "operationId": "getFleetAggregates",
+            "description": "Group membership is each device's type or label now (from the "
+            "views), applied to its whole history. 422 for a missing metric, an unknown "
+            "`group_by`, `from` after `to`, an `every` that is no multiple of 1m, or more "
+            "than 1000 intervals.",
+            "parameters": [
+                _query("metric", "The metric (exactly one)", {"type": "string"}, required=True),
+                _query(
+                    "group_by",
+                    "`type`, or `label:<key>` (group by that label's value)",
+                    {"type": "string"},
+                    required=True,
+                ),
+                _query(
+                    "from",
+                    "RFC 3339 or epoch ms; default a day before `to`",
+                    {"type": "string"},
+                ),
+                _query("to", "RFC 3339 or epoch ms; default now", {"type": "string"}),
+                _query(
+                    "every",
+                    "Interval, a multiple of 1m (default 1h)",
+                    {"type": "string", "pattern": "^[1-9][0-9]*(m|h|d|w)$"},
+                ),
+                _IF_NONE_MATCH,
+            ],
+            "responses": _common(
+                {"200": _ok("FleetAggregates", "Per group and interval"), "502": _PROBLEM}
+            ),
+        }
+    }
+}
+
 
 def openapi_document() -> dict[str, Any]:
     statuses = ["provisioned", "active", "suspended", "decommissioned"]
@@ -485,6 +578,14 @@ def openapi_document() -> dict[str, Any]:
                 "to": {"type": "string", "format": "date-time"},
                 "every": {"type": ["string", "null"]},
                 "agg": {"type": ["string", "null"], "enum": [*AGGS, None]},
+                "source": {
+                    "type": "string",
+                    "enum": ["raw", "rollup_1m", "rollup_1h"],
+                    "description": "Downsampled answers only: what answered. A long range "
+                    "(over 6 h, or older than the raw retention) whose `every` is a multiple "
+                    "of 1h (1m) comes from the 1-hour (1-minute) rollups, the same figures as "
+                    "from the raw points",
+                },
                 "series": {
                     "type": "object",
                     "description": "Per metric, [epoch ms, value] pairs in time order; "
@@ -504,6 +605,7 @@ def openapi_document() -> dict[str, Any]:
         },
         **_ALERT_SCHEMAS,
         **_REPORT_SCHEMAS,
+        **_AGGREGATE_SCHEMAS,
         "Fleet": {
             "type": "object",
             "required": [
@@ -622,7 +724,8 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "getTelemetry",
                     "description": f"At most {MAX_POINTS} points: a larger answer is refused with "
                     "400 and a `hint` naming the smallest `every` that fits. The range is "
-                    "[from, to).",
+                    "[from, to). Long downsampled ranges are answered from the rollups "
+                    "(`source`).",
                     "parameters": [
                         _DEVICE_ID,
                         _query(
@@ -664,6 +767,7 @@ def openapi_document() -> dict[str, Any]:
             },
             **_ALERT_PATHS,
             **_REPORT_PATHS,
+            **_AGGREGATE_PATHS,
             "/fleet": {
                 "get": {
                     "summary": "Fleet counts",

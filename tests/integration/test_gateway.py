@@ -676,6 +676,7 @@ async def test_openapi_document_parses_and_describes_every_endpoint(
         "/rules",
         "/rules/{rule_id}",
         "/reports/fleet",
+        "/fleet/aggregates",
     }
     assert document["servers"] == [{"url": "/api/v1"}]
     for ref in refs(document):
