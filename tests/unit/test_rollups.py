@@ -5,11 +5,20 @@ from __future__ import annotations
 import pytest
 
 from domain.ingest import Reading
+from gateway.aggregates import (
+    Acc,
+    AggregateRefused,
+    Generation,
+    choose_level,
+    parse_group_by,
+    segments,
+)
 from infra.rollups import HOUR, MINUTE, duration_ms, rollup_policies
 from infra.settings import SettingsError, load
 from projections.rollups import DEVICES_PER_STATEMENT, Statements, Touched
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z
+DAY = 86_400_000
 
 
 def test_retention_defaults_and_validation() -> None:
@@ -75,3 +84,55 @@ def test_many_devices_make_one_statement_for_the_whole_range() -> None:
     minute = Statements("db", "r1").for_touched(touched)[1]
     assert '"min_mode"' not in minute
     assert 'last("last_mode")' in minute
+
+
+def test_the_gateway_answers_long_ranges_from_the_coarsest_rollups_that_cover_them() -> None:
+    gen = Generation("autogen", {"autogen": None, "autogen_1m": 90 * DAY, "autogen_1h": None})
+    now = T0 + 400 * DAY
+    week = (now - 7 * DAY, now)
+    assert choose_level(*week, HOUR.ms, now, gen) is HOUR
+    assert choose_level(*week, 2 * HOUR.ms, now, gen) is HOUR
+    assert choose_level(*week, 30 * MINUTE.ms, now, gen) is MINUTE
+    assert choose_level(*week, 90_000, now, gen) is None  # 90 s: no rollup fits
+    assert choose_level(now - 6 * HOUR.ms, now, HOUR.ms, now, gen) is None  # short: raw
+    year = (now - 365 * DAY, now)
+    assert choose_level(*year, 30 * MINUTE.ms, now, gen) is None  # older than the 1m rollups
+    assert choose_level(*year, HOUR.ms, now, gen) is HOUR
+    short_raw = Generation("r1", {"r1": DAY, "r1_1m": 90 * DAY, "r1_1h": None})
+    assert choose_level(now - 2 * DAY, now - 2 * DAY + HOUR.ms, HOUR.ms, now, short_raw) is HOUR
+    assert choose_level(*week, HOUR.ms, now, Generation("autogen", {"autogen": None})) is None
+
+
+def test_segments_cut_a_range_into_whole_windows_and_finer_edges() -> None:
+    start, end = T0 + 90 * MINUTE.ms + 1_500, T0 + 5 * HOUR.ms + 2 * MINUTE.ms + 7
+    assert segments(start, end, [HOUR, MINUTE]) == [
+        (None, start, T0 + 91 * MINUTE.ms),
+        (MINUTE, T0 + 91 * MINUTE.ms, T0 + 2 * HOUR.ms),
+        (HOUR, T0 + 2 * HOUR.ms, T0 + 5 * HOUR.ms),
+        (MINUTE, T0 + 5 * HOUR.ms, T0 + 5 * HOUR.ms + 2 * MINUTE.ms),
+        (None, T0 + 5 * HOUR.ms + 2 * MINUTE.ms, end),
+    ]
+    assert segments(T0, T0 + 2 * HOUR.ms, [HOUR, MINUTE]) == [(HOUR, T0, T0 + 2 * HOUR.ms)]
+    assert segments(T0 + 5, T0 + 50, [HOUR, MINUTE]) == [(None, T0 + 5, T0 + 50)]
+
+
+def test_partial_aggregates_combine_as_the_raw_aggregation_would() -> None:
+    first, second = Acc(), Acc()
+    for kind, value in (("count", 2), ("sum", 3.0), ("min", 1.0), ("max", 2.0), ("last", 2.0)):
+        first.add(kind, value)
+    for kind, value in (("count", 1), ("sum", 10.0), ("min", 10.0), ("max", 10.0), ("last", 10)):
+        second.add(kind, value)
+    first.merge(second)
+    assert (first.count, first.min, first.max, first.mean) == (3, 1.0, 10.0, 13.0 / 3)
+    flag = Acc()
+    flag.add("min", True)  # booleans have no min/max/mean in the rollups
+    flag.add("count", 4)
+    assert (flag.min, flag.value("count"), flag.value("mean")) == (None, 4, None)
+
+
+def test_group_by_forms() -> None:
+    assert parse_group_by("type") == ("type", None)
+    assert parse_group_by("label:site") == ("label", "site")
+    for bad in (None, "", "site", "label:", "labels:site", "label:a b"):
+        with pytest.raises(AggregateRefused):
+            parse_group_by(bad)
