@@ -74,6 +74,7 @@ Q_GROSS = 10.0  # an innovation over this many times the percentile does not mov
 GAUSS_Q99 = 2.576
 SEASON_MEMORY = 0.3  # how far a profile bin moves per visit of its period (about 3 periods)
 SEASON_GAIN = 0.85  # a profile must explain at least 15 % more than the simpler model
+SEASON_GATE = 6.0  # a reading scoring over this does not teach the profiles
 SPIKE, SHIFT, DRIFT, VAR = range(4)
 FEATURES = ("spike", "shift", "drift", "variance")
 # sensitivity 0 .. 1 -> threshold on the score
@@ -169,24 +170,28 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
     else:
         d.dt = interval if d.dt == 0.0 else d.dt + 0.01 * (interval - d.dt)
 
-    # the seasonal profiles: learn them all, use the one that explains the series best
+    # the seasonal profiles: learn them all, use the simplest that explains the series best;
+    # a reading that looks anomalous (the last score over SEASON_GATE) teaches them nothing,
+    # so an anomaly is not echoed a period later
     span = ts - d.first_ms
     around = x - d.long
     s_day, d0, d1, dfrac = _profile(d.daily, ts, DAY_MS)
     s_week, w0, w1, wfrac = _profile(d.weekly, ts, WEEK_MS)
     season = (0.0, s_day, s_week)
-    width = CLIP * 1.25 * d.scale if d.age > WARMUP else 0.0
-    for i, s in enumerate(season):
-        e = _clip(around - s, 0.0, 3.0 * width)
-        d.err[i] += A_ERR * (e * e - d.err[i])
-    if d.dt > 0.0:
+    learn = d.age <= WARMUP or d.score <= SEASON_GATE
+    if learn:
+        width = 3.0 * CLIP * max(1.25 * d.scale, d.q_abs / GAUSS_Q99) if d.age > WARMUP else 0.0
+        for i, s in enumerate(season):
+            e = _clip(around - s, 0.0, width)
+            d.err[i] += A_ERR * (e * e - d.err[i])
+    if learn and d.dt > 0.0:
         # per visit of a bin: the mean of the visits so far, then an EWMA of about 3 visits
         per_day = max(SEASON_MEMORY, 1.0 / (1 + span // DAY_MS))
         per_week = max(SEASON_MEMORY, 1.0 / (1 + span // WEEK_MS))
         a_day = min(0.5, per_day * DAILY_BINS * d.dt / DAY_MS)
         a_week = min(0.5, per_week * WEEKLY_BINS * d.dt / WEEK_MS)
-        e_day = _clip(around - s_day, 0.0, 3.0 * width)
-        e_week = _clip(around - s_week, 0.0, 3.0 * width)
+        e_day = _clip(around - s_day, 0.0, width)
+        e_week = _clip(around - s_week, 0.0, width)
         d.daily[d0] += a_day * (1.0 - dfrac) * e_day
         d.daily[d1] += a_day * dfrac * e_day
         d.weekly[w0] += a_week * (1.0 - wfrac) * e_week

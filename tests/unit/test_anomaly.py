@@ -3,8 +3,8 @@ windowed z-score baseline, determinism and exact continuation from a checkpoint,
 sensitivity, validation, and raising and clearing through the engine.
 
 The quality bounds are floors and ceilings a regression must not cross, set below what the
-detector measures on this set at the default sensitivity (recall 0.88, 0.21 false alarms per
-1,000 readings, 0.27 on the series without anomalies, NAB standard score 75; the best windowed
+detector measures on this set at the default sensitivity (recall 0.88, 0.16 false alarms per
+1,000 readings, 0.26 on the series without anomalies, NAB standard score 77; the best windowed
 z-score measures 25, with recall 0.35):
 
 - recall (labelled windows detected) at least 0.75;
