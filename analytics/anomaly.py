@@ -2,7 +2,8 @@
 
 No threshold is given: each reading is scored against what the series itself has shown so far,
 by four features of the deseasonalised value `y` (the reading less the series' daily or weekly
-profile, once one explains the series better than none):
+profile, once one explains the series better than none; a reading after one that scored over
+`SEASON_GATE` teaches the profiles nothing, so an anomaly is not echoed a period later):
 
 - spike: the innovation, `y` less a fast level (EWMA), over the innovations' robust scale
   (spikes, dips, outliers);

@@ -99,6 +99,8 @@ def evaluate(
     """Evaluate a batch of readings of the series in device-time order, after `state`."""
     transitions: list[Transition] = []
     late = 0
+    if state.detector is not None and not isinstance(condition, Anomaly):
+        state = msgspec.structs.replace(state, detector=None)  # the rule is no anomaly any more
     for ts, raw in sorted(readings, key=lambda reading: reading[0]):
         number = numeric(raw)
         if number is None and not isinstance(condition, Absent):

@@ -27,7 +27,7 @@ from analytics import anomaly
 from analytics.evaluator import Clear, Raise, SeriesState, evaluate
 from bench.anomaly_data import cpu, evaluation_set, machine_temp, traffic
 from bench.anomaly_score import Tally, detect, scores, tally, zscore
-from domain.rules import Anomaly, RuleInvalid, validate_rule
+from domain.rules import Anomaly, RuleInvalid, Threshold, validate_rule
 from tests.unit.test_analytics_engine import (
     Log,
     engine_holding_all,
@@ -220,3 +220,12 @@ def test_an_anomaly_rule_raises_and_clears_through_the_engine() -> None:
     assert out[0].value == 35.0
     assert out[1].at_ms > T + 310 * 10 * S
     assert not math.isnan(out[1].value or 0.0)
+
+
+def test_a_series_whose_rule_is_no_anomaly_any_more_drops_its_detector() -> None:
+    readings: list[tuple[int, float]] = [(T + i * S, 20.0 + (i % 3)) for i in range(200)]
+    learned = evaluate(Anomaly(), SeriesState(), readings).state
+    assert learned.detector is not None
+    after = evaluate(Threshold(op=">", value=90), learned, [(T + 300 * S, 21.0)]).state
+    assert after.detector is None
+    assert after.point_ms == T + 300 * S
