@@ -4,8 +4,8 @@ The raw series is measurement `telemetry` in the database's default retention po
 *generation*: `autogen` at first, `r<epoch ms>` after a replay). Beside it, per device and
 metric, tumbling windows by device time, each point at its window's start:
 
-- `<P>.telemetry_10s`: 10-second partials, the projector's working level (same retention as the
-  raw data), so that a batch recomputes a few seconds of raw data rather than whole minutes;
+- `<P>.telemetry_1s`: 1-second partials, the projector's working level (same retention as the
+  raw data), so that a batch recomputes at most a second of raw data per device, not minutes;
 - `<P>_1m.telemetry_1m`: 1-minute windows, in retention policy `<P>_1m` (`IOT_RETENTION_1M`);
 - `<P>_1h.telemetry_1h`: 1-hour windows, in retention policy `<P>_1h` (`IOT_RETENTION_1H`).
 
@@ -42,7 +42,7 @@ class Level:
         return f"rollup_{self.name}"
 
 
-PARTIAL = Level("10s", 10_000, "telemetry_10s", "")
+PARTIAL = Level("1s", 1_000, "telemetry_1s", "")
 MINUTE = Level("1m", 60_000, "telemetry_1m", "_1m")
 HOUR = Level("1h", 3_600_000, "telemetry_1h", "_1h")
 LEVELS = (MINUTE, HOUR)  # the levels readers use, finest first

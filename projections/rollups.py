@@ -4,7 +4,7 @@ After a batch's raw points are stored (204), the projection recomputes every win
 touched, level by level, each level from the one below, with `SELECT ... INTO` statements that
 InfluxDB runs in one request (so no data crosses the wire):
 
-1. the 10-second partials (`<P>.telemetry_10s`) of the touched (device, 10 s) pairs, from the
+1. the 1-second partials (`<P>.telemetry_1s`) of the touched (device, 1 s) pairs, from the
    raw points: count, sum, min, max, last of every field;
 2. the 1-minute windows (`<P>_1m.telemetry_1m`) containing them, from the partials: sum of
    counts, sum of sums, min of mins, max of maxes, sum / count as the mean, last of lasts;
@@ -18,8 +18,8 @@ consumer acknowledges a batch only after its rollups are written, so a crash in 
 the batch to be redelivered, which recomputes the same windows. See `infra.rollups` for names.
 
 Each level reads at most a few windows of the level below per touched window: the partials
-read a few seconds of raw data, not whole minutes, which is what keeps a dense device (1,000
-readings a second) cheap to roll up.
+read at most a second of raw data per touched device, not whole minutes, which is what keeps a
+dense device (1,000 readings a second) cheap to roll up; a minute reads at most 60 partials.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from projections.influx import (
 log = logging.getLogger(__name__)
 
 DEVICES_PER_STATEMENT = 100  # above this, a statement covers all devices of its time range
+RUN_GAP = 10  # touched windows at most this many windows apart share a statement
 BULK_TIMEOUT_S = 3_600.0
 
 ROLLUP_LATENCY = Histogram(
@@ -54,7 +55,7 @@ ROLLUP_LATENCY = Histogram(
     buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 ROLLUP_WINDOWS = Counter(
-    "iot_timeseries_rollup_windows_total", "(device, 10 s) partial windows recomputed"
+    "iot_timeseries_rollup_windows_total", "(device, 1 s) partial windows recomputed"
 )
 ROLLUP_RETRIES = Counter(
     "iot_timeseries_rollup_retries_total", "Rollup updates repeated while InfluxDB was unavailable"
@@ -68,7 +69,7 @@ class Stopping(Exception):
 
 
 class Touched:
-    """What a batch wrote: the (10 s window, device) pairs and each metric's kind."""
+    """What a batch wrote: the (1 s window, device) pairs and each metric's kind."""
 
     __slots__ = ("numeric", "partials")
 
@@ -113,10 +114,12 @@ def _coarsen(windows: Mapping[int, set[str]], width: int) -> dict[int, set[str]]
 
 
 def _runs(windows: Mapping[int, set[str]], width: int) -> list[tuple[int, int, set[str]]]:
-    """Adjacent windows merged into time ranges [start, end), each with its devices."""
+    """Windows less than `RUN_GAP` windows apart merged into time ranges [start, end), each
+    with its devices (recomputing an untouched window in between is correct, and cheaper than
+    a statement of its own)."""
     runs: list[tuple[int, int, set[str]]] = []
     for start in sorted(windows):
-        if runs and runs[-1][1] == start:
+        if runs and start - runs[-1][1] <= RUN_GAP * width:
             first, _, devices = runs[-1]
             runs[-1] = (first, start + width, devices | windows[start])
         else:

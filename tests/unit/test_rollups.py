@@ -47,32 +47,30 @@ def test_durations_as_influxdb_prints_them() -> None:
 
 def test_touched_windows_and_metric_kinds() -> None:
     touched = Touched()
-    touched.add("d1", [Reading(T0 + 1, {"t": 1.0}), Reading(T0 + 9_999, {"s": "x"})])
-    touched.add("d2", [Reading(T0 + 10_000, {"t": 2, "on": True}), Reading(T0 + 5, {})])
-    assert touched.partials == {T0: {"d1"}, T0 + 10_000: {"d2"}}
+    touched.add("d1", [Reading(T0 + 1, {"t": 1.0}), Reading(T0 + 999, {"s": "x"})])
+    touched.add("d2", [Reading(T0 + 1_000, {"t": 2, "on": True}), Reading(T0 + 5, {})])
+    assert touched.partials == {T0: {"d1"}, T0 + 1_000: {"d2"}}
     assert touched.numeric == {"t": True, "s": False, "on": False}
 
 
 def test_statements_recompute_each_level_over_adjacent_windows() -> None:
     touched = Touched()
-    touched.add("d1", [Reading(T0 + 1, {"t": 1.0}), Reading(T0 + 15_000, {"t": 2.0})])
+    touched.add("d1", [Reading(T0 + 1, {"t": 1.0}), Reading(T0 + 5_500, {"t": 2.0})])
     touched.add("d'2", [Reading(T0 + 2 * HOUR.ms, {"t": 3.0})])  # a late reading elsewhere
-    partials, partials2, minute, minute2, hour, hour2 = Statements("db", "autogen").for_touched(
-        touched
-    )
-    assert f"time >= {T0}ms AND time < {T0 + 20_000}ms" in partials
+    partials, partials2, minute, minute2, hour = Statements("db", "autogen").for_touched(touched)
+    assert f"time >= {T0}ms AND time < {T0 + 6_000}ms" in partials  # 5 s apart: one run
     assert "\"device_id\" = 'd1'" in partials
     assert "d\\'2" not in partials
-    assert 'INTO "db"."autogen"."telemetry_10s" FROM "db"."autogen".telemetry' in partials
+    assert 'INTO "db"."autogen"."telemetry_1s" FROM "db"."autogen".telemetry' in partials
     assert "d\\'2" in partials2
     assert f"time >= {T0}ms AND time < {T0 + MINUTE.ms}ms" in minute
-    assert 'INTO "db"."autogen_1m"."telemetry_1m" FROM "db"."autogen"."telemetry_10s"' in minute
+    assert 'INTO "db"."autogen_1m"."telemetry_1m" FROM "db"."autogen"."telemetry_1s"' in minute
     assert 'sum("sum_t") / sum("count_t") AS "mean_t"' in minute
     assert "GROUP BY time(60000ms), *" in minute
     assert 'INTO "db"."autogen_1h"."telemetry_1h" FROM "db"."autogen_1m"."telemetry_1m"' in hour
-    assert f"time >= {T0 + 2 * HOUR.ms}ms AND time < {T0 + 3 * HOUR.ms}ms" in hour2
-    assert minute2
-    assert hour2
+    assert f"time >= {T0 + 2 * HOUR.ms}ms AND time < {T0 + 2 * HOUR.ms + MINUTE.ms}ms" in minute2
+    # two hours apart: one statement for the hours between too
+    assert f"time >= {T0}ms AND time < {T0 + 3 * HOUR.ms}ms" in hour
 
 
 def test_many_devices_make_one_statement_for_the_whole_range() -> None:
