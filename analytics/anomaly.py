@@ -30,14 +30,15 @@ superset of readings). Nothing raises during warm-up (`WARMUP` readings, and aga
 seasonal model changes). A gap (an interval over `GAP_FACTOR` times the usual one) re-seeds the
 short-term estimates from the long-term ones instead of reading the jump as a spike.
 
-The state is a msgspec struct of fixed size (about 2 KB serialised, the weekly profile being
-most of it), updated in pure Python floats: deterministic, checkpointed with the series, tens of
-microseconds a reading.
+The state is a msgspec struct of fixed size (about 1 KB serialised, the weekly profile's 168
+float32 bins being most of it), updated in pure Python floats: deterministic, checkpointed with
+the series, about ten microseconds a reading.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 
 import msgspec
 
@@ -109,8 +110,8 @@ class Detector(msgspec.Struct, array_like=True, kw_only=True):
     q_abs: float = 0.0  # the innovations' 99th percentile of absolute value
     model: int = 0  # 0 none, 1 daily, 2 weekly profile
     err: list[float] = msgspec.field(default_factory=lambda: [0.0] * 3)
-    daily: list[float] = msgspec.field(default_factory=lambda: [0.0] * DAILY_BINS)
-    weekly: list[float] = msgspec.field(default_factory=lambda: [0.0] * WEEKLY_BINS)
+    daily: bytes = bytes(4 * DAILY_BINS)  # the profiles' bins, float32 little-endian: half
+    weekly: bytes = bytes(4 * WEEKLY_BINS)  # the size of float64, and immutable (no copy)
     open: bool = False
     calm: int = 0  # readings in a row below the clear level while open
     score: float = 0.0  # the last reading's score
@@ -118,11 +119,10 @@ class Detector(msgspec.Struct, array_like=True, kw_only=True):
 
 
 def copy(d: Detector) -> Detector:
-    return msgspec.structs.replace(
-        d, m=list(d.m), err=list(d.err), daily=list(d.daily), weekly=list(d.weekly)
-    )
+    return msgspec.structs.replace(d, m=list(d.m), err=list(d.err))
 
 
+_BIN = struct.Struct("<f")
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(Detector).decode
 
@@ -135,15 +135,27 @@ def load(blob: bytes) -> Detector:
     return _decode(blob)
 
 
-def _profile(bins: list[float], ts: int, period: int) -> tuple[float, int, int, float]:
+def _profile(bins: bytes, ts: int, period: int) -> tuple[float, int, int, float]:
     """The profile's value at `ts` (linear between bin centres), the two bins and the weight."""
-    n = len(bins)
+    n = len(bins) // 4
     p = (ts % period) * n / period - 0.5
     base = math.floor(p)
     frac = p - base
     i0 = base % n
     i1 = (i0 + 1) % n
-    return bins[i0] * (1.0 - frac) + bins[i1] * frac, i0, i1, frac
+    (b0,) = _BIN.unpack_from(bins, 4 * i0)
+    (b1,) = _BIN.unpack_from(bins, 4 * i1)
+    return b0 * (1.0 - frac) + b1 * frac, i0, i1, frac
+
+
+def _learn(bins: bytes, i0: int, i1: int, frac: float, step: float) -> bytes:
+    """The bins with `step` shared between bins i0 and i1 (weights 1 - frac and frac)."""
+    out = bytearray(bins)
+    (b0,) = _BIN.unpack_from(out, 4 * i0)
+    _BIN.pack_into(out, 4 * i0, b0 + step * (1.0 - frac))
+    (b1,) = _BIN.unpack_from(out, 4 * i1)
+    _BIN.pack_into(out, 4 * i1, b1 + step * frac)
+    return bytes(out)
 
 
 def _clip(x: float, centre: float, width: float) -> float:
@@ -193,10 +205,8 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
         a_week = min(0.5, per_week * WEEKLY_BINS * d.dt / WEEK_MS)
         e_day = _clip(around - s_day, 0.0, width)
         e_week = _clip(around - s_week, 0.0, width)
-        d.daily[d0] += a_day * (1.0 - dfrac) * e_day
-        d.daily[d1] += a_day * dfrac * e_day
-        d.weekly[w0] += a_week * (1.0 - wfrac) * e_week
-        d.weekly[w1] += a_week * wfrac * e_week
+        d.daily = _learn(d.daily, d0, d1, dfrac, a_day * e_day)
+        d.weekly = _learn(d.weekly, w0, w1, wfrac, a_week * e_week)
     model = d.model
     if span >= 2 * DAY_MS and d.err[1] < SEASON_GAIN * d.err[0] and model == 0:
         model = 1

@@ -103,7 +103,7 @@ def test_the_state_stays_the_same_small_size_however_long_the_series() -> None:
         anomaly.step(d, t, x, anomaly.threshold(0.5))
         if i in (500, 4000, len(series) - 1):
             sizes.append(len(anomaly.dump(d)))
-    assert max(sizes) <= 2500
+    assert max(sizes) <= 1200
     assert max(sizes) - min(sizes) <= 64  # integers grow a byte or two, nothing else
 
 
