@@ -24,11 +24,13 @@ import msgspec
 import pytest
 
 from analytics import anomaly
+from analytics.engine import Decision, Engine, Partition
 from analytics.evaluator import Clear, Raise, SeriesState, evaluate
 from bench.anomaly_data import cpu, evaluation_set, machine_temp, traffic
 from bench.anomaly_score import Tally, detect, scores, tally, zscore
 from domain.rules import Anomaly, RuleInvalid, Threshold, validate_rule
 from tests.unit.test_analytics_engine import (
+    PARTS,
     Log,
     engine_holding_all,
     feed,
@@ -229,3 +231,27 @@ def test_a_series_whose_rule_is_no_anomaly_any_more_drops_its_detector() -> None
     after = evaluate(Threshold(op=">", value=90), learned, [(T + 300 * S, 21.0)]).state
     assert after.detector is None
     assert after.point_ms == T + 300 * S
+
+
+def test_an_engine_restored_from_its_checkpoints_decides_as_the_uninterrupted_one() -> None:
+    log = Log()
+    log.device("b1")
+    rule = {"name": "Odd", "metric": "cpu", "severity": "info", "condition": {"kind": "anomaly"}}
+    log.rule("odd", rule, stored_ms=0)
+    series = cpu(9)
+    messages = [
+        (t, telemetry("b1", t, cpu=v)) for t, v in zip(series.ts, series.values, strict=True)
+    ]
+    whole = feed(engine_holding_all(log), messages)
+    cut = len(messages) // 2
+    first = engine_holding_all(log)
+    before = feed(first, messages[:cut])
+    blobs = {n: (p.seq, p.dump()) for n, p in first.held.items()}
+    second = Engine(log.catalog, PARTS)
+    for n, (seq, blob) in blobs.items():
+        second.hold(Partition.load(n, seq, blob, log.catalog))
+    after: list[Decision] = []
+    for seq, (stored_ms, message) in enumerate(messages[cut:], start=cut + 1):
+        second.evaluate(seq, stored_ms, message, after)
+    assert before + after == whole
+    assert len(whole) >= 4
