@@ -64,9 +64,10 @@ A_VLONG = 0.005
 A_ERR = 0.002  # the seasonal models' squared errors
 CLIP = 4.0  # updates see the reading clipped to this many scales
 # each feature's mean square (its scale), learned from the feature clipped to GROSS scales
-A_FEATURE = (0.005, 0.002, 0.001, 0.002)
+# (the spike's entry is unused: the spike is scaled by the innovations' percentile below)
+A_FEATURE = (0.0, 0.002, 0.001, 0.002)
 GROSS = 3.0
-FLOOR = (0.05, 1.0, 1.0, 0.01)  # least scale of each feature (shift, drift: times `tiny`)
+FLOOR = (0.0, 1.0, 1.0, 0.01)  # least scale of each feature (shift, drift: times `tiny`)
 # the innovations' scale is at least their running 99th percentile (a multiplicative stochastic
 # quantile estimate) over 2.576 (a Gaussian's): intermittent large innovations (a quantised,
 # sparse or bursty series) are learned as normal instead of being clipped as outliers forever
@@ -233,8 +234,6 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
     scale = max(1.25 * d.scale, d.q_abs / GAUSS_Q99)  # the innovations' usual size
     f = [0.0, 0.0, 0.0, 0.0]
     tiny = 1e-9 + 1e-6 * abs(d.long)  # a flat series: any change is a departure
-    if not gap:
-        f[SPIKE] = abs(innovation) / max(scale, tiny)
     a = abs(innovation)
     if warm:  # start from the largest innovation of the warm-up's second half
         if d.age == WARMUP // 2 + 1:
@@ -245,6 +244,8 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
         q = max(d.q_abs, GAUSS_Q99 * scale, tiny)
         if a <= Q_GROSS * q and not gap:
             d.q_abs = q * (1.0 + Q_STEP * (1.0 - Q_P)) if a > q else q * (1.0 - Q_STEP * Q_P)
+    if not gap:  # in units of a Gaussian's standard deviation, from the 99th percentile
+        f[SPIKE] = GAUSS_Q99 * a / max(d.q_abs, tiny)
     f[SHIFT] = abs(d.short - d.long)
     f[DRIFT] = abs(d.short - d.ref)
     if d.v_long > 0.0 and d.v_short > 0.0:
@@ -266,6 +267,10 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
     feature = 0
     for i in range(4):
         fi = f[i]
+        if i == SPIKE:  # already scaled, by the percentile
+            if not warm and fi > score:
+                score, feature = fi, i
+            continue
         m = d.m[i]
         if warm:  # the features' scales from the second half of the warm-up only
             settled = d.age - WARMUP // 2
@@ -273,7 +278,7 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
                 d.m[i] = m + max(A_FEATURE[i], 1.0 / settled) * (fi * fi - m)
             continue
         rms = max(math.sqrt(m), FLOOR[i] * tiny if i in (SHIFT, DRIFT) else FLOOR[i])
-        z = fi / rms if i != SPIKE else fi * scale * GAUSS_Q99 / max(d.q_abs, tiny)
+        z = fi / rms
         if z > score:
             score, feature = z, i
         fc = min(fi, GROSS * rms)
