@@ -345,6 +345,11 @@ class TimeseriesReplay:
             f"would build retention policy {name!r} from {reach.describe()}; "
             f"{messages:,} of them telemetry ({self.subject})"
         )
+        lines.append(
+            f"with its rollups in {', '.join(repr(p) for p in rollup_policies(name))} "
+            f"(raw {self.settings.retention_raw}, 1m {self.settings.retention_1m}, "
+            f"1h {self.settings.retention_1h}), the old rollups carried over"
+        )
         if first is not None:
             lines.append(f"first telemetry message received {_iso(first)}")
         return lines
@@ -378,7 +383,7 @@ class TimeseriesReplay:
             lines=[
                 *build.notes,
                 f"timeseries: rebuilt retention policy {build.new!r} of {db!r} from stream "
-                f"{build.stream} and made it the default",
+                f"{build.stream} with its rollups and made it the default",
                 build.rate(),
                 build.carry_line(),
                 f"{build.sink.skipped:,} messages skipped (undecodable or refused: the live "
