@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from analytics.catalog import Catalog
 from analytics.engine import Decision, Engine, Partition, partition_of
-from analytics.service import position
+from analytics.position import position
 from analytics.writer import apply
 from domain.ingest import Reading, Status, Telemetry
 from domain.published import (
