@@ -12,8 +12,10 @@ InfluxDB runs in one request (so no data crosses the wire):
 
 A window is identified by measurement, device and start time, so writing it again overwrites
 it: a redelivered batch, a late (out-of-order) reading or a restart after kill -9 recomputes the
-windows from what is stored, never adds twice. Updates run one at a time per process (a lock),
-so the last recomputation of a window always started after the last raw write into it. The
+windows from what is stored, never adds twice. Updates run one at a time: per process (an
+asyncio lock), and across the projector's replicas and a replay (`SharedLock`, a key created in
+the namespace's JetStream `LEASES` bucket for the length of one request), so the last
+recomputation of a window always started after the last raw write into it. The
 consumer acknowledges a batch only after its rollups are written, so a crash in between leaves
 the batch to be redelivered, which recomputes the same windows. See `infra.rollups` for names.
 
@@ -25,15 +27,20 @@ dense device (1,000 readings a second) cheap to roll up; a minute reads at most 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
 from domain.ingest import Reading
 from infra.rollups import DEVICE_TAG, HOUR, KINDS, MINUTE, PARTIAL, RAW_MEASUREMENT, Level
+from infra.streams import Streams
 from projections.influx import (
     DatabaseNotFound,
     InfluxClient,
@@ -66,6 +73,53 @@ Keepalive = Callable[[], Awaitable[None]]
 
 class Stopping(Exception):
     """The process is stopping while InfluxDB is unavailable: leave the batch unacknowledged."""
+
+
+class SharedLock:
+    """Mutual exclusion across processes: key `key` created (only if absent) in a JetStream KV
+    bucket with a TTL, deleted on release at the revision we created. A holder that dies
+    leaves it to the bucket's TTL (10 s for `LEASES`). Without the bucket (`iot migrate` not
+    run yet) it locks nothing, and says so once."""
+
+    def __init__(self, js: JetStreamContext, bucket: str, key: str) -> None:
+        self.js = js
+        self.bucket = bucket
+        self.key = key
+        self._kv: KeyValue | None = None
+        self._missing = False
+        self._revision: int | None = None
+
+    async def __aenter__(self) -> SharedLock:
+        if self._kv is None and not self._missing:
+            try:
+                self._kv = await self.js.key_value(self.bucket)
+            except BucketNotFoundError:
+                self._missing = True
+                log.warning(
+                    "no KV bucket for the rollup lock: rollups are exact with one projector",
+                    extra={"bucket": self.bucket},
+                )
+        if self._kv is None:
+            return self
+        delay = 0.001
+        while True:
+            try:
+                self._revision = await self._kv.create(self.key, b"rollups")
+                return self
+            except KeyWrongLastSequenceError:  # held by another process
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+
+    async def __aexit__(self, *_: object) -> None:
+        if self._kv is not None and self._revision is not None:
+            revision, self._revision = self._revision, None
+            with contextlib.suppress(Exception):  # it expires with the bucket's TTL anyway
+                await self._kv.delete(self.key, last=revision)
+
+
+def rollup_lock(js: JetStreamContext, streams: Streams, database: str) -> SharedLock:
+    """The lock every rollup writer of one InfluxDB database takes (projectors, replays)."""
+    return SharedLock(js, streams.leases_bucket, f"rollups.{database}")
 
 
 class Touched:
@@ -237,8 +291,10 @@ class Rollups:
         initial_backoff: float = 0.2,
         max_backoff: float = 5.0,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        shared: SharedLock | None = None,
     ) -> None:
         self.influx = influx
+        self.shared = shared
         self.retention = {MINUTE: retention_1m, HOUR: retention_1h}
         self.initial_backoff = initial_backoff
         self.max_backoff = max_backoff
@@ -286,6 +342,7 @@ class Rollups:
                 policy,
                 keepalive,
                 stop,
+                shared=self.shared,
             )
             ROLLUP_LATENCY.observe(time.perf_counter() - started)
             ROLLUP_WINDOWS.inc(sum(len(d) for d in touched.partials.values()))
@@ -323,6 +380,7 @@ class Rollups:
         stop: asyncio.Event | None,
         *,
         max_seconds: float | None = None,
+        shared: SharedLock | None = None,
     ) -> None:
         backoff = self.initial_backoff
         attempt = 0
@@ -335,7 +393,8 @@ class Rollups:
                     await self.ensure_policies(raw)
                 statements = build(raw)
                 if statements:
-                    await self._run(statements, max_seconds)
+                    async with shared or contextlib.nullcontext():
+                        await self._run(statements, max_seconds)
                 return
             except InfluxUnavailable as e:  # DatabaseNotFound included: the writer creates it
                 attempt += 1

@@ -51,7 +51,7 @@ from infra.settings import Settings
 from infra.streams import Streams
 from projections.influx import DatabaseNotFound, InfluxError, InfluxRejected, InfluxUnavailable
 from projections.lineproto import LineProtocolError, TelemetryEncoder
-from projections.rollups import Rollups, Touched
+from projections.rollups import Rollups, Touched, rollup_lock
 from projections.rollups import Stopping as Stopping  # noqa: PLC0414 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -410,7 +410,10 @@ async def run(settings: Settings) -> None:
         stop=stop,
         keepalive_every=spec.ack_wait / 3,
         rollups=Rollups(
-            influx, retention_1m=settings.retention_1m, retention_1h=settings.retention_1h
+            influx,
+            retention_1m=settings.retention_1m,
+            retention_1h=settings.retention_1h,
+            shared=rollup_lock(js, streams, settings.influx_db),
         ),
     )
 

@@ -69,7 +69,7 @@ from projections.influx import (
     quote_string,
 )
 from projections.lineproto import DEVICE_TAG, MEASUREMENT, LineProtocolError, TelemetryEncoder
-from projections.rollups import Rollups, Touched
+from projections.rollups import Rollups, Touched, rollup_lock
 from projections.timeseries import PointWriter
 
 BATCH = 2_000  # messages per fetch (about 120 kB of line protocol for one-reading messages)
@@ -446,10 +446,11 @@ class TimeseriesReplay:
             shard_duration=old.shard_group_duration if same else None,
             replication=1,
         )
-        rollups = Rollups(
+        rollups = Rollups(  # the live projectors' lock: after the switch both write the rebuild
             influx,
             retention_1m=self.settings.retention_1m,
             retention_1h=self.settings.retention_1h,
+            shared=rollup_lock(self.context.js, self.streams, db),
         )
         progress.note(f"timeseries: building retention policy {new!r} beside {old.name!r} ({db})")
         writes = self._client(new)

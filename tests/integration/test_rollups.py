@@ -28,7 +28,7 @@ from infra.settings import Settings
 from infra.streams import Streams
 from projections import timeseries
 from projections.influx import InfluxClient
-from projections.rollups import Rollups
+from projections.rollups import Rollups, rollup_lock
 from projections.timeseries import JetStreamDeadLetters, PointWriter, TimeseriesProjection
 from projections.timeseries_replay import TimeseriesReplay
 
@@ -61,10 +61,19 @@ class Harness:
         self.js = nc.jetstream()
         self.streams = Streams(settings.namespace)
         self.influx = InfluxClient(settings.influx_url, settings.influx_db)
-        self.projection = TimeseriesProjection(
+        self.projection = self.replica()
+
+    def replica(self) -> TimeseriesProjection:
+        """A projection as one projector process has it (its own rollups, the shared lock)."""
+        return TimeseriesProjection(
             PointWriter(self.influx),
             JetStreamDeadLetters(self.js, self.streams),
-            rollups=Rollups(self.influx, retention_1m="90d", retention_1h="1095d"),
+            rollups=Rollups(
+                self.influx,
+                retention_1m="90d",
+                retention_1h="1095d",
+                shared=rollup_lock(self.js, self.streams, self.settings.influx_db),
+            ),
         )
 
     async def publish(self, message: Telemetry) -> None:
@@ -72,16 +81,19 @@ class Harness:
         await self.js.publish(subject, encode_ingest(message), stream=self.streams.ingest)
 
     @contextlib.asynccontextmanager
-    async def projector(self) -> AsyncIterator[None]:
+    async def projector(self, replicas: int = 1) -> AsyncIterator[None]:
+        """`replicas` projections on the one durable consumer, as the deployment runs them."""
         stop = asyncio.Event()
-        task = asyncio.create_task(
-            timeseries.run_projection(self.js, self.streams, self.projection, stop)
-        )
+        projections = [self.projection] + [self.replica() for _ in range(replicas - 1)]
+        tasks = [
+            asyncio.create_task(timeseries.run_projection(self.js, self.streams, p, stop))
+            for p in projections
+        ]
         try:
             yield
         finally:
             stop.set()
-            await task
+            await asyncio.gather(*tasks)
 
     async def all_acked(self) -> bool:
         with contextlib.suppress(Exception):
@@ -173,6 +185,7 @@ def readings(start: int, n: int, step: int, base: float) -> list[Reading]:
 async def test_rollups_are_exact_after_duplicates_late_readings_and_a_redelivery(
     harness: Harness,
 ) -> None:
+    """Two replicas share the consumer: each batch's windows may be another's too."""
     messages = []
     for d, device in enumerate(("boiler-1", "boiler-2", "boiler-3")):
         # two hours and a bit, a reading every 37 s, 10 readings a message
@@ -181,7 +194,7 @@ async def test_rollups_are_exact_after_duplicates_late_readings_and_a_redelivery
             Telemetry(device_id=device, received_at=NOW_MS, readings=rs[i : i + 10])
             for i in range(0, len(rs), 10)
         ]
-    async with harness.projector():
+    async with harness.projector(replicas=2):
         for message in messages:
             await harness.publish(message)
         for message in messages[::7]:  # duplicated deliveries: the same readings again
