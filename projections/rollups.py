@@ -274,6 +274,14 @@ class Statements:
         ]
 
 
+class _Group:
+    """Batches whose windows one update recomputes."""
+
+    def __init__(self) -> None:
+        self.touched = Touched()
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
 def _beyond_retention(error: InfluxError) -> bool:
     """A window older than its level's retention: InfluxDB drops it, which is what we want."""
     return "beyond retention policy" in str(error)
@@ -300,6 +308,7 @@ class Rollups:
         self.max_backoff = max_backoff
         self._sleep = sleep
         self._lock = asyncio.Lock()
+        self._groups: dict[str | None, _Group] = {}
         self._ensured: set[str] = set()
 
     async def generation(self) -> str:
@@ -332,20 +341,35 @@ class Rollups:
         stop: asyncio.Event | None = None,
     ) -> None:
         """Recompute every window `touched` names (in `policy`'s generation; by default the
-        live one), retrying while InfluxDB is unavailable."""
+        live one), retrying while InfluxDB is unavailable.
+
+        Callers that arrive while an update runs join one group, and the first of them to get
+        the lock updates the group's windows for all (each joined after its raw points were
+        stored, and the group's statements start after the last joined): a group commit, so
+        batches handled concurrently cost one update, not one each."""
         if not touched:
             return
+        group = self._groups.get(policy)
+        if group is None:
+            group = self._groups[policy] = _Group()
+        group.touched.update(touched)
         async with self._lock:
+            if group.done.done():  # another member ran it
+                return
+            if self._groups.get(policy) is group:
+                del self._groups[policy]  # from now on callers join the next group
             started = time.perf_counter()
+            # a failure leaves the group undone: the next member to get the lock runs it again
             await self._retrying(
-                lambda raw: Statements(self.influx.database, raw).for_touched(touched),
+                lambda raw: Statements(self.influx.database, raw).for_touched(group.touched),
                 policy,
                 keepalive,
                 stop,
                 shared=self.shared,
             )
+            group.done.set_result(None)
             ROLLUP_LATENCY.observe(time.perf_counter() - started)
-            ROLLUP_WINDOWS.inc(sum(len(d) for d in touched.partials.values()))
+            ROLLUP_WINDOWS.inc(sum(len(d) for d in group.touched.partials.values()))
 
     async def rebuild(self, policy: str, start: int, end: int) -> None:
         """Recompute every window of [start, end) (widened to whole hours) for all devices

@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 PORT = 8083
 PROJECTION = "timeseries"
 FETCH_BATCH = 500  # messages per consumer fetch
-FETCHERS = 2  # concurrent fetch loops: one decodes and encodes while another waits on InfluxDB
+FETCHERS = 4  # concurrent fetch loops: they decode and write while one updates the rollups
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a batch is split into requests of about this size
 
 POINTS_WRITTEN = Counter("iot_timeseries_points_written_total", "Points stored in InfluxDB")
