@@ -1,26 +1,35 @@
 """The `anomaly` condition's detector: learns one series' own normal online and flags departures.
 
 No threshold is given: each reading is scored against what the series itself has shown so far,
-by four features of the deseasonalised value `y` (the reading less the series' daily or weekly
+by five features of the deseasonalised value `y` (the reading less the series' daily or weekly
 profile, once one explains the series better than none; a reading after one that scored over
 `SEASON_GATE` teaches the profiles nothing, so an anomaly is not echoed a period later):
 
 - spike: the innovation, `y` less a fast level (EWMA), over the innovations' robust scale
   (spikes, dips, outliers);
 - shift: a short EWMA of `y` against a long one (level shifts, a broken daily rhythm);
-- drift: the short EWMA against a much longer reference (slow drifts, a developing fault);
+- drift: the short EWMA against a much longer reference (slow drifts);
 - variance: log of the short-term over the long-term mean squared innovation (changed variance,
-  a sensor stuck on one value).
+  a sensor stuck on one value);
+- trend: a medium-term EWMA of `y` (about 50 readings) against a long baseline (about 1,000)
+  that stops learning while the trend is suspected (over `SUSPECT` of its scale), as does the
+  scale itself: a slow drift cannot teach itself as normal, so it is flagged while it develops
+  (a developing fault), well before the failure it may end in. After `HOLD` readings in a row
+  suspected the new level is accepted (the baseline jumps to it). The medium-term level is
+  smooth (about one independent value per few dozen readings), so its departure is worth more
+  than a single reading's: it is scaled by `TREND_GAIN`. It learns for `TREND_WARMUP` readings
+  before it scores, and again after the seasonal model changes.
 
 The spike's innovation is scored against the innovations' running 99th percentile (a
 multiplicative stochastic quantile estimate, so a quantised, sparse or heavy-tailed series
 learns its usual jumps) as 2.576 times a Gaussian's; shift, drift and variance are divided by
 their own running root mean square (learned from values clipped to three of it, so a slow drift
-cannot teach itself as normal). Either way a series that is naturally noisy, wandering or
-heavy-tailed needs a larger departure than a quiet one, and the score is in the units of a
-Gaussian's standard deviation. The reading's score is the largest of the four; an alert raises
-when it exceeds the threshold that `sensitivity` maps to, and clears once the score has stayed
-under max(half of it, 3) for `CLEAR_READINGS` readings in a row.
+cannot teach itself as normal), the trend by its own learned while not suspected. Either way a
+series that is naturally noisy, wandering or heavy-tailed needs a larger departure than a quiet
+one, and the score is in the units of a Gaussian's standard deviation. The reading's score is
+the largest of the five; an alert raises when it exceeds the threshold that `sensitivity` maps
+to, and clears once the score has stayed under max(half of it, 3) for `CLEAR_READINGS` readings
+in a row.
 
 Learning is robust and does not depend on the alert: each update uses the reading clipped to a
 few scales of the current estimate, so a spike barely moves the estimates, a level shift is
@@ -32,7 +41,8 @@ short-term estimates from the long-term ones instead of reading the jump as a sp
 
 The state is a msgspec struct of fixed size (about 1 KB serialised, the weekly profile's 168
 float32 bins being most of it), updated in pure Python floats: deterministic, checkpointed with
-the series, about ten microseconds a reading.
+the series, about fifteen microseconds a reading. Fields added later (the trend's) come last,
+with defaults, so a checkpoint written before them still decodes (its trend starts learning).
 """
 
 from __future__ import annotations
@@ -78,8 +88,17 @@ GAUSS_Q99 = 2.576
 SEASON_MEMORY = 0.3  # how far a profile bin moves per visit of its period (about 3 periods)
 SEASON_GAIN = 0.85  # a profile must explain at least 15 % more than the simpler model
 SEASON_GATE = 6.0  # a reading scoring over this does not teach the profiles
-SPIKE, SHIFT, DRIFT, VAR = range(4)
-FEATURES = ("spike", "shift", "drift", "variance")
+# the trend: a medium-term level against a long baseline frozen while a drift is suspected
+A_MID = 0.02  # the medium-term level's weight (about 50 readings)
+A_BASE = 0.001  # the baseline's, while nothing is suspected (about 1,000 readings)
+A_TREND = 0.002  # the trend's mean square, learned while nothing is suspected
+TREND_WARMUP = 1000  # readings the trend learns before it scores
+SUSPECT = 2.0  # a trend over this many scales freezes the baseline and its scale
+HOLD = 300  # ... for at most this many readings in a row, then the new level is accepted
+TREND_GAIN = 1.5  # a smooth statistic: fewer independent values than readings, so a lower z
+TREND_FLOOR = 0.5  # least scale of the trend, as a fraction of the drift feature's
+SPIKE, SHIFT, DRIFT, VAR, TREND = range(5)
+FEATURES = ("spike", "shift", "drift", "variance", "trend")
 # sensitivity 0 .. 1 -> threshold on the score
 THRESHOLD_AT_0 = 10.5
 THRESHOLD_AT_1 = 2.625
@@ -117,6 +136,12 @@ class Detector(msgspec.Struct, array_like=True, kw_only=True):
     calm: int = 0  # readings in a row below the clear level while open
     score: float = 0.0  # the last reading's score
     feature: int = 0  # which feature gave it
+    # the trend (fields added later: a checkpoint without them starts learning it afresh)
+    t_age: int = 0  # readings the trend has learned (0: not started)
+    mid: float = 0.0  # the medium-term level
+    base: float = 0.0  # the long baseline, frozen while a drift is suspected
+    m_trend: float = 0.0  # the trend's mean square while nothing is suspected
+    held: int = 0  # readings in a row the baseline has been frozen
 
 
 def copy(d: Detector) -> Detector:
@@ -163,6 +188,44 @@ def _clip(x: float, centre: float, width: float) -> float:
     if width <= 0.0:
         return x
     return min(centre + width, max(centre - width, x))
+
+
+def _trend(d: Detector, yc: float, tiny: float) -> float:
+    """Learn the medium-term level from `yc` (the clipped reading); its departure from the
+    baseline (before this reading) over the scale it has when nothing is suspected, or 0 while
+    the trend is still learning.
+
+    The baseline and the scale stop learning while the departure is over SUSPECT scales, so a
+    slow drift does not teach itself as normal; after HOLD readings in a row of that the new
+    level is accepted (the baseline jumps to it), as a level shift is by the other features.
+    """
+    if d.t_age == 0:  # a new series, or a checkpoint from before the trend
+        d.mid = d.base = yc
+        d.m_trend = 0.0
+        d.held = 0
+    d.t_age += 1
+    settling = d.t_age <= TREND_WARMUP
+    dev = abs(d.mid - d.base)
+    rms = max(math.sqrt(d.m_trend), TREND_FLOOR * math.sqrt(d.m[DRIFT]), tiny)
+    z = 0.0 if settling else dev / rms
+    d.mid += max(A_MID, 1.0 / d.t_age) * (yc - d.mid)
+    if settling:
+        d.base += max(A_BASE, 1.0 / d.t_age) * (d.mid - d.base)
+        settled = d.t_age - TREND_WARMUP // 2
+        if settled > 0:
+            d.m_trend += max(A_TREND, 1.0 / settled) * (dev * dev - d.m_trend)
+        return 0.0
+    if z <= SUSPECT:
+        d.held = 0
+        d.base += A_BASE * (d.mid - d.base)
+        d.m_trend += A_TREND * (dev * dev - d.m_trend)
+    else:
+        d.held += 1
+        if d.held > HOLD:  # the new level is accepted, and such a departure learned as normal
+            d.m_trend = max(d.m_trend, (dev / SUSPECT) ** 2)
+            d.base = d.mid
+            d.held = 0
+    return TREND_GAIN * z
 
 
 def step(d: Detector, ts: int, x: float, limit: float) -> int:
@@ -219,6 +282,7 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
         shift = y_new - y_old
         d.level += shift
         d.short += shift
+        d.t_age = 0  # the trend re-learns the deseasonalised series from scratch
         d.model = model
         d.age = WARMUP // 2  # re-learn the scales a little before raising again
     y = x - season[d.model]
@@ -262,6 +326,7 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
     d.scale += max(A_SCALE, a_fast) * (abs(ic) - d.scale)
     d.v_short += max(A_VSHORT, a_fast) * (abs(ic) - d.v_short)
     d.v_long += max(A_VLONG, a_fast) * (abs(ic) - d.v_long)
+    trend = _trend(d, yc, tiny)
 
     score = 0.0
     feature = 0
@@ -283,6 +348,8 @@ def step(d: Detector, ts: int, x: float, limit: float) -> int:
             score, feature = z, i
         fc = min(fi, GROSS * rms)
         d.m[i] = m + A_FEATURE[i] * (fc * fc - m)
+    if not warm and trend > score:
+        score, feature = trend, TREND
     d.score = score
     d.feature = feature
     if warm:

@@ -13,10 +13,15 @@ Families (each a few series on their own seeds):
   weekends); a weekday that keeps the night's level (a broken rhythm), a dip, a surge;
 - `artificial`: the shapes of NAB's artificial corpus, a daily bump with small noise of which
   one day jumps up, jumps down, stays flat in the middle, or has no bump (broken rhythms);
+- `drift`: slow drifts of other shapes (a developing fault): a bearing's vibration every minute
+  rising over 900 readings before a failure, a coolant temperature every 10 min that drifts up
+  and recovers by itself (labelled: an operator wants to know), and a slight drift over 1,500
+  readings of a quiet sensor every 30 s;
 - `quiet`: one series of each shape with no anomaly at all (false alarms only), with gaps and
   irregular sampling; and small integer counts (sparse, skewed) and a sensor reported at a
   0.1 resolution (long runs of one value), which punish a detector that takes quantisation
-  steps for spikes; and a noiseless square wave.
+  steps for spikes; a noiseless square wave; and a daily cycle whose amplitude and level change
+  slowly, as seasons do (no anomaly either).
 
 Several series have gaps (hours without a reading) and jittered intervals. Each anomaly is
 labelled at its onset; its window, as NAB builds them, is centred on the onset and 10 % of the
@@ -238,17 +243,73 @@ def artificial(kind: str, seed: int) -> Series:
     return _finish(f"art_{kind}_{seed}", family, ts, values, onsets)
 
 
-FAMILIES = ("machine_temp", "cpu", "latency", "traffic", "artificial", "quiet")
+def drift(kind: str, seed: int) -> Series:
+    """A slow drift, three shapes (see the module docstring): `fail` (AR(0.7) noise of sd 1, a
+    rise of 6 over 900 readings, then the machine stops: readings near 0 for 100), `recover`
+    (a mild daily swing, AR(0.8) noise, up 5 over 300 readings, 200 readings there, back over
+    300) and `slight` (white noise of sd 0.2, up 1.2 over 1,500 readings, and it stays)."""
+    rng = random.Random(seed)
+    every = {"fail": 60, "recover": 600, "slight": 30}[kind]
+    n = {"fail": 7000, "recover": 5000, "slight": 8000}[kind]
+    ts = _times(rng, n, every, 0.1, [(n // 3, 2.0)] if kind == "slight" else [])
+    start = int(n * 0.6)
+    values = []
+    ar = 0.0
+    for i, t in enumerate(ts):
+        k = i - start
+        if kind == "fail":
+            ar = 0.7 * ar + rng.gauss(0, 0.71)
+            v = 40.0 + ar + (6.0 * min(1.0, k / 900) if k >= 0 else 0.0)
+            if 900 <= k < 1000:
+                v = 0.5 + rng.gauss(0, 0.2)
+        elif kind == "recover":
+            ar = 0.8 * ar + rng.gauss(0, 0.5)
+            day = 1.5 * math.sin(2 * math.pi * ((t - T0) % 86_400_000) / 86_400_000)
+            up = 0.0
+            if 0 <= k < 300:
+                up = 5.0 * k / 300
+            elif 300 <= k < 500:
+                up = 5.0
+            elif 500 <= k < 800:
+                up = 5.0 * (800 - k) / 300
+            v = 60.0 + day + ar + up
+        else:
+            v = 12.0 + rng.gauss(0, 0.2) + (1.2 * min(1.0, k / 1500) if k >= 0 else 0.0)
+        values.append(v)
+    onsets = [start, start + 900] if kind == "fail" else [start]
+    return _finish(f"drift_{kind}_{seed}", "drift", ts, values, onsets)
+
+
+def seasons(seed: int) -> Series:
+    """Quiet: a daily cycle every 5 min over six weeks whose amplitude grows from 4 to 7 and
+    whose level wanders by 3 over three weeks (seasons changing), AR(0.8) noise of sd 1."""
+    rng = random.Random(seed)
+    n = 6 * 7 * 288
+    ts = _times(rng, n, 300, 0.05, [])
+    values = []
+    ar = 0.0
+    for i, t in enumerate(ts):
+        ar = 0.8 * ar + rng.gauss(0, 0.6)
+        amplitude = 4.0 + 3.0 * i / n
+        day = amplitude * math.sin(2 * math.pi * ((t - T0) % 86_400_000) / 86_400_000)
+        level = 15.0 + 1.5 * math.sin(2 * math.pi * i / (6 * 7 * 288))
+        values.append(level + day + ar)
+    return _finish(f"seasons_{seed}", "quiet", ts, values, [])
+
+
+FAMILIES = ("machine_temp", "cpu", "latency", "traffic", "artificial", "drift", "quiet")
 
 
 def evaluation_set(seeds: tuple[int, ...] = (1, 2)) -> list[Series]:
-    """Every family on each seed, plus one quiet series of each shape, counts and a quantised
-    sensor per seed."""
+    """Every family on each seed, plus one series of each artificial and drift shape, one quiet
+    series of each shape, counts and a quantised sensor per seed, and changing seasons."""
     out: list[Series] = []
     for seed in seeds:
         out += [machine_temp(seed), cpu(seed), latency(seed), traffic(seed)]
     for seed, kind in enumerate(("jumpsup", "jumpsdown", "flatmiddle", "nojump"), start=seeds[0]):
         out.append(artificial(kind, 400 + seed))
+    for seed, kind in enumerate(("fail", "recover", "slight"), start=seeds[0]):
+        out.append(drift(kind, 600 + seed))
     for seed in seeds:
         out += [
             machine_temp(100 + seed, anomalies=False),
@@ -259,4 +320,5 @@ def evaluation_set(seeds: tuple[int, ...] = (1, 2)) -> list[Series]:
             sensor(300 + seed),
         ]
     out.append(artificial("square", 500))
+    out.append(seasons(700))
     return out

@@ -3,15 +3,19 @@ windowed z-score baseline, determinism and exact continuation from a checkpoint,
 sensitivity, validation, and raising and clearing through the engine.
 
 The quality bounds are floors and ceilings a regression must not cross, set below what the
-detector measures on this set at the default sensitivity (recall 0.88, 0.16 false alarms per
-1,000 readings, 0.26 on the series without anomalies, NAB standard score 77; the best windowed
-z-score measures 25, with recall 0.35):
+detector measures on this set at the default sensitivity (recall 0.90, 0.155 false alarms per
+1,000 readings, 0.25 on the series without anomalies, NAB standard score 77.8; the best
+windowed z-score measures 25, with recall 0.33):
 
-- recall (labelled windows detected) at least 0.75;
+- recall (labelled windows detected) at least 0.85;
 - false alarms at most 0.4 per 1,000 scored readings (at most 0.4 on the series without any
   anomaly too);
-- a NAB standard-profile score at least 60, and at least 20 points above the best windowed
-  z-score baseline (100 readings, z in 3 to 8), whose recall must also be lower.
+- a NAB standard-profile score at least 70, and at least 40 points above the best windowed
+  z-score baseline (100 readings, z in 3 to 8), whose recall must also be lower;
+- slow drifts (the machine temperature's before its failure, and the drift family's) flagged
+  while they develop: at least 3 of the 5 drift windows detected inside the window, each within
+  160 readings of the drift's onset (measured: 3 of 5, 79 to 153 readings; the two missed raise
+  just after their window's end, before the failure).
 """
 
 from __future__ import annotations
@@ -62,12 +66,50 @@ def test_quality_on_the_evaluation_set_beats_the_windowed_z_score(data: list[Any
     baselines = [total(data, [zscore(s, 100, z) for s in data]) for z in (3, 4, 5, 6, 8)]
     best = max(baselines, key=lambda t: t.nab())
 
-    assert ours.recall >= 0.75
+    assert ours.recall >= 0.85
     assert ours.false_per_1k <= 0.4
     assert quiet.false_per_1k <= 0.4
-    assert ours.nab() >= 60
-    assert ours.nab() >= best.nab() + 20
+    assert ours.nab() >= 70
+    assert ours.nab() >= best.nab() + 40
     assert best.recall < ours.recall
+
+
+def test_a_slow_drift_is_flagged_inside_its_window_before_the_failure(data: list[Any]) -> None:
+    # the machine temperature's drift (12 degrees over 500 readings, AR(0.9) noise of sd 1.4 on
+    # a daily swing; its second window) and each drift shape's first window
+    cases = [(s, 1) for s in data if s.family == "machine_temp"]
+    cases += [(s, 0) for s in data if s.family == "drift"]
+    assert len(cases) == 5
+    delays = []
+    for series, k in cases:
+        start, end = series.windows[k]
+        onset = series.onsets[k]
+        inside = [i for i in detect(series) if start <= i <= end]
+        if inside:
+            delays.append(inside[0] - onset)
+    assert len(delays) >= 3
+    assert all(0 <= delay <= 160 for delay in delays)
+
+
+def test_a_checkpoint_from_before_the_trend_still_decodes_and_learns_it_afresh() -> None:
+    series = machine_temp(1)
+    limit = anomaly.threshold(0.5)
+    d = anomaly.Detector()
+    for t, x in zip(series.ts[:3000], series.values[:3000], strict=True):
+        anomaly.step(d, t, x, limit)
+    fields = anomaly.Detector.__struct_fields__
+    old = msgspec.msgpack.decode(anomaly.dump(d))[: fields.index("t_age")]  # the older layout
+    restored = anomaly.load(msgspec.msgpack.encode(old))
+    assert restored.t_age == 0
+    assert restored.n == d.n
+    assert restored.weekly == d.weekly
+    assert restored.m == d.m
+    later = [
+        anomaly.step(restored, t, x, limit)
+        for t, x in zip(series.ts[3000:], series.values[3000:], strict=True)
+    ]
+    assert restored.t_age == len(series) - 3000
+    assert 1 in later
 
 
 def test_the_same_input_gives_the_same_decisions() -> None:
