@@ -52,7 +52,9 @@ from projections.influx import (
 
 log = logging.getLogger(__name__)
 
-DEVICES_PER_STATEMENT = 100  # above this, a statement covers all devices of its time range
+DEVICES_PER_STATEMENT = 1_000  # a statement names its devices: InfluxDB 1.6 opens iterators
+# for every series a statement matches, so one without a device filter costs as many as the
+# measurement has devices (1 s against 0.1 s for 500 of 10,000 devices)
 RUN_GAP = 10  # touched windows at most this many windows apart share a statement
 BULK_TIMEOUT_S = 3_600.0
 
@@ -255,11 +257,15 @@ class Statements:
             if below is not None:
                 windows = _coarsen(windows, level.ms)
             for start, end, devices in _runs(windows, level.ms):
-                chosen = devices if len(devices) <= DEVICES_PER_STATEMENT else None
-                if below is None:
-                    statements.append(self.partials(start, end, chosen))
-                else:
-                    statements.append(self.merge(level, below, touched.numeric, start, end, chosen))
+                ordered = sorted(devices)
+                for i in range(0, len(ordered), DEVICES_PER_STATEMENT):
+                    chosen = ordered[i : i + DEVICES_PER_STATEMENT]
+                    if below is None:
+                        statements.append(self.partials(start, end, chosen))
+                    else:
+                        statements.append(
+                            self.merge(level, below, touched.numeric, start, end, chosen)
+                        )
         return statements
 
     def for_range(self, numeric: Mapping[str, bool], start: int, end: int) -> list[str]:

@@ -73,15 +73,17 @@ def test_statements_recompute_each_level_over_adjacent_windows() -> None:
     assert f"time >= {T0}ms AND time < {T0 + 3 * HOUR.ms}ms" in hour
 
 
-def test_many_devices_make_one_statement_for_the_whole_range() -> None:
+def test_statements_always_name_their_devices_a_thousand_at_most() -> None:
     touched = Touched()
     for d in range(DEVICES_PER_STATEMENT + 1):
         touched.add(f"d{d}", [Reading(T0 + d, {"mode": "x"})])
-    partials = Statements("db", "r1").for_touched(touched)[0]
-    assert "device_id" not in partials
-    minute = Statements("db", "r1").for_touched(touched)[1]
-    assert '"min_mode"' not in minute
-    assert 'last("last_mode")' in minute
+    statements = Statements("db", "r1").for_touched(touched)
+    assert len(statements) == 6  # two of each level
+    assert all("device_id" in statement for statement in statements)
+    for d in (0, 500, DEVICES_PER_STATEMENT):  # each device in one statement of a level
+        assert sum(f"'d{d}'" in statement for statement in statements[:2]) == 1
+    assert '"min_mode"' not in statements[2]
+    assert 'last("last_mode")' in statements[2]
 
 
 def test_the_gateway_answers_long_ranges_from_the_coarsest_rollups_that_cover_them() -> None:
