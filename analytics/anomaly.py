@@ -12,8 +12,9 @@ profile, once one explains the series better than none; a reading after one that
 - variance: log of the short-term over the long-term mean squared innovation (changed variance,
   a sensor stuck on one value);
 - trend: a medium-term EWMA of `y` (about 50 readings) against a long baseline (about 1,000)
-  that stops learning while the trend is suspected (over `SUSPECT` of its scale), as does the
-  scale itself: a slow drift cannot teach itself as normal, so it is flagged while it develops
+  that stops learning while the trend is suspected (over `SUSPECT` of its scale), while the
+  scale learns slowly from the trend winsorised to `SUSPECT` scales: a slow drift cannot teach
+  itself as normal, so it is flagged while it develops
   (a developing fault), well before the failure it may end in. After `HOLD` readings in a row
   suspected the new level is accepted (the baseline jumps to it). The medium-term level is
   smooth (about one independent value per few dozen readings), so its departure is worth more
@@ -24,12 +25,12 @@ The spike's innovation is scored against the innovations' running 99th percentil
 multiplicative stochastic quantile estimate, so a quantised, sparse or heavy-tailed series
 learns its usual jumps) as 2.576 times a Gaussian's; shift, drift and variance are divided by
 their own running root mean square (learned from values clipped to three of it, so a slow drift
-cannot teach itself as normal), the trend by its own learned while not suspected. Either way a
-series that is naturally noisy, wandering or heavy-tailed needs a larger departure than a quiet
-one, and the score is in the units of a Gaussian's standard deviation. The reading's score is
-the largest of the five; an alert raises when it exceeds the threshold that `sensitivity` maps
-to, and clears once the score has stayed under max(half of it, 3) for `CLEAR_READINGS` readings
-in a row.
+cannot teach itself as normal), the trend by its own (winsorised to two of it, see above).
+Either way a series that is naturally noisy, wandering or heavy-tailed needs a larger departure
+than a quiet one, and the score is in the units of a Gaussian's standard deviation. The
+reading's score is the largest of the five; an alert raises when it exceeds the threshold that
+`sensitivity` maps to, and clears once the score has stayed under max(half of it, 3) for
+`CLEAR_READINGS` readings in a row.
 
 Learning is robust and does not depend on the alert: each update uses the reading clipped to a
 few scales of the current estimate, so a spike barely moves the estimates, a level shift is
@@ -91,9 +92,9 @@ SEASON_GATE = 6.0  # a reading scoring over this does not teach the profiles
 # the trend: a medium-term level against a long baseline frozen while a drift is suspected
 A_MID = 0.02  # the medium-term level's weight (about 50 readings)
 A_BASE = 0.001  # the baseline's, while nothing is suspected (about 1,000 readings)
-A_TREND = 0.002  # the trend's mean square, learned while nothing is suspected
+A_TREND = 0.001  # the trend's mean square (from the trend winsorised to SUSPECT scales)
 TREND_WARMUP = 1000  # readings the trend learns before it scores
-SUSPECT = 2.0  # a trend over this many scales freezes the baseline and its scale
+SUSPECT = 2.0  # a trend over this many scales freezes the baseline, and its scale learns no more
 HOLD = 300  # ... for at most this many readings in a row, then the new level is accepted
 TREND_GAIN = 1.5  # a smooth statistic: fewer independent values than readings, so a lower z
 TREND_FLOOR = 0.5  # least scale of the trend, as a fraction of the drift feature's
@@ -140,7 +141,7 @@ class Detector(msgspec.Struct, array_like=True, kw_only=True):
     t_age: int = 0  # readings the trend has learned (0: not started)
     mid: float = 0.0  # the medium-term level
     base: float = 0.0  # the long baseline, frozen while a drift is suspected
-    m_trend: float = 0.0  # the trend's mean square while nothing is suspected
+    m_trend: float = 0.0  # the trend's mean square (winsorised to SUSPECT scales)
     held: int = 0  # readings in a row the baseline has been frozen
 
 
@@ -192,11 +193,12 @@ def _clip(x: float, centre: float, width: float) -> float:
 
 def _trend(d: Detector, yc: float, tiny: float) -> float:
     """Learn the medium-term level from `yc` (the clipped reading); its departure from the
-    baseline (before this reading) over the scale it has when nothing is suspected, or 0 while
-    the trend is still learning.
+    baseline (before this reading) over its usual size, times TREND_GAIN, or 0 while the trend
+    is still learning.
 
-    The baseline and the scale stop learning while the departure is over SUSPECT scales, so a
-    slow drift does not teach itself as normal; after HOLD readings in a row of that the new
+    The baseline stops learning while the departure is over SUSPECT scales, and the scale then
+    learns SUSPECT scales instead (winsorised: leaving those readings out would bias it low), so
+    a slow drift does not teach itself as normal; after HOLD readings in a row of that the new
     level is accepted (the baseline jumps to it), as a level shift is by the other features.
     """
     if d.t_age == 0:  # a new series, or a checkpoint from before the trend
@@ -220,6 +222,7 @@ def _trend(d: Detector, yc: float, tiny: float) -> float:
         d.base += A_BASE * (d.mid - d.base)
         d.m_trend += A_TREND * (dev * dev - d.m_trend)
     else:
+        d.m_trend += A_TREND * ((SUSPECT * rms) ** 2 - d.m_trend)  # winsorised, not left out
         d.held += 1
         if d.held > HOLD:  # the new level is accepted, and such a departure learned as normal
             d.m_trend = max(d.m_trend, (dev / SUSPECT) ** 2)

@@ -4,7 +4,7 @@ sensitivity, validation, and raising and clearing through the engine.
 
 The quality bounds are floors and ceilings a regression must not cross, set below what the
 detector measures on this set at the default sensitivity (recall 0.90, 0.155 false alarms per
-1,000 readings, 0.25 on the series without anomalies, NAB standard score 77.8; the best
+1,000 readings, 0.25 on the series without anomalies, NAB standard score 77.7; the best
 windowed z-score measures 25, with recall 0.33):
 
 - recall (labelled windows detected) at least 0.85;
@@ -14,7 +14,7 @@ windowed z-score measures 25, with recall 0.33):
   z-score baseline (100 readings, z in 3 to 8), whose recall must also be lower;
 - slow drifts (the machine temperature's before its failure, and the drift family's) flagged
   while they develop: at least 3 of the 5 drift windows detected inside the window, each within
-  160 readings of the drift's onset (measured: 3 of 5, 79 to 153 readings; the two missed raise
+  160 readings of the drift's onset (measured: 3 of 5, 88 to 153 readings; the two missed raise
   just after their window's end, before the failure).
 """
 
