@@ -223,9 +223,7 @@ def _retention(env: Mapping[str, str], name: str, default: str) -> str:
             f"{name} must be INF or an InfluxDB duration such as 30d, 12w or 1d12h "
             f"(units m, h, d, w), got {raw!r}"
         )
-    minutes = sum(
-        int(n) * _RETENTION_UNITS[u] for n, u in re.findall(r"([0-9]+)([mhdw])", raw)
-    )
+    minutes = sum(int(n) * _RETENTION_UNITS[u] for n, u in re.findall(r"([0-9]+)([mhdw])", raw))
     if minutes < 60:
         raise SettingsError(f"{name} must be at least 1h (InfluxDB's shortest), got {raw!r}")
     return raw
