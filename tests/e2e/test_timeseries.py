@@ -100,8 +100,11 @@ async def all_acked(settings: Settings) -> bool:
     streams = Streams(settings.namespace)
     nc = await nats.connect(settings.nats_url)
     try:
-        info = await nc.jsm().consumer_info(streams.ingest, streams.consumer("timeseries"))
-        return not info.num_ack_pending and not info.num_pending
+        for name in ("timeseries", "timeseries-rollups"):  # the raw points, then the rollups
+            info = await nc.jsm().consumer_info(streams.ingest, streams.consumer(name))
+            if info.num_ack_pending or info.num_pending:
+                return False
+        return True
     finally:
         await nc.close()
 
