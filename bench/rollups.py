@@ -6,8 +6,9 @@ at the end):
 1. Throughput: `--rollups-readings` readings in messages of `--rollups-per-message` (the
    batched ingest's shape: each device's readings 1 ms apart, `--rollups-devices` devices) are
    published into INGEST first; then the projection runs in this process as `iot run projector
-   timeseries` runs it (two fetch loops, batches of 500 messages) until every message is
-   acknowledged: readings/s, once without rollups and once with them. The rollups are checked
+   timeseries` runs it (its fetch loops on the raw consumer, batches of 500 messages; with
+   rollups, the rollup consumer following it) until every message is acknowledged by each
+   consumer: readings/s, once without rollups and once with them. The rollups are checked
    afterwards: the 1-minute and 1-hour counts add up to the readings.
 2. Query latency: one device with a reading every `--rollups-every-s` seconds for the last 30
    days (written straight into InfluxDB, its rollups rebuilt); then the gateway's telemetry
@@ -98,24 +99,32 @@ async def _drain(settings: Settings, rollups: bool) -> float:
     js = nc.jetstream()
     influx = InfluxClient(settings.influx_url, settings.influx_db)
     await influx.create_database()
-    projection = TimeseriesProjection(
-        PointWriter(influx),
-        JetStreamDeadLetters(js, streams),
-        rollups=Rollups(influx, retention_1m="90d", retention_1h="1095d") if rollups else None,
-    )
+    projection = TimeseriesProjection(PointWriter(influx), JetStreamDeadLetters(js, streams))
     stop = asyncio.Event()
+    follower = None
+    names = [timeseries.PROJECTION]
+    if rollups:  # as `iot run projector timeseries` runs them: on their own consumer
+        follower = timeseries.RollupFollower(
+            js,
+            timeseries.consumer_spec(streams),
+            Rollups(influx, retention_1m="90d", retention_1h="1095d"),
+            stop=stop,
+        )
+        names.append(timeseries.ROLLUP_PROJECTION)
     started = time.perf_counter()
-    task = asyncio.create_task(timeseries.run_projection(js, streams, projection, stop))
-    durable = streams.consumer(timeseries.PROJECTION)
+    task = asyncio.create_task(
+        timeseries.run_projection(js, streams, projection, stop, follower=follower)
+    )
     try:
-        while True:
-            await asyncio.sleep(0.05)
-            try:
-                info = await js.consumer_info(streams.ingest, durable)
-            except Exception:
-                continue
-            if not info.num_pending and not info.num_ack_pending:
-                break
+        for name in names:  # the raw points, then the rollups that follow them
+            while True:
+                await asyncio.sleep(0.05)
+                try:
+                    info = await js.consumer_info(streams.ingest, streams.consumer(name))
+                except Exception:
+                    continue
+                if not info.num_pending and not info.num_ack_pending:
+                    break
         return time.perf_counter() - started
     finally:
         stop.set()

@@ -65,7 +65,7 @@ FETCH_BATCH = 500  # messages per consumer fetch
 FETCHERS = 4  # concurrent fetch loops: they decode and write while one waits on InfluxDB
 ROLLUP_PROJECTION = "timeseries-rollups"
 ROLLUP_BATCH = 5000  # messages per rollup update at most: one update costs about the same
-ROLLUP_FETCH_WAIT_S = 0.25  # what arrived by then makes a batch
+ROLLUP_FETCH_WAIT_S = 1.0  # what arrived by then makes a batch: an update a second at most
 FLOOR_POLL_S = 0.02  # how often the rollups look at the raw consumer's acknowledgement floor
 MAX_REQUEST_BYTES = 2 * 1024 * 1024  # a batch is split into requests of about this size
 
