@@ -59,16 +59,7 @@ class InfluxQL:
             )
         except httpx.HTTPError as e:
             raise InfluxUnavailable(f"InfluxDB unreachable: {e!r}") from e
-        if response.status_code >= 500:
-            raise InfluxUnavailable(f"InfluxDB answered {response.status_code}")
-        try:
-            answer = _decode(response.content)
-        except msgspec.DecodeError as e:
-            raise InfluxUnavailable(f"InfluxDB answered {response.status_code}: {e}") from e
-        if answer.error:
-            raise InfluxQueryError(answer.error)
-        if response.status_code >= 400:
-            raise InfluxQueryError(f"InfluxDB answered {response.status_code}")
+        answer = _answer(response)
         if not answer.results:
             return [], False
         result = answer.results[0]
@@ -92,16 +83,7 @@ class InfluxQL:
             )
         except httpx.HTTPError as e:
             raise InfluxUnavailable(f"InfluxDB unreachable: {e!r}") from e
-        if response.status_code >= 500:
-            raise InfluxUnavailable(f"InfluxDB answered {response.status_code}")
-        try:
-            answer = _decode(response.content)
-        except msgspec.DecodeError as e:
-            raise InfluxUnavailable(f"InfluxDB answered {response.status_code}: {e}") from e
-        if answer.error:
-            raise InfluxQueryError(answer.error)
-        if response.status_code >= 400:
-            raise InfluxQueryError(f"InfluxDB answered {response.status_code}")
+        answer = _answer(response)
         out: list[list[Series]] = [[] for _ in statements]
         for result in answer.results:
             if result.error:
@@ -118,3 +100,19 @@ class InfluxQL:
         except httpx.HTTPError:
             return False
         return response.status_code == 204
+
+
+def _answer(response: httpx.Response) -> _Answer:
+    """The decoded /query answer; InfluxUnavailable on 5xx or an undecodable body,
+    InfluxQueryError on an error InfluxDB reported or another 4xx."""
+    if response.status_code >= 500:
+        raise InfluxUnavailable(f"InfluxDB answered {response.status_code}")
+    try:
+        answer = _decode(response.content)
+    except msgspec.DecodeError as e:
+        raise InfluxUnavailable(f"InfluxDB answered {response.status_code}: {e}") from e
+    if answer.error:
+        raise InfluxQueryError(answer.error)
+    if response.status_code >= 400:
+        raise InfluxQueryError(f"InfluxDB answered {response.status_code}")
+    return answer
