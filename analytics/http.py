@@ -10,10 +10,8 @@ the replica's CPU with the live evaluation): a second one meanwhile gets 429 wit
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -25,6 +23,7 @@ from starlette.routing import BaseRoute, Route
 from analytics.catalog import DeviceInfo
 from analytics.ruletest import MAX_SPAN_MS, parse_since, run_rule_test
 from domain.rules import RuleInvalid, spec_to_dict, validate_rule
+from infra import timefmt
 from infra.httpkit import Authorizer, Problem, json_response, read_body
 
 PREFIX = "/api/v1"
@@ -35,23 +34,13 @@ _FIELDS = ("rule", "since", "from", "to")
 def parse_time(value: Any, field: str) -> int:
     """RFC 3339 with an offset, or epoch milliseconds, as epoch ms; 422 otherwise."""
     if isinstance(value, int) and not isinstance(value, bool):
-        ms = value
-    elif isinstance(value, str):
-        if value.isdigit():
-            ms = int(value)
-        else:
-            try:
-                parsed = datetime.fromisoformat(value.replace("z", "Z"))
-            except ValueError:
-                raise _invalid(field, "an RFC 3339 timestamp or epoch milliseconds") from None
-            if parsed.tzinfo is None:
-                raise _invalid(field, "an RFC 3339 timestamp needs an offset (Z or +hh:mm)")
-            ms = math.floor(parsed.timestamp() * 1000)
-    else:
+        value = str(value) if value >= 0 else "-"
+    if not isinstance(value, str):
         raise _invalid(field, "an RFC 3339 timestamp or epoch milliseconds")
-    if not 0 <= ms <= 9_223_372_036_854:
-        raise _invalid(field, "a time between 1970 and 2262")
-    return ms
+    try:
+        return timefmt.parse_time(value)
+    except ValueError as e:
+        raise _invalid(field, str(e)) from None
 
 
 def _invalid(field: str, message: str) -> Problem:

@@ -21,7 +21,6 @@ stay exact).
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,25 +37,18 @@ from domain.ingest import decode_ingest
 from domain.rules import RuleSpec
 from infra.replay import LogTail
 from infra.streams import Streams
+from infra.timefmt import parse_duration
 
 DRAFT = "draft"
 MAX_SPAN_MS = 31 * 24 * 3600 * 1000
 MAX_MESSAGES = 2_000_000
 MAX_ALERTS = 1000
 FETCH_WAIT_S = 0.5
-_DURATION = re.compile(r"^([1-9][0-9]{0,6})(s|m|h|d|w)$")
-_UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 
 
 def parse_since(text: str) -> int:
     """`90m`, `24h`, `7d` as milliseconds; ValueError otherwise (at most 31 days)."""
-    found = _DURATION.fullmatch(text.strip())
-    if not found:
-        raise ValueError(f"a duration like 30m, 24h or 7d (units s, m, h, d, w), got {text!r}")
-    ms = int(found.group(1)) * _UNIT_MS[found.group(2)]
-    if ms > MAX_SPAN_MS:
-        raise ValueError(f"at most 31 days of history, got {text!r}")
-    return ms
+    return parse_duration(text.strip(), MAX_SPAN_MS)
 
 
 class TestedAlert(msgspec.Struct, kw_only=True):

@@ -41,10 +41,6 @@ from gateway.telemetry import (
     TelemetryQuery,
     TooManyPoints,
     build_influxql,
-    format_duration,
-    parse_duration,
-    parse_time,
-    rfc3339,
     series_from_rows,
     suggest_every,
 )
@@ -56,6 +52,7 @@ from gateway.views import (
     decode_cursor,
 )
 from infra.httpkit import Authorizer, Problem, ReadyCheck, build_app, etag_matches, etag_of
+from infra.timefmt import format_duration, parse_duration, parse_time, rfc3339
 from infra.views import SEVERITIES, STATUSES
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,14 @@ import msgspec
 from redis.asyncio import Redis
 
 from gateway.influx import InfluxQL, InfluxQueryError
-from gateway.telemetry import DEVICE_TAG, MEASUREMENT, quote_ident, quote_string, rfc3339
+from gateway.telemetry import (
+    DEVICE_TAG,
+    MEASUREMENT,
+    quote_ident,
+    quote_string,
+)
 from gateway.views import ViewReader
+from infra.timefmt import rfc3339
 from infra.views import CLEARED_ALERTS_KEPT, HISTORY_KEPT, SEVERITIES, ViewKeys
 
 DAY_MS = 86_400_000

@@ -2,68 +2,23 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
+
+from infra.timefmt import UNIT_MS, parse_duration
 
 MEASUREMENT = "telemetry"
 DEVICE_TAG = "device_id"
 MAX_POINTS = 10_000
 METRIC = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 AGGS = ("mean", "min", "max", "count", "last")
-_DURATION = re.compile(r"^([1-9][0-9]{0,9})(ms|s|m|h|d|w)$")
-MAX_MS = 9_223_372_036_854  # InfluxDB's last representable instant (int64 ns), in ms
-UNIT_MS = {"ms": 1, "s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
 # Candidate `every` values for the hint, smallest first.
 _NICE = (
     "1s", "2s", "5s", "10s", "15s", "30s", "1m", "2m", "5m", "10m", "15m", "30m",
     "1h", "2h", "3h", "6h", "12h", "1d", "2d", "7d", "14d", "30d", "90d", "365d",
 )  # fmt: skip
-
-
-def parse_duration(text: str) -> int:
-    """`10s`, `1m`, `1h`... as milliseconds; ValueError otherwise."""
-    found = _DURATION.fullmatch(text)
-    if not found:
-        raise ValueError(f"a duration like 10s, 1m or 1h (units ms, s, m, h, d, w), got {text!r}")
-    ms = int(found.group(1)) * UNIT_MS[found.group(2)]
-    if ms > MAX_MS:
-        raise ValueError(f"a duration of at most {MAX_MS // UNIT_MS['d']}d, got {text!r}")
-    return ms
-
-
-def format_duration(ms: int) -> str:
-    """The shortest exact spelling of a duration in milliseconds (`90000` -> `90s`)."""
-    for unit in ("w", "d", "h", "m", "s"):
-        if ms % UNIT_MS[unit] == 0:
-            return f"{ms // UNIT_MS[unit]}{unit}"
-    return f"{ms}ms"
-
-
-def parse_time(text: str) -> int:
-    """An RFC 3339 timestamp (with offset) or epoch milliseconds, as epoch milliseconds."""
-    if text.isdigit():
-        ms = int(text)
-    else:
-        try:
-            parsed = datetime.fromisoformat(text.replace("z", "Z"))
-        except ValueError as e:
-            raise ValueError(f"an RFC 3339 timestamp or epoch milliseconds, got {text!r}") from e
-        if parsed.tzinfo is None:
-            raise ValueError(f"an RFC 3339 timestamp needs an offset (Z or +hh:mm), got {text!r}")
-        ms = math.floor(parsed.timestamp() * 1000)
-    if not 0 <= ms <= MAX_MS:
-        raise ValueError(f"a time between 1970 and 2262, got {text!r}")
-    return ms
-
-
-def rfc3339(ms: int) -> str:
-    """Epoch milliseconds as RFC 3339 in UTC with millisecond precision."""
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def quote_ident(name: str) -> str:

@@ -13,7 +13,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from domain.device import DEVICE_ID
-from gateway.telemetry import rfc3339
+from infra.timefmt import rfc3339
 from infra.views import METRIC_FIELD, SEVERITIES, STATUSES, CurrentKeys, ViewKeys
 
 _decode = msgspec.json.decode

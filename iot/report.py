@@ -23,9 +23,9 @@ from redis.asyncio import Redis
 from gateway.influx import InfluxError, InfluxQL
 from gateway.report_html import render
 from gateway.reports import FORMATS, ReportBuilder, ReportQuery, ReportRefused
-from gateway.telemetry import parse_time, rfc3339
 from gateway.views import ViewReader
 from infra.settings import Settings
+from infra.timefmt import parse_time, rfc3339
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

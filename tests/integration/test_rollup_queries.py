@@ -19,9 +19,12 @@ from redis.asyncio import Redis
 
 from gateway.aggregates import telemetry_series
 from gateway.influx import InfluxQL
-from gateway.telemetry import TelemetryQuery, parse_duration
+from gateway.telemetry import (
+    TelemetryQuery,
+)
 from infra.rollups import HOUR, MINUTE
 from infra.settings import Settings
+from infra.timefmt import parse_duration
 from infra.views import ViewKeys
 from projections.influx import InfluxClient
 from projections.rollups import Rollups

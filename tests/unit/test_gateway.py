@@ -14,12 +14,8 @@ from gateway.telemetry import (
     TooManyPoints,
     buckets,
     build_influxql,
-    format_duration,
-    parse_duration,
-    parse_time,
     quote_ident,
     quote_string,
-    rfc3339,
     series_from_rows,
     suggest_every,
 )
@@ -32,6 +28,7 @@ from gateway.views import (
     readings_last_minute,
 )
 from infra.httpkit import Problem, etag_matches
+from infra.timefmt import format_duration, parse_duration, parse_time, rfc3339
 
 T0 = 1_767_225_600_000  # 2026-01-01T00:00:00Z in epoch ms
 HOUR = 3_600_000
