@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import threading
 import time
@@ -11,10 +12,12 @@ from typing import Any
 
 import httpx
 import msgspec
+import nats
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from infra.settings import Settings
+from infra.streams import Streams
 from iot.broker import PrivateBroker
 from tests.conftest import TOKENS
 from tests.e2e.processes import Component, free_port
@@ -147,3 +150,50 @@ def influx_count(settings: Settings, field: str) -> int:
     )
     series = response.json()["results"][0].get("series")
     return int(series[0]["values"][0][1]) if series else 0
+
+
+def influx_missing(
+    settings: Settings, field: str, expected: dict[str, set[int]]
+) -> dict[str, list[int]]:
+    """Per device, the values of `field` (one per reading) that InfluxDB does not hold."""
+    response = httpx.get(
+        f"{settings.influx_url}/query",
+        params={
+            "db": settings.influx_db,
+            "q": f'SELECT "{field}" FROM telemetry GROUP BY device_id',
+        },
+        timeout=30,
+    )
+    held: dict[str, set[int]] = {}
+    for series in response.json()["results"][0].get("series") or []:
+        held[series["tags"]["device_id"]] = {int(v[1]) for v in series["values"]}
+    out = {}
+    for device_id, values in expected.items():
+        gone = sorted(values - held.get(device_id, set()))
+        if gone:
+            out[device_id] = gone
+    return out
+
+
+async def _ingest_counts(settings: Settings) -> dict[str, int]:
+    streams = Streams(settings.namespace)
+    nc = await nats.connect(settings.nats_url)
+    try:
+        js = nc.jetstream()
+        out = {}
+        for name in (streams.ingest, streams.deadletter):
+            info = await js.stream_info(name)
+            out[name] = int(info.state.messages)
+        for consumer in await js.consumers_info(streams.ingest):
+            out[f"{consumer.name} pending"] = int(consumer.num_pending or 0)
+            out[f"{consumer.name} ack pending"] = int(consumer.num_ack_pending or 0)
+            out[f"{consumer.name} redelivered"] = int(consumer.num_redelivered or 0)
+        return out
+    finally:
+        await nc.close()
+
+
+def log_state(settings: Settings) -> dict[str, int]:
+    """Messages in INGEST and the dead-letter stream, and each INGEST consumer's backlog: where
+    a reading missing from a projection got to."""
+    return asyncio.run(_ingest_counts(settings))

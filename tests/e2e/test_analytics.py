@@ -357,6 +357,58 @@ def test_kill_9_mid_burst_and_mid_duration_ends_with_each_transition_exactly_onc
         service.stop()
 
 
+ODD: dict[str, dict[str, Any]] = {
+    "odd": {
+        "name": "Odd pressure",
+        "metric": "pressure",
+        "severity": "warning",
+        "condition": {"kind": "anomaly", "sensitivity": 0.6},
+    },
+}
+
+
+def relayed(relay: Component) -> int:
+    """The event-store position the relay has published (its `iot_relay_position` gauge)."""
+    for line in httpx.get(f"{relay.url}/metrics", timeout=5).text.splitlines():
+        if line.startswith("iot_relay_position "):
+            return int(float(line.split()[1]))
+    return 0
+
+
+def test_kill_9_mid_stream_gives_the_anomaly_alerts_of_an_undisturbed_run(
+    migrated: Settings, store: DeviceStore, boilers: list[str], relay: Component
+) -> None:
+    """The detector's state is checkpointed with the partition: killed and restarted mid-stream,
+    the anomaly rule raises and clears exactly what one undisturbed evaluation does."""
+    create_rules(store, ODD)
+    head = store.max_position()
+    assert wait_until(lambda: relayed(relay) >= head, timeout=30)  # the rule is on the log
+    rules = {**RULES, **ODD}
+    messages = workload(len(boilers), 1000, seed=11)
+    want = expected(messages, rules)
+    odd = [k for k in want if k[2] == "odd"]
+    assert {k[3] for k in odd} >= {"raised", "cleared"}, odd  # the detector has work to do
+    third = len(messages) // 3
+    service = analytics(migrated)
+    service.wait_ready(30)
+    last = publish(migrated, messages[:third])
+    assert wait_until(lambda: evaluated_up_to(migrated) > 0, timeout=60, interval=0.01)
+    service.kill()  # mid-stream: some partitions checkpointed, the rest not yet
+    service = analytics(migrated)
+    service.wait_ready(30)
+    last = publish(migrated, messages[third : 2 * third])
+    time.sleep(0.3)
+    service.kill()
+    service = analytics(migrated)
+    try:
+        service.wait_ready(30)
+        wait_evaluated(migrated, last)
+        wait_evaluated(migrated, publish(migrated, messages[2 * third :]))
+        assert stored_transitions(store, boilers) == want
+    finally:
+        service.stop()
+
+
 def test_two_replicas_share_the_partitions_and_one_killed_hands_its_devices_over(
     migrated: Settings, store: DeviceStore, boilers: list[str]
 ) -> None:

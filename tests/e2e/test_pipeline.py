@@ -14,6 +14,8 @@ from tests.e2e.pipeline import (
     Publisher,
     System,
     influx_count,
+    influx_missing,
+    log_state,
     private_mosquitto,
     reading,
     register,
@@ -121,7 +123,13 @@ def wait_sent(publisher: Publisher, fraction: float) -> None:
 def assert_complete(running: System, migrated: Settings) -> None:
     total = DEVICES * PER_DEVICE
     count = wait_until(lambda: influx_count(migrated, "seq") == total, timeout=120)
-    assert count, f"InfluxDB holds {influx_count(migrated, 'seq')} of {total} points"
+    if not count:
+        sent = {f"d{d:02d}": set(range(PER_DEVICE)) for d in range(DEVICES)}
+        missing = influx_missing(migrated, "seq", sent)
+        raise AssertionError(
+            f"InfluxDB holds {influx_count(migrated, 'seq')} of {total} points; "
+            f"missing {missing}; log {log_state(migrated)}"
+        )
 
     def every_view_has_its_last_reading() -> bool:
         for d in range(DEVICES):
