@@ -41,6 +41,15 @@ MAX_REASON = 500  # commands.api's `Reason`
 _encode = msgspec.json.Encoder().encode
 
 
+POSITION_ANSWERED = {
+    "type": "integer",
+    "minimum": 0,
+    "description": "The event-store position of the change's last event (0 when the request "
+    "changed nothing and appended no event), also the `Iot-Position` header: pass it to the "
+    "gateway as `after`",
+}
+
+
 def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -179,8 +188,9 @@ def _device(extra: dict[str, Any], required: list[str], description: str) -> dic
             **extra,
             "position": {
                 "type": "integer",
-                "minimum": 1,
-                "description": "The event-store position of the change's last event, also the "
+                "minimum": 0,
+                "description": "The event-store position of the change's last event (0 when the "
+                "request changed nothing and appended no event), also the "
                 "`Iot-Position` header: pass it to the gateway as `after`. Absent only on a "
                 "replay whose position cannot be found",
             },
@@ -289,6 +299,15 @@ def _rule_schemas(labels: dict[str, Any]) -> dict[str, Any]:
         "severity": {"type": "string", "enum": list(SEVERITIES)},
         "condition": condition,
     }
+    # An answer spells every scope member, null where the rule does not restrict it.
+    scope: dict[str, Any] = definition["scope"]  # type: ignore[assignment]
+    answered_scope = {
+        **scope,
+        "properties": {
+            name: {**member, "type": [member["type"], "null"]}
+            for name, member in scope["properties"].items()
+        },
+    }
     return {
         "RuleBody": {
             "type": "object",
@@ -323,7 +342,8 @@ def _rule_schemas(labels: dict[str, Any]) -> dict[str, Any]:
                 },
                 "enabled": {"type": "boolean"},
                 **definition,
-                "position": {"type": "integer", "minimum": 1},
+                "scope": answered_scope,
+                "position": POSITION_ANSWERED,
             },
         },
     }
