@@ -34,7 +34,7 @@ _FIELDS = ("rule", "since", "from", "to")
 def parse_time(value: Any, field: str) -> int:
     """RFC 3339 with an offset, or epoch milliseconds, as epoch ms; 422 otherwise."""
     if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value) if value >= 0 else "-"
+        value = str(value)  # a negative one is refused as not a time
     if not isinstance(value, str):
         raise _invalid(field, "an RFC 3339 timestamp or epoch milliseconds")
     try:

@@ -187,12 +187,9 @@ def _device(extra: dict[str, Any], required: list[str], description: str) -> dic
             "status": {"type": "string", "enum": [s.value for s in Status]},
             **extra,
             "position": {
-                "type": "integer",
-                "minimum": 0,
-                "description": "The event-store position of the change's last event (0 when the "
-                "request changed nothing and appended no event), also the "
-                "`Iot-Position` header: pass it to the gateway as `after`. Absent only on a "
-                "replay whose position cannot be found",
+                **POSITION_ANSWERED,
+                "description": f"{POSITION_ANSWERED['description']}. Absent only on a replay "
+                "whose position cannot be found",
             },
         },
     }

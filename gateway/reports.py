@@ -29,12 +29,7 @@ import msgspec
 from redis.asyncio import Redis
 
 from gateway.influx import InfluxQL, InfluxQueryError
-from gateway.telemetry import (
-    DEVICE_TAG,
-    MEASUREMENT,
-    quote_ident,
-    quote_string,
-)
+from gateway.telemetry import DEVICE_TAG, MEASUREMENT, quote_ident, quote_string
 from gateway.views import ViewReader
 from infra.timefmt import rfc3339
 from infra.views import CLEARED_ALERTS_KEPT, HISTORY_KEPT, SEVERITIES, ViewKeys

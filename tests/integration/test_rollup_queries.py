@@ -19,9 +19,7 @@ from redis.asyncio import Redis
 
 from gateway.aggregates import telemetry_series
 from gateway.influx import InfluxQL
-from gateway.telemetry import (
-    TelemetryQuery,
-)
+from gateway.telemetry import TelemetryQuery
 from infra.rollups import HOUR, MINUTE
 from infra.settings import Settings
 from infra.timefmt import parse_duration
