@@ -1,0 +1,123 @@
+"""Dead letters' pure parts: reading a stored message, device ids, filters, the JSON form."""
+
+from __future__ import annotations
+
+import base64
+from datetime import UTC, datetime
+
+import pytest
+
+from infra.deadletters import DeadLetter, device_of, from_headers, matches, reason_subject
+from infra.streams import Streams
+
+STORED = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
+
+
+def bridge_letter(data: bytes = b'{"temp": 1}', **headers: str) -> DeadLetter:
+    return from_headers(
+        7,
+        {
+            "Nats-Msg-Id": "dlq:telemetry:dev-1:12:abcd",
+            "Iot-Reason": "unknown_device",
+            "Iot-Topic": "devices/dev-1/telemetry",
+            "Iot-Detail": "device 'dev-1' is not registered",
+            "Iot-Received-At": "1767323045000",
+            **headers,
+        },
+        data,
+        STORED,
+        subject="deadletter.unknown_device",
+    )
+
+
+@pytest.mark.parametrize(
+    ("topic", "namespace", "device"),
+    [
+        ("devices/dev-1/telemetry", "", "dev-1"),
+        ("devices/dev-1/commands/ack", "", "dev-1"),
+        ("devices//telemetry", "", None),
+        ("devices/", "", None),
+        ("ingest.telemetry.dev-2", "", "dev-2"),
+        ("t1.ingest.status.dev-3", "t1", "dev-3"),
+        ("t1.events.dev-4", "t1", "dev-4"),
+        ("events.dev-5", "", "dev-5"),
+        ("rules.r1", "", None),
+        ("other/topic", "", None),
+        ("", "", None),
+    ],
+)
+def test_the_device_comes_from_the_topic_or_the_stream_subject(
+    topic: str, namespace: str, device: str | None
+) -> None:
+    assert device_of(topic, namespace) == device
+
+
+def test_a_bridge_dead_letter_is_read_from_its_headers() -> None:
+    letter = bridge_letter()
+    assert letter.seq == 7
+    assert letter.reason == "unknown_device"
+    assert letter.device_id == "dev-1"
+    assert letter.received_at_ms == 1767323045000
+    assert letter.source == "bridge"
+    assert letter.size == len(b'{"temp": 1}')
+    assert letter.msg_id == "dlq:telemetry:dev-1:12:abcd"
+    assert letter.from_bridge
+
+
+def test_a_projector_dead_letter_is_not_from_the_bridge() -> None:
+    letter = from_headers(
+        3,
+        {
+            "Iot-Reason": "influx_rejected",
+            "Iot-Topic": "ingest.telemetry.dev-9",
+            "Iot-Detail": "400",
+            "Iot-Source": "timeseries",
+        },
+        b"x",
+        STORED,
+    )
+    assert letter.source == "timeseries"
+    assert letter.device_id == "dev-9"
+    assert letter.received_at_ms is None
+    assert not letter.from_bridge
+
+
+def test_missing_headers_fall_back_to_the_subject() -> None:
+    letter = from_headers(1, None, b"", STORED, subject="ns.deadletter.too_large", namespace="ns")
+    assert letter.reason == "too_large"
+    assert letter.topic == ""
+    assert letter.device_id is None
+    assert letter.received_at_ms is None
+
+
+def test_json_has_the_bytes_as_base64_and_a_text_preview() -> None:
+    body = bridge_letter().to_json()
+    assert base64.b64decode(body["data_base64"]) == b'{"temp": 1}'
+    assert body["preview"] == '{"temp": 1}'
+    assert body["stored_at"] == "2026-01-02T03:04:05.678Z"
+    assert body["device_id"] == "dev-1"
+    assert "headers" not in body
+
+
+def test_json_of_bytes_that_are_not_utf8_has_no_preview() -> None:
+    body = bridge_letter(b"\xff\xfe").to_json()
+    assert body["preview"] is None
+    assert base64.b64decode(body["data_base64"]) == b"\xff\xfe"
+
+
+def test_filters_by_device_and_storage_time() -> None:
+    letter = bridge_letter()
+    stored_ms = int(STORED.timestamp() * 1000)
+    assert matches(letter, device_id=None, since_ms=None)
+    assert matches(letter, device_id="dev-1", since_ms=stored_ms)
+    assert not matches(letter, device_id="dev-2", since_ms=None)
+    assert not matches(letter, device_id=None, since_ms=stored_ms + 1)
+
+
+def test_a_reason_filters_by_subject_and_must_be_one_token() -> None:
+    streams = Streams("ns")
+    assert reason_subject(streams, None) == "ns.deadletter.>"
+    assert reason_subject(streams, "unknown_device") == "ns.deadletter.unknown_device"
+    for bad in ("a.b", "*", ">", "", "with space"):
+        with pytest.raises(ValueError, match="reason"):
+            reason_subject(streams, bad)
