@@ -64,7 +64,12 @@ async def migrate_streams(settings: Settings, replicas: int = 1) -> list[str]:
         jsm = nc.jsm()
         done = []
         streams = Streams(settings.namespace)
-        for config in streams.configs(replicas):
+        configs = streams.configs(
+            replicas,
+            deadletter_max_age=settings.deadletter_max_age_ms / 1000,
+            deadletter_max_bytes=settings.deadletter_max_bytes,
+        )
+        for config in configs:
             assert config.name is not None
             try:
                 await jsm.stream_info(config.name)

@@ -10,8 +10,12 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from infra.timefmt import parse_duration
+
 ROLES = ("viewer", "operator", "admin")
 _NAMESPACE = re.compile(r"^[a-z][a-z0-9_]{0,30}$")
+GIB = 1024**3
+DEADLETTER_MAX_AGE_MS = 14 * 86_400_000
 
 
 class SettingsError(Exception):
@@ -66,6 +70,8 @@ class Settings:
     retention_raw: str = "INF"  # InfluxDB retention of the raw telemetry (IOT_RETENTION_RAW)
     retention_1m: str = "90d"  # of the 1-minute rollups (IOT_RETENTION_1M)
     retention_1h: str = "1095d"  # of the 1-hour rollups (IOT_RETENTION_1H)
+    deadletter_max_age_ms: int = DEADLETTER_MAX_AGE_MS  # IOT_DEADLETTER_MAX_AGE
+    deadletter_max_bytes: int = GIB  # IOT_DEADLETTER_MAX_BYTES
 
     @property
     def mqtt(self) -> tuple[str, int, bool]:
@@ -205,7 +211,45 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         retention_raw=_retention(env, "IOT_RETENTION_RAW", "INF"),
         retention_1m=_retention(env, "IOT_RETENTION_1M", "90d"),
         retention_1h=_retention(env, "IOT_RETENTION_1H", "1095d"),
+        deadletter_max_age_ms=_duration(env, "IOT_DEADLETTER_MAX_AGE", DEADLETTER_MAX_AGE_MS),
+        deadletter_max_bytes=_bytes(env, "IOT_DEADLETTER_MAX_BYTES", GIB),
     )
+
+
+def _duration(env: Mapping[str, str], name: str, default_ms: int) -> int:
+    """A duration such as `14d` or `36h` (units s, m, h, d, w), at least 1h, as milliseconds."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default_ms
+    try:
+        ms = parse_duration(raw)
+    except ValueError as e:
+        raise SettingsError(f"{name} must be {e}") from e
+    if ms < 3_600_000:
+        raise SettingsError(f"{name} must be at least 1h, got {raw!r}")
+    return ms
+
+
+_BYTES = re.compile(r"^([1-9][0-9]{0,15})\s*(B|KiB|MiB|GiB|TiB)?$")
+_BYTE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": GIB, "TiB": 1024**4}
+MIN_DEADLETTER_BYTES = 8 * 1024**2  # room for a few dead letters of the largest kind (~1 MiB)
+
+
+def _bytes(env: Mapping[str, str], name: str, default: int) -> int:
+    """A size in bytes, plain or with a unit (`512MiB`, `2GiB`), at least 8 MiB."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return default
+    found = _BYTES.fullmatch(raw)
+    if not found:
+        raise SettingsError(
+            f"{name} must be a size in bytes such as 1073741824, 512MiB or 2GiB "
+            f"(units B, KiB, MiB, GiB, TiB), got {raw!r}"
+        )
+    size = int(found.group(1)) * _BYTE_UNITS[found.group(2) or "B"]
+    if not MIN_DEADLETTER_BYTES <= size <= 2**62:
+        raise SettingsError(f"{name} must be between 8MiB and 4EiB, got {raw!r}")
+    return size
 
 
 _RETENTION = re.compile(r"(?:[0-9]{1,9}(?:m|h|d|w))+")

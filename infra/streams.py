@@ -13,6 +13,8 @@ from nats.js.api import (
 )
 
 DAY = 24 * 3600
+DEADLETTER_MAX_AGE = float(14 * DAY)  # seconds; IOT_DEADLETTER_MAX_AGE
+DEADLETTER_MAX_BYTES = 1024**3  # IOT_DEADLETTER_MAX_BYTES
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,14 @@ class Streams:
     def deadletter_wildcard(self) -> str:
         return self._subject("deadletter.>")
 
-    def configs(self, replicas: int = 1) -> list[StreamConfig]:
+    def configs(
+        self,
+        replicas: int = 1,
+        *,
+        deadletter_max_age: float = DEADLETTER_MAX_AGE,
+        deadletter_max_bytes: int = DEADLETTER_MAX_BYTES,
+    ) -> list[StreamConfig]:
+        """The streams; DEADLETTER is bounded in age and size (the oldest go first)."""
         return [
             _config(
                 self.events,
@@ -111,9 +120,10 @@ class Streams:
                 self.deadletter,
                 [self.deadletter_wildcard],
                 "Rejected input: reason, topic and original bytes",
-                max_age=float(14 * DAY),
+                max_age=deadletter_max_age,
                 duplicate_window=120.0,
                 replicas=replicas,
+                max_bytes=deadletter_max_bytes,
             ),
         ]
 
@@ -152,6 +162,7 @@ def _config(
     max_age: float,
     duplicate_window: float,
     replicas: int,
+    max_bytes: int = -1,
 ) -> StreamConfig:
     return StreamConfig(
         name=name,
@@ -163,4 +174,5 @@ def _config(
         num_replicas=replicas,
         max_age=max_age,
         duplicate_window=duplicate_window,
+        max_bytes=max_bytes,
     )

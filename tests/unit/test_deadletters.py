@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import pytest
 
 from infra.deadletters import DeadLetter, device_of, from_headers, matches, reason_subject
+from infra.settings import SettingsError, load
 from infra.streams import Streams
 
 STORED = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
@@ -121,3 +122,43 @@ def test_a_reason_filters_by_subject_and_must_be_one_token() -> None:
     for bad in ("a.b", "*", ">", "", "with space"):
         with pytest.raises(ValueError, match="reason"):
             reason_subject(streams, bad)
+
+
+def test_retention_defaults_to_14_days_and_1_gib() -> None:
+    settings = load({})
+    assert settings.deadletter_max_age_ms == 14 * 86_400_000
+    assert settings.deadletter_max_bytes == 1024**3
+    config = next(c for c in Streams().configs() if c.name == "DEADLETTER")
+    assert config.max_age == 14 * 86_400.0
+    assert config.max_bytes == 1024**3
+
+
+def test_retention_is_configurable_and_applied_to_the_stream() -> None:
+    settings = load({"IOT_DEADLETTER_MAX_AGE": "36h", "IOT_DEADLETTER_MAX_BYTES": "512MiB"})
+    assert settings.deadletter_max_age_ms == 36 * 3_600_000
+    assert settings.deadletter_max_bytes == 512 * 1024**2
+    assert load({"IOT_DEADLETTER_MAX_BYTES": "16777216"}).deadletter_max_bytes == 16 * 1024**2
+    configs = Streams("ns").configs(
+        deadletter_max_age=settings.deadletter_max_age_ms / 1000,
+        deadletter_max_bytes=settings.deadletter_max_bytes,
+    )
+    by_name = {c.name: c for c in configs}
+    assert by_name["NS_DEADLETTER"].max_age == 36 * 3600.0
+    assert by_name["NS_DEADLETTER"].max_bytes == 512 * 1024**2
+    assert by_name["NS_INGEST"].max_bytes == -1  # the other streams are bounded by age only
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("IOT_DEADLETTER_MAX_AGE", "14"),
+        ("IOT_DEADLETTER_MAX_AGE", "10m"),
+        ("IOT_DEADLETTER_MAX_AGE", "-1d"),
+        ("IOT_DEADLETTER_MAX_BYTES", "1GB"),
+        ("IOT_DEADLETTER_MAX_BYTES", "1KiB"),
+        ("IOT_DEADLETTER_MAX_BYTES", "-1"),
+    ],
+)
+def test_bad_retention_names_its_variable(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=variable):
+        load({variable: value})
