@@ -406,8 +406,9 @@ async def run(settings: Settings) -> None:
     from analytics.http import rule_test_routes
     from infra.httpkit import Authorizer
 
+    authorizer = Authorizer(settings.api_tokens, settings.api_token_names)
     routes: list[BaseRoute] = rule_test_routes(
-        nc, settings.namespace, Authorizer(settings.api_tokens), lambda: service.catalog.devices
+        nc, settings.namespace, authorizer, lambda: service.catalog.devices
     )
     port = settings.port_for(PORT)
     server = asyncio.create_task(serve(build_app(routes, ready), settings.http_host, port, stop))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import logging
 import uuid
@@ -10,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from starlette.applications import Starlette
@@ -108,6 +109,33 @@ class CommandService:
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
 
 
+T = TypeVar("T")
+
+# The name of the token whose request is being handled (set in its worker thread): stamped on
+# each event it appends, the published events' `actor` (who caused it, in a device's history).
+ACTOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("actor", default=None)
+
+
+def _acting(actor: str, fn: Callable[[], T]) -> Callable[[], T]:
+    """`fn` run with ACTOR set (in the worker thread that runs it), then reset."""
+
+    def run() -> T:
+        token = ACTOR.set(actor)
+        try:
+            return fn()
+        finally:
+            ACTOR.reset(token)
+
+    return run
+
+
+def _stamp(events: Any) -> None:
+    actor = ACTOR.get()
+    if actor is not None:
+        for event in events:
+            object.__setattr__(event, "actor", actor)  # stored with the event's state
+
+
 class StoreAdapter:
     """Adapts the DeviceStore to the handlers' Store port."""
 
@@ -119,6 +147,7 @@ class StoreAdapter:
         return self._store.get(device_id)
 
     def save_device(self, device: Device, idempotency: IdempotencyRecord | None = None) -> int:
+        _stamp(device.pending_events)
         return self._committer.save_device(device, idempotency)
 
     def find_idempotency(self, principal: str, key: str) -> IdempotencyRecord | None:
@@ -128,6 +157,7 @@ class StoreAdapter:
         return self._store.get_rule(rule_id)
 
     def save_rule(self, rule: Rule, idempotency: IdempotencyRecord | None = None) -> int:
+        _stamp(rule.pending_events)
         return self._store.save_rule(rule, idempotency)
 
 
@@ -351,6 +381,8 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
         idem = Idempotency(service, request, principal, raw)
         request.state.raw = raw
 
+        actor = authorizer.name_of(principal)
+
         def in_thread() -> tuple[Response, Outcome | RuleOutcome | None]:
             if idem.key is not None:
                 replay = idem.check(adapter.find_idempotency(principal, idem.key))
@@ -387,7 +419,7 @@ def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyChec
                 )
             return Response(_encode(body), status, headers, media_type="application/json"), outcome
 
-        response, outcome = await service.run(in_thread)
+        response, outcome = await service.run(_acting(actor, in_thread))
         # A new secret is answered only once the broker's side has it (replays carry none).
         if isinstance(outcome, Outcome) and outcome.secret is not None:
             device = outcome.device

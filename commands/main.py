@@ -89,7 +89,7 @@ async def run_commands(settings: Settings) -> None:
 
     adapter = StoreAdapter(store, committer)
     scheduler = ExpiryScheduler(expire_with(adapter, service.run))
-    app = create_app(service, Authorizer(settings.api_tokens), ready)
+    app = create_app(service, Authorizer(settings.api_tokens, settings.api_token_names), ready)
     tasks = [
         asyncio.create_task(_purge_idempotency(store, stop)),
         asyncio.create_task(run_policies(js, streams, Policies(adapter, service.run), stop)),

@@ -25,6 +25,7 @@ class _Published(msgspec.Struct, frozen=True, tag_field="event", kw_only=True):
     version: int
     at: datetime
     position: int
+    actor: str | None = None  # the name of the API token that caused it; None: not an API call
 
 
 class DeviceRegistered(_Published, frozen=True, tag="device.registered.v1"):
@@ -213,6 +214,7 @@ def to_published(stored: object, position: int) -> StreamEvent:
         "version": event.originator_version,
         "at": event.timestamp,
         "position": position,
+        "actor": getattr(event, "actor", None),  # stamped on by the command API (not replayed)
     }
     match type(event).__qualname__:
         case "Device.Registered":

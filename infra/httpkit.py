@@ -117,8 +117,13 @@ def decode_body(raw: bytes, type_: type[T]) -> T:
 class Authorizer:
     """Bearer tokens with roles viewer < operator < admin; compares in constant time."""
 
-    def __init__(self, tokens: Mapping[str, str]) -> None:
+    def __init__(self, tokens: Mapping[str, str], names: Mapping[str, str] | None = None) -> None:
         self._tokens = [(t.encode(), r) for t, r in tokens.items()]
+        self._names = {_principal(t.encode()): n for t, n in (names or {}).items()}
+
+    def name_of(self, principal: str) -> str:
+        """The token's name (`token=role:name`), else `token-` and its principal's first 8."""
+        return self._names.get(principal) or f"token-{principal[:8]}"
 
     def authorize(self, request: Request, needed: str) -> str:
         """Return the caller's principal id, or raise 401/403."""
@@ -136,7 +141,11 @@ class Authorizer:
             raise problem
         if ROLES.index(role) < ROLES.index(needed):
             raise Problem(403, "Forbidden", f"this needs the {needed} role; the token is {role}")
-        return hashlib.sha256(presented).hexdigest()[:32]
+        return _principal(presented)
+
+
+def _principal(token: bytes) -> str:
+    return hashlib.sha256(token).hexdigest()[:32]
 
 
 class MetricsMiddleware:

@@ -50,6 +50,7 @@ class Settings:
     influx_url: str
     influx_db: str
     api_tokens: Mapping[str, str] = field(default_factory=dict)
+    api_token_names: Mapping[str, str] = field(default_factory=dict)
     namespace: str = ""
     http_port: int | None = None
     http_host: str = "127.0.0.1"
@@ -117,9 +118,11 @@ def parse_postgres_url(url: str, variable: str = "IOT_DATABASE_URL") -> Postgres
 
 
 def parse_tokens(raw: str, variable: str = "IOT_API_TOKENS") -> dict[str, str]:
+    """`token=role` or `token=role:name` pairs -> {token: role} (names: `parse_token_names`)."""
     tokens: dict[str, str] = {}
     for pair in filter(None, (p.strip() for p in raw.split(","))):
         token, sep, role = pair.partition("=")
+        role = role.partition(":")[0]
         if not sep or not token or role not in ROLES:
             raise SettingsError(
                 f"{variable} must be comma-separated token=role pairs with role in "
@@ -129,6 +132,18 @@ def parse_tokens(raw: str, variable: str = "IOT_API_TOKENS") -> dict[str, str]:
             raise SettingsError(f"{variable}: every token must be at least 16 characters")
         tokens[token] = role
     return tokens
+
+
+def parse_token_names(raw: str) -> dict[str, str]:
+    """{token: name} of the `token=role:name` pairs that name their token (parse_tokens checks
+    the pairs). The name is who caused an event in a device's history, never the token."""
+    names: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in raw.split(","))):
+        token, _, role = pair.partition("=")
+        name = role.partition(":")[2].strip()
+        if name:
+            names[token] = name
+    return names
 
 
 def _url(env: Mapping[str, str], name: str, default: str, schemes: tuple[str, ...]) -> str:
@@ -191,6 +206,7 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         influx_url=_url(env, "IOT_INFLUX_URL", "http://127.0.0.1:8086", ("http", "https")),
         influx_db=influx_db,
         api_tokens=tokens,
+        api_token_names=parse_token_names(env.get("IOT_API_TOKENS", "")),
         namespace=namespace,
         http_port=_int(env, "IOT_HTTP_PORT", None, 1, 65535),
         http_host=env.get("IOT_HTTP_HOST") or "127.0.0.1",

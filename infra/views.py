@@ -174,6 +174,18 @@ class ViewKeys:
     def commands_done(self, device_id: str) -> str:
         return f"{self.prefix}:commands_done:{device_id}"
 
+    def history(self, device_id: str) -> str:
+        """The device's domain events, one JSON entry each, scored by version."""
+        return f"{self.prefix}:history:{device_id}"
+
+    def history_at(self, device_id: str) -> str:
+        """The device's versions (members) scored by the event time (epoch ms)."""
+        return f"{self.prefix}:history_at:{device_id}"
+
+    def history_state(self, device_id: str) -> str:
+        """The device's state after every HISTORY_SNAPSHOT_EVERY-th version (field: version)."""
+        return f"{self.prefix}:history_state:{device_id}"
+
     def rule(self, rule_id: str) -> str:
         return f"{self.prefix}:rule:{rule_id}"
 
@@ -202,6 +214,8 @@ STATUSES = ("provisioned", "active", "suspended", "decommissioned")
 SEVERITIES = ("critical", "warning", "info")
 CLEARED_ALERTS_KEPT = 100  # cleared alerts the views keep per device, newest cleared first
 HISTORY_KEPT = 2_000  # connectivity changes and finished commands kept per device, newest first
+HISTORY_SNAPSHOT_EVERY = 64  # a device's state is kept after every 64th version (for as_of)
+HISTORY_STATE_FIELDS = ("name", "type", "labels", "status", "desired")  # with `online`
 METRIC_FIELD = "m:"
 CONFIG_VERSION_KEY = "config_version"  # reserved in a device's reported state
 

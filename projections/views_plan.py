@@ -48,6 +48,8 @@ from infra.views import (
     CLEARED_ALERTS_KEPT,
     CONFIG_VERSION_KEY,
     HISTORY_KEPT,
+    HISTORY_SNAPSHOT_EVERY,
+    HISTORY_STATE_FIELDS,
     METRIC_FIELD,
     ViewKeys,
 )
@@ -296,6 +298,78 @@ def history_ops(key: str, at: datetime, member: str) -> list[tuple[str, str]]:
     ]
 
 
+_COMMON_FIELDS = frozenset(("device_id", "version", "at", "position", "actor"))
+# Who causes an event that no API token caused: the device, the bridge, the expiry sweep or
+# the analytics service.
+_CAUSED_BY_DEFAULT = {
+    "connected": "device",
+    "disconnected": "device",
+    "command_sent": "bridge",
+    "command_acknowledged": "device",
+    "command_failed": "device",
+    "command_expired": "system",
+    "alert_raised": "analytics",
+    "alert_retriggered": "analytics",
+    "alert_cleared": "analytics",
+}
+
+
+def event_kind(event: PublishedEvent) -> str:
+    """The short type of a device event: `device.command_sent.v1` -> `command_sent`."""
+    tag = str(type(event).__struct_config__.tag)
+    return tag.split(".")[1]
+
+
+def history_state(doc: dict[str, Any]) -> dict[str, Any]:
+    """The part of a device doc that `as_of` answers."""
+    state = {name: doc.get(name) for name in HISTORY_STATE_FIELDS}
+    state["online"] = bool(doc.get("connected", False))
+    return state
+
+
+def history_entry(event: PublishedEvent, before: dict[str, Any], after: dict[str, Any]) -> bytes:
+    """One history entry: the event's version, type, time, position, cause, its own fields and
+    `changes`, the state fields it changed (each with its new value)."""
+    kind = event_kind(event)
+    data = {
+        name: value
+        for name, value in msgspec.structs.asdict(event).items()
+        if name not in _COMMON_FIELDS
+    }
+    changes = {name: value for name, value in after.items() if before.get(name) != value}
+    return _encode(
+        {
+            "version": event.version,
+            "type": kind,
+            "at": event.at,
+            "position": event.position,
+            "caused_by": event.actor or _CAUSED_BY_DEFAULT.get(kind, "system"),
+            "data": data,
+            "changes": changes,
+        }
+    )
+
+
+def device_history_ops(
+    keys: ViewKeys, event: PublishedEvent, doc: dict[str, Any] | None, new: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """Record `event` in the device's history: its entry, its time, and every
+    HISTORY_SNAPSHOT_EVERY-th version the whole state after it."""
+    before = history_state(doc) if doc is not None else {}
+    after = history_state(new)
+    entry = history_entry(event, before, after).decode()
+    version = str(event.version)
+    device_id = event.device_id
+    ops = [
+        (_op("zadds", version, entry), keys.history(device_id)),
+        (_op("zadds", str(epoch_ms(event.at)), version), keys.history_at(device_id)),
+    ]
+    if event.version % HISTORY_SNAPSHOT_EVERY == 0:
+        state = _encode(after).decode()
+        ops.append((_op("hset", version, state), keys.history_state(device_id)))
+    return ops
+
+
 def plan_rule_event(keys: ViewKeys, event: RuleEvent, doc: dict[str, Any] | None) -> EventPlan:
     """A rule's doc after `event` (CAS on the rule's version, like a device's)."""
     at = iso(event.at)
@@ -365,6 +439,12 @@ class EventPlan:
     at: datetime
     key: str = ""  # the hash versioned: "" = the device's
     publish: bool = True  # publish the id on the changes channel (devices only)
+    history: tuple[tuple[str, str], ...] = ()  # the device's history: before `ops`, which an
+    # alert's `ifexists` may cut short
+
+    @property
+    def all_ops(self) -> tuple[tuple[str, str], ...]:
+        return self.history + self.ops
 
     def batch_entry(self, keys: ViewKeys) -> list[list[str]]:
         """This event's [keys, args] in the batch of the events script, all as text."""
@@ -377,7 +457,8 @@ class EventPlan:
     def script_args(self, keys: ViewKeys) -> tuple[list[str], list[str | bytes | int]]:
         """Keys and arguments of this event in the events script (views_scripts.EVENTS)."""
         hash_key = self.key or keys.device(self.device_id)
-        script_keys = [hash_key, keys.online, *(key for _, key in self.ops)]
+        ops = self.all_ops
+        script_keys = [hash_key, keys.online, *(key for _, key in ops)]
         args: list[str | bytes | int] = [
             self.version,
             self.doc,
@@ -386,7 +467,7 @@ class EventPlan:
             self.device_id,
             keys.changes if self.publish else "",
             self.commands,
-            *(op for op, _ in self.ops),
+            *(op for op, _ in ops),
         ]
         return script_keys, args
 
@@ -452,12 +533,15 @@ def plan_event(
         elif isinstance(event, DeviceDecommissioned):
             status = "decommissioned"
             online, online_at = "0", epoch_ms(event.at)
+            new["connected"] = False
         elif isinstance(event, DeviceConnected):
             if status == "provisioned":
                 status = "active"
             online, online_at = "1", epoch_ms(event.at)
+            new["connected"] = True
         elif isinstance(event, DeviceDisconnected):
             online, online_at = "0", epoch_ms(event.at)
+            new["connected"] = False
         else:
             assert isinstance(event, DeviceSecretRotated)
         if isinstance(event, DeviceConnected | DeviceDisconnected | DeviceDecommissioned):
@@ -478,6 +562,7 @@ def plan_event(
         online_at=online_at,
         ops=tuple(ops),
         at=event.at,
+        history=tuple(device_history_ops(keys, event, doc, new)),
     )
     return plan, DeviceState(new, commands)
 

@@ -903,7 +903,8 @@ async def test_each_device_keeps_its_newest_cleared_alerts_and_forgets_older_one
     assert not any([await redis.exists(keys.alert(alert_id)) for alert_id in gone])
     assert all([await redis.exists(keys.alert(alert_id)) for alert_id in left])
     assert await redis.get(keys.alerts_open("critical")) == b"0"
-    # an event of an alert the views forgot changes only the device's doc (and the position)
+    # an event of an alert the views forgot changes only the device's doc and history (and the
+    # position)
     late = DeviceAlertAcknowledged(
         device_id="d1",
         version=len(events) + 1,
@@ -918,4 +919,5 @@ async def test_each_device_keeps_its_newest_cleared_alerts_and_forgets_older_one
     after = await env.dump()
     assert not await redis.exists(keys.alert(gone[0]))
     changed = {key for key in after if before.get(key) != after[key]}
-    assert changed <= {keys.device("d1").encode(), keys.position.encode()}
+    history = {keys.history("d1").encode(), keys.history_at("d1").encode()}  # its history too
+    assert changed <= {keys.device("d1").encode(), keys.position.encode(), *history}

@@ -144,6 +144,7 @@ def test_json_of_registration_has_the_contract_fields() -> None:
         "version": 1,
         "at": "2026-01-01T00:00:00Z",
         "position": FIRST_POSITION,
+        "actor": None,  # not through the API (the command API names its token)
         "name": "Boiler room sensor",
         "type": "thermometer",
         "labels": {"site": "lab"},

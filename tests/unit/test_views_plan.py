@@ -184,11 +184,13 @@ def test_event_script_arguments_align_operations_with_keys() -> None:
     assert keys == [
         KEYS.device("d1"),
         KEYS.online,
+        KEYS.history("d1"),  # the history first: an alert's `ifexists` may skip what follows
+        KEYS.history_at("d1"),
         KEYS.status("provisioned"),
         KEYS.status("suspended"),
     ]
     assert args[:7] == [2, plan.doc, "", 0, "d1", KEYS.changes, b""]
-    assert args[7:] == ["srem", "sadd"]
+    assert [str(op).split("\x1f")[0] for op in args[7:]] == ["zadds", "zadds", "srem", "sadd"]
 
 
 # -- commands --------------------------------------------------------------------------------
