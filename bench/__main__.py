@@ -19,6 +19,7 @@ MODULES = (
     "bench.analytics",
     "bench.anomaly",
     "bench.rollups",
+    "bench.history",
 )
 
 
