@@ -141,11 +141,16 @@ def reason_subject(streams: Streams, reason: str | None) -> str:
 def matches(letter: DeadLetter, *, device_id: str | None, since_ms: int | None) -> bool:
     if device_id is not None and letter.device_id != device_id:
         return False
-    if since_ms is not None:
-        stored_ms = int(letter.stored_at.timestamp() * 1000)
-        if stored_ms < since_ms:
-            return False
-    return True
+    return since_ms is None or received_ms(letter) >= since_ms
+
+
+def received_ms(letter: DeadLetter) -> int:
+    """When the input arrived: the bridge's `Iot-Received-At`, else the time it was stored (a
+    dead letter is stored after its input arrived, so seeking to `since` by storage time misses
+    nothing; one re-quarantined by a replay keeps its first arrival)."""
+    if letter.received_at_ms is not None:
+        return letter.received_at_ms
+    return int(letter.stored_at.timestamp() * 1000)
 
 
 async def list_dead_letters(
@@ -159,7 +164,7 @@ async def list_dead_letters(
     limit: int = 100,
 ) -> tuple[list[DeadLetter], int | None]:
     """Dead letters in stream order after `cursor` (a stream sequence; None: from the start or
-    from `since_ms`, epoch ms of storage), up to `limit`, and the cursor to read on from (None
+    from `since_ms`), received at `since_ms` (epoch ms) or later, up to `limit`, and the cursor to read on from (None
     when the stream has nothing more that could match). ValueError for a bad reason or limit."""
     return await scan(
         js,

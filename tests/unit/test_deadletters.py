@@ -106,12 +106,19 @@ def test_json_of_bytes_that_are_not_utf8_has_no_preview() -> None:
     assert base64.b64decode(body["data_base64"]) == b"\xff\xfe"
 
 
-def test_filters_by_device_and_storage_time() -> None:
+def test_filters_by_device_and_arrival_time() -> None:
     letter = bridge_letter()
-    stored_ms = int(STORED.timestamp() * 1000)
+    received = 1767323045000
     assert matches(letter, device_id=None, since_ms=None)
-    assert matches(letter, device_id="dev-1", since_ms=stored_ms)
+    assert matches(letter, device_id="dev-1", since_ms=received)
     assert not matches(letter, device_id="dev-2", since_ms=None)
+    assert not matches(letter, device_id=None, since_ms=received + 1)
+
+
+def test_without_an_arrival_time_the_storage_time_counts() -> None:
+    letter = from_headers(1, {"Iot-Source": "views"}, b"", STORED)
+    stored_ms = int(STORED.timestamp() * 1000)
+    assert matches(letter, device_id=None, since_ms=stored_ms)
     assert not matches(letter, device_id=None, since_ms=stored_ms + 1)
 
 
