@@ -138,7 +138,24 @@ class HistoryReader:
         version = await self._version_at(keys, device_id, at_ms)
         if version is None:
             return None
-        return await self.state_of(keys, device_id, version)
+        found = await self.state_of(keys, device_id, version)
+        if found is not None:
+            found.state["reported"] = await self.reported_at(keys, device_id, at_ms)
+        return found
+
+    async def reported_at(self, keys: ViewKeys, device_id: str, at_ms: int) -> Any:
+        """The last state the device reported at or before `at_ms` ({config, config_version});
+        None if it had reported none (or none the views still keep)."""
+        newest = cast(
+            list[str],
+            await self._redis.zrevrangebyscore(
+                keys.history_reported(device_id), at_ms, "-inf", start=0, num=1
+            ),
+        )
+        if not newest:
+            return None
+        entry = _decode_entry(newest[0])
+        return {"config": entry.get("reported"), "config_version": entry.get("config_version")}
 
     async def state_of(self, keys: ViewKeys, device_id: str, version: int) -> State | None:
         snapshot = version - version % HISTORY_SNAPSHOT_EVERY

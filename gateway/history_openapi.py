@@ -8,7 +8,8 @@ from gateway.history import EVENT_TYPES
 
 _STATE = {
     "type": "object",
-    "description": "A device's state: status, desired config, labels, online, name and type",
+    "description": "A device's state: status, desired and reported config, labels, "
+    "online, name and type",
     "properties": {
         "name": {"type": ["string", "null"]},
         "type": {"type": ["string", "null"]},
@@ -22,6 +23,15 @@ _STATE = {
             "properties": {"version": {"type": "integer"}, "config": {"type": "object"}},
         },
         "online": {"type": "boolean"},
+        "reported": {
+            "type": ["object", "null"],
+            "description": "In `as_of` and `diff` only: the last state the device reported by "
+            "then (null: none kept)",
+            "properties": {
+                "config": {"type": "object"},
+                "config_version": {"type": ["integer", "null"]},
+            },
+        },
     },
 }
 

@@ -182,6 +182,11 @@ class ViewKeys:
         """The device's versions (members) scored by the event time (epoch ms)."""
         return f"{self.prefix}:history_at:{device_id}"
 
+    def history_reported(self, device_id: str) -> str:
+        """The device's reported states ({reported, config_version}) scored by when received;
+        its newest HISTORY_KEPT."""
+        return f"{self.prefix}:history_reported:{device_id}"
+
     def history_state(self, device_id: str) -> str:
         """The device's state after every HISTORY_SNAPSHOT_EVERY-th version (field: version)."""
         return f"{self.prefix}:history_state:{device_id}"

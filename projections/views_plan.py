@@ -570,6 +570,16 @@ def plan_event(
 # -- ingest ----------------------------------------------------------------------------------
 
 
+def _reported_history(keys: ViewKeys, device_id: str, delta: DeviceDelta) -> list[str] | str:
+    """The ingest script's reported-history argument: key, how many kept, then score, member."""
+    if not delta.reported_all:
+        return ""
+    out = [keys.history_reported(device_id), str(HISTORY_KEPT)]
+    for at, member in delta.reported_all:
+        out += [str(at), member]
+    return out
+
+
 def metric_json(ts: int, value: Value) -> str:
     """The stored form of a metric's latest value: `{"ts":..,"value":..}` (ts first, always)."""
     return '{"ts":' + str(ts) + ',"value":' + _encode(value).decode() + "}"
@@ -596,6 +606,7 @@ class DeviceDelta:
     status: tuple[int, str] | None = None  # (received_at, "1" or "0")
     # (received_at, JSON without config_version, its config_version as text or "")
     reported: tuple[int, str, str] | None = None
+    reported_all: list[tuple[int, str]] = field(default_factory=list)  # the reported history
 
     def see(self, at: int) -> None:
         if self.last_seen is None or at > self.last_seen:
@@ -655,6 +666,8 @@ class IngestPlan:
             )
             if delta.reported is None or reported > delta.reported:
                 delta.reported = reported
+            entry = {"reported": state, "config_version": config_version}
+            delta.reported_all.append((message.received_at, _encode(entry).decode()))
             delta.see(message.received_at)
 
     def script_args(self, keys: ViewKeys, now_ms: int) -> tuple[list[str], list[str | bytes]]:
@@ -680,6 +693,7 @@ class IngestPlan:
                     reported,
                     metrics,
                     config_version,
+                    _reported_history(keys, device_id, delta),
                 ]
             )
         readings = []

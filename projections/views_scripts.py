@@ -100,8 +100,10 @@ return out
 # ARGV: device key prefix, changes channel ("" = do not publish), the batch as JSON (numbers
 #   as text):
 #   [[[id, last_seen, status_at, flag, reported_at, reported, [field, ts, json, ...],
-#      reported config version], ...],
+#      reported config version, reported history], ...],
 #    [[readings key, expire at (epoch s), [reading id, ...]], ...]]   ("" = nothing)
+#   the reported history: [its key, how many to keep, received_at, member, ...] (every reported
+#   state of the batch, scored by when it was received; the newest kept) or "" (none)
 # Publishes each changed device id on the changes channel; returns how many changed.
 INGEST = """
 local function chunked(cmd, key, list)
@@ -184,6 +186,11 @@ for _, d in ipairs(batch[1]) do
       end
       ch = true
     end
+  end
+  local rh = d[9]
+  if type(rh) == 'table' and #rh > 2 then
+    for k = 3, #rh, 2 do redis.call('ZADD', rh[1], rh[k], rh[k + 1]) end
+    redis.call('ZREMRANGEBYRANK', rh[1], 0, -tonumber(rh[2]) - 1)
   end
   if ch then
     changed = changed + 1

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from domain.ingest import Reported
 from domain.published import (
     DeviceAlertAcknowledged,
     DeviceAlertCleared,
@@ -30,6 +31,7 @@ from domain.published import (
 from gateway.history import HistoryQuery, HistoryReader, decode_cursor, diff
 from infra.views import HISTORY_SNAPSHOT_EVERY, ViewKeys
 from projections.views import ViewsProjector
+from projections.views_plan import IngestPlan
 from tests.conftest import settings_for, unique_namespace
 
 pytestmark = pytest.mark.integration
@@ -162,7 +164,7 @@ async def test_as_of_each_version_answers_that_versions_state(
     for v in range(1, versions + 1):
         found = await reader.state_at(keys, DEVICE, ms(v) + 500)  # between v and v + 1
         assert found is not None
-        assert (found.version, found.state) == (v, states[v]), v
+        assert (found.version, found.state) == (v, {**states[v], "reported": None}), v
     # Re-applying the whole life (a redelivery) changes nothing.
     await apply(projector, keys, events)
     assert await client.zcard(keys.history(DEVICE)) == versions
@@ -245,3 +247,25 @@ async def test_pages_are_stable_while_events_are_appended(
             break
         cursor = decode_cursor(next_cursor)
     assert filtered == [e.version for e in reversed(events) if isinstance(e, DeviceSuspended)]
+
+
+async def test_as_of_answers_the_state_the_device_last_reported_by_then(
+    redis: tuple[Redis, ViewKeys, ViewsProjector],
+) -> None:
+    client, keys, projector = redis
+    events, _ = life(10)
+    await apply(projector, keys, events)
+    plan = IngestPlan()
+    for i, (version, setpoint) in enumerate([(3, 20), (7, 22)]):  # reported after v3, v7
+        state = {"setpoint": setpoint, "config_version": i + 1}
+        plan.add(i, Reported(device_id=DEVICE, received_at=ms(version) + 100, state=state))
+    await projector.apply_ingest(keys, plan)
+    reader = HistoryReader(client)
+    answers = [await reader.state_at(keys, DEVICE, ms(v) + 500) for v in (2, 3, 6, 7, 9)]
+    assert [a.state["reported"] if a else "missing" for a in answers] == [
+        None,
+        {"config": {"setpoint": 20}, "config_version": 1},
+        {"config": {"setpoint": 20}, "config_version": 1},
+        {"config": {"setpoint": 22}, "config_version": 2},
+        {"config": {"setpoint": 22}, "config_version": 2},
+    ]

@@ -556,11 +556,21 @@ async def test_reported_config_version_is_kept_apart_and_moves_only_forward(env:
     fields = await env.hash("d1")
     assert msgspec.json.decode(fields["reported"]) == {"sp": 21}
     assert fields["reported_config_version"] == "3"
+    history = env.keys.history_reported("d1").encode()
     before = await env.dump()
     await env.ingest(
         Reported(device_id="d1", received_at=NOW_MS - 10, state={"sp": 20, "config_version": 2})
     )
-    assert await env.dump() == before
+    after = await env.dump()
+    # an older report changes nothing in the view; the device's reported history records it
+    assert {k: v for k, v in after.items() if k != history} == {
+        k: v for k, v in before.items() if k != history
+    }
+    reported = await env.redis.zrange(history, 0, -1, withscores=True)
+    assert [(msgspec.json.decode(m), s) for m, s in reported] == [
+        ({"reported": {"sp": 20}, "config_version": 2}, NOW_MS - 10),
+        ({"reported": {"sp": 21}, "config_version": 3}, NOW_MS),
+    ]
     await env.ingest(
         Reported(device_id="d1", received_at=NOW_MS + 10, state={"sp": 22, "config_version": 4})
     )

@@ -438,8 +438,23 @@ def test_ingest_script_arguments_carry_the_batch_as_json_with_numbers_as_text() 
     minute = T0_MS // 60_000
     assert msgspec.json.decode(args[2]) == [
         [
-            ["d1", "100", "", "", "", "", ["m:t", "100", '{"ts":100,"value":1.5}'], ""],
-            ["d2", str(T0_MS + 2), str(T0_MS + 1), "1", str(T0_MS + 2), '{"fw":1}', [], "4"],
+            ["d1", "100", "", "", "", "", ["m:t", "100", '{"ts":100,"value":1.5}'], "", ""],
+            [
+                "d2",
+                str(T0_MS + 2),
+                str(T0_MS + 1),
+                "1",
+                str(T0_MS + 2),
+                '{"fw":1}',
+                [],
+                "4",
+                [  # the reported history: key, kept, then each state received
+                    KEYS.history_reported("d2"),
+                    "2000",
+                    str(T0_MS + 2),
+                    '{"reported":{"fw":1},"config_version":4}',
+                ],
+            ],
         ],
         [[KEYS.readings(minute), str((minute + 1) * 60 + 180), ["1:0"]]],
     ]
