@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from domain.device import DEVICE_ID, LABEL_KEY
 from domain.rules import RULE_ID
-from gateway import metrics
+from gateway import history, metrics
 from gateway.aggregates import (
     AggregateQuery,
     AggregateRefused,
@@ -30,7 +30,8 @@ from gateway.aggregates import (
 )
 from gateway.dashboard import DASHBOARD_HTML
 from gateway.influx import InfluxQL, InfluxQueryError, InfluxUnavailable, Series
-from gateway.openapi import AFTER_WAIT_S, openapi_document
+from gateway.loghead import LogHead
+from gateway.openapi import AFTER_WAIT_S, BEYOND_HEAD_GRACE_S, openapi_document
 from gateway.ratelimit import RateLimiter, Verdict
 from gateway.report_html import MEDIA_TYPES, render
 from gateway.reports import FORMATS, ReportBuilder, ReportQuery, ReportRefused
@@ -64,6 +65,7 @@ AGGREGATE_RANGE_MS = 86_400_000  # a fleet aggregate's default period: the day b
 REPORT_RANGE_MS = 86_400_000  # a report's default period: the day before `to`
 KEEPALIVE_S = 15.0
 AFTER_POLL_S = 0.02
+HEAD_FIRST_POLL_S = 0.01  # re-reads of the log's head during the grace double from this
 AFTER_HEADER = "Iot-After"
 POSITION_HEADER = "Iot-Position"
 MAX_POSITION = 2**63 - 1
@@ -80,6 +82,10 @@ AFTER_TIMEOUTS = Counter(
     "iot_gateway_after_timeouts_total",
     "Reads with `after` answered 503 because the views did not catch up in time",
 )
+AFTER_BEYOND_HEAD = Counter(
+    "iot_gateway_after_beyond_head_total",
+    "Reads with `after` answered 400 because the position is beyond the log's head",
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,8 @@ class Gateway:
     max_points: int = MAX_POINTS
     after_wait_s: float = AFTER_WAIT_S
     after_poll_s: float = AFTER_POLL_S
+    log_head: LogHead | None = None  # None: the head is never known, every token may wait
+    beyond_head_grace_s: float = BEYOND_HEAD_GRACE_S
 
 
 def invalid(field: str, message: str) -> Problem:
@@ -219,13 +227,43 @@ def telemetry_query(device_id: str, request: Request, now_ms: int) -> TelemetryQ
     return TelemetryQuery(device_id, start, end, metric_names, every_ms, agg)
 
 
+async def issued(gateway: Gateway, after: int) -> None:
+    """400 if `after` is beyond the log's head, still after the grace (a token the command API
+    has just issued can be a few ms ahead of the relay's publish); nothing if the log has
+    reached it, or if the head is unknown (no NATS: then the token may wait, as it always could)."""
+    if gateway.log_head is None:
+        return
+    head = await gateway.log_head.head()
+    grace_end = time.monotonic() + gateway.beyond_head_grace_s
+    pause = HEAD_FIRST_POLL_S
+    while head is not None and head < after and time.monotonic() < grace_end:
+        await anyio.sleep(min(pause, max(0.0, grace_end - time.monotonic())))
+        pause *= 2
+        head = await gateway.log_head.head()
+    if head is None or head >= after:
+        return
+    AFTER_BEYOND_HEAD.inc()
+    raise Problem(
+        400,
+        "Bad Request",
+        f"position {after} is beyond the log's head {head}: it was never issued",
+        after=after,
+        head=head,
+    )
+
+
 async def caught_up(gateway: Gateway, after: int | None) -> int:
-    """The views position once it has reached `after`; 503 if it has not within the bound."""
+    """The views position once it has reached `after`. Ahead of the views, `after` must be a
+    position the log has reached (else 400, `issued`); then the read waits for the views, 503
+    if they have not reached it within the bound. Reads without `after`, or with one the views
+    have reached, never look at the log."""
     position = await gateway.views.position()
     if after is None or position >= after:
         return position
     deadline = time.monotonic() + gateway.after_wait_s
     started = time.perf_counter()
+    await issued(gateway, after)
+    position = await gateway.views.position()
     while position < after and time.monotonic() < deadline:
         await anyio.sleep(min(gateway.after_poll_s, max(0.0, deadline - time.monotonic())))
         position = await gateway.views.position()
@@ -310,6 +348,16 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         if view is None:
             raise Problem(404, "Not Found", f"no device {device_id}")
         return view
+
+    history_reader = history.HistoryReader(gateway.redis)
+
+    async def device_history(request: Request) -> Any:
+        device_id = device_id_of(request)
+        if not await gateway.views.exists(device_id):
+            raise Problem(404, "Not Found", f"no device {device_id}")
+        limit = parse_limit(request.query_params.get("limit"))
+        keys = await gateway.views.keys()
+        return await history.answer(history_reader, keys, device_id, request.query_params, limit)
 
     async def telemetry(request: Request) -> Any:
         device_id = device_id_of(request)
@@ -560,6 +608,7 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         Route(PREFIX + "/devices", endpoint(list_devices), methods=["GET"]),
         Route(device, endpoint(get_device), methods=["GET"]),
         Route(device + "/telemetry", endpoint(telemetry), methods=["GET"]),
+        Route(device + "/history", endpoint(device_history), methods=["GET"]),
         Route(PREFIX + "/fleet", endpoint(fleet), methods=["GET"]),
         Route(PREFIX + "/fleet/aggregates", endpoint(aggregates), methods=["GET"]),
         Route(PREFIX + "/reports/fleet", endpoint(fleet_report), methods=["GET"]),

@@ -10,29 +10,36 @@ from redis.asyncio import Redis
 
 from gateway.api import Gateway, create_app
 from gateway.influx import InfluxQL
+from gateway.loghead import LogHead
 from gateway.ratelimit import RateLimiter, rate_limit_prefix
 from gateway.views import ViewReader
 from infra.httpkit import Authorizer, serve
 from infra.runtime import stop_on_signals
 from infra.settings import Settings
+from infra.streams import Streams
 
 log = logging.getLogger(__name__)
 GATEWAY_PORT = 8082
 
 
-def build_gateway(settings: Settings, redis: Redis, http: httpx.AsyncClient) -> Gateway:
+def build_gateway(
+    settings: Settings, redis: Redis, http: httpx.AsyncClient, log_head: LogHead | None = None
+) -> Gateway:
     return Gateway(
         views=ViewReader(redis, settings.namespace),
         influx=InfluxQL(http, settings.influx_url, settings.influx_db),
-        authorizer=Authorizer(settings.api_tokens),
+        authorizer=Authorizer(settings.api_tokens, settings.api_token_names),
         limiter=RateLimiter(
             redis, rate_limit_prefix(settings.namespace), settings.rate_limit_per_minute
         ),
         redis=redis,
+        log_head=log_head,
     )
 
 
 async def readiness(gateway: Gateway) -> Mapping[str, bool]:
+    """Redis and InfluxDB, what reads need. Not NATS: only a consistency token ahead of the
+    views reads the log's head, and without NATS such a token waits as before."""
     try:
         redis_ok = bool(await gateway.redis.ping())
     except Exception:
@@ -46,7 +53,9 @@ async def run(settings: Settings) -> None:
         settings.redis_url, decode_responses=True, socket_timeout=5, health_check_interval=30
     )
     http = httpx.AsyncClient(timeout=httpx.Timeout(30.0, connect=3.0))
-    gateway = build_gateway(settings, redis, http)
+    log_head = LogHead(Streams(settings.namespace))
+    log_head.start(settings.nats_url)  # in the background: reads never wait for NATS
+    gateway = build_gateway(settings, redis, http, log_head)
 
     async def ready() -> Mapping[str, bool]:
         return await readiness(gateway)
@@ -57,5 +66,6 @@ async def run(settings: Settings) -> None:
     try:
         await serve(app, settings.http_host, port, stop)
     finally:
+        await log_head.close()
         await http.aclose()
         await redis.aclose()

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.history_openapi import HISTORY_SCHEMAS, history_path
 from gateway.telemetry import AGGS, MAX_POINTS
 
 AFTER_WAIT_S = 2.0  # how long a read with `after` waits for the views to catch up
+# How long a token beyond the log's head may take to be reached before it is a 400: one the
+# command API has just issued can be ahead of the relay's publish to the stream by a few ms.
+BEYOND_HEAD_GRACE_S = 0.5
 
 _PROBLEM = {"$ref": "#/components/responses/Problem"}
 
@@ -29,7 +33,7 @@ def _ok(schema: str, description: str) -> dict[str, Any]:
 def _common(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     responses: dict[str, Any] = {
         "304": {"description": "Not modified: `If-None-Match` matched the current ETag"},
-        "400": _PROBLEM,
+        "400": {"$ref": "#/components/responses/BadRequest"},
         "401": _PROBLEM,
         "403": _PROBLEM,
         "422": _PROBLEM,
@@ -60,8 +64,9 @@ _DEVICE_ID = {
 _AFTER_TEXT = (
     "Consistency token: an event position, e.g. the `Iot-Position` header or `position` of a "
     "command API answer. The gateway answers once its views reflect every domain event up to "
-    f"it, waiting at most {AFTER_WAIT_S:g} s (then 503 with Retry-After); 400 if not a "
-    "non-negative integer"
+    f"it, waiting at most {AFTER_WAIT_S:g} s for a position the log has reached (then 503 with "
+    "Retry-After); 400 if not a non-negative integer, or if beyond the log's head (a position "
+    f"never issued, still after {BEYOND_HEAD_GRACE_S:g} s)"
 )
 _AFTER = {
     "name": "after",
@@ -299,7 +304,7 @@ _REPORT_PATHS: dict[str, Any] = {
                     "page with inline SVG charts)",
                     {"type": "string", "enum": ["json", "csv", "html"]},
                 ),
-                _IF_NONE_MATCH,
+                *_CONSISTENT,
             ],
             "responses": _common(
                 {
@@ -403,7 +408,7 @@ _AGGREGATE_PATHS: dict[str, Any] = {
                     "Interval, a multiple of 1m (default 1h)",
                     {"type": "string", "pattern": "^[1-9][0-9]*(m|h|d|w)$"},
                 ),
-                _IF_NONE_MATCH,
+                *_CONSISTENT,
             ],
             "responses": _common(
                 {"200": _ok("FleetAggregates", "Per group and interval"), "502": _PROBLEM}
@@ -604,6 +609,7 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         **_ALERT_SCHEMAS,
+        **HISTORY_SCHEMAS,
         **_REPORT_SCHEMAS,
         **_AGGREGATE_SCHEMAS,
         "Fleet": {
@@ -664,7 +670,12 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "after": {
                     "type": "integer",
-                    "description": "503 to a read with `after`: the position asked for",
+                    "description": "400 or 503 to a read with `after`: the position asked for",
+                },
+                "head": {
+                    "type": "integer",
+                    "description": "400 to a read with `after` beyond the log's head: the "
+                    "event-store position of the newest event in the log",
                 },
             },
         },
@@ -758,13 +769,15 @@ def openapi_document() -> dict[str, Any]:
                     "responses": _common(
                         {
                             "200": _ok("Telemetry", "The series"),
-                            "400": _PROBLEM,
                             "404": _PROBLEM,
                             "502": _PROBLEM,
                         }
                     ),
                 }
             },
+            "/devices/{device_id}/history": history_path(
+                [_DEVICE_ID, _IF_NONE_MATCH, _AFTER, _IOT_AFTER], _common()
+            ),
             **_ALERT_PATHS,
             **_REPORT_PATHS,
             **_AGGREGATE_PATHS,
@@ -809,10 +822,17 @@ def openapi_document() -> dict[str, Any]:
                     "description": "An error",
                     "content": {"application/problem+json": {"schema": _ref("Problem")}},
                 },
+                "BadRequest": {
+                    "description": "A malformed parameter, a telemetry answer over the point "
+                    "bound (with a `hint`), or a consistency token (`after`, `Iot-After`) that "
+                    "is no event position or is beyond the log's head: a position never issued "
+                    "(the body's `after` and `head` say which)",
+                    "content": {"application/problem+json": {"schema": _ref("Problem")}},
+                },
                 "Unavailable": {
-                    "description": "The views store is unreachable, or the views did not "
-                    f"reach `after` within {AFTER_WAIT_S:g} s (the body's `position` says where "
-                    "they are)",
+                    "description": "The views store is unreachable, or the log has reached "
+                    f"`after` but the views did not within {AFTER_WAIT_S:g} s (the body's "
+                    "`position` says where they are; retry after Retry-After)",
                     "headers": {
                         "Retry-After": {
                             "description": "Seconds to wait before retrying",

@@ -669,6 +669,7 @@ async def test_openapi_document_parses_and_describes_every_endpoint(
         "/devices",
         "/devices/{device_id}",
         "/devices/{device_id}/telemetry",
+        "/devices/{device_id}/history",
         "/fleet",
         "/stream",
         "/alerts",
