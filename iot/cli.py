@@ -99,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
 
     add_rules_parser(sub)
 
+    from iot.deadletters import add_parser as add_deadletters_parser
+
+    add_deadletters_parser(sub)
+
     sim = sub.add_parser("simulate", help="a simulated device fleet speaking the MQTT contract")
     sim.add_argument("--devices", type=int, default=10)
     sim.add_argument("--rate", type=float, default=2.0, help="telemetry messages per second in all")
@@ -206,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from iot.rules import rules_test
 
         return rules_test(args, settings, sys.stdout)
+    if args.command == "deadletters":
+        from iot.deadletters import run as run_deadletters
+
+        return run_deadletters(args, settings)
     if args.command in ("backup", "restore"):
         return _backup_or_restore(args, settings)
     if args.command == "replay":

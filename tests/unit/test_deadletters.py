@@ -7,9 +7,19 @@ from datetime import UTC, datetime
 
 import pytest
 
+from bridges import ids
 from infra.deadletters import DeadLetter, device_of, from_headers, matches, reason_subject
 from infra.settings import SettingsError, load
 from infra.streams import Streams
+from iot.deadletters import (
+    REJECT,
+    REPLAY,
+    SKIP,
+    Summary,
+    packet_and_salt,
+    parse_since,
+    plan,
+)
 
 STORED = datetime(2026, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
 
@@ -169,3 +179,87 @@ def test_retention_is_configurable_and_applied_to_the_stream() -> None:
 def test_bad_retention_names_its_variable(variable: str, value: str) -> None:
     with pytest.raises(SettingsError, match=variable):
         load({variable: value})
+
+
+# --- iot deadletters: what a replay does with one dead letter -------------------------------
+def test_since_is_a_duration_back_or_a_time() -> None:
+    now = 1_000_000_000_000
+    assert parse_since("24h", now) == now - 86_400_000
+    assert parse_since("2026-01-02T03:04:05Z", now) == 1767323045000
+    assert parse_since("1767323045000", now) == 1767323045000
+    with pytest.raises(ValueError, match="--since"):
+        parse_since("yesterday", now)
+
+
+def test_the_packet_id_and_salt_come_from_the_dead_letters_id() -> None:
+    assert packet_and_salt("dlq:telemetry:dev-1:12:abcd") == (12, None)
+    assert packet_and_salt("dlq:telemetry:dev-1:12:abcd:r99") == (12, 99)
+    assert packet_and_salt("timeseries:S:3") == (0, None)
+    assert packet_and_salt("") == (0, None)
+
+
+def unknown_letter(topic: str, data: bytes, packet_id: int = 12) -> DeadLetter:
+    msg_id = ids.dead_letter_id("telemetry", "dev-1", topic, data, packet_id)
+    return bridge_letter(data, **{"Nats-Msg-Id": msg_id, "Iot-Topic": topic})
+
+
+def test_an_accepted_letter_gets_the_id_the_bridge_would_have_given_it() -> None:
+    streams = Streams("ns")
+    data = b'{"temp": 1}'  # server time: the id names the packet
+    item = plan(unknown_letter("devices/dev-1/telemetry", data), {"dev-1": "active"}, streams)
+    assert item.outcome == REPLAY
+    assert item.subject == "ns.ingest.telemetry.dev-1"
+    assert item.headers == {"Nats-Msg-Id": ids.message_id("telemetry", "dev-1", data, 12, False)}
+    stamped = b'{"ts": 1767323040000, "values": {"temp": 1}}'  # device time: no packet id
+    item = plan(unknown_letter("devices/dev-1/telemetry", stamped), {"dev-1": "active"}, streams)
+    assert item.headers == {"Nats-Msg-Id": ids.message_id("telemetry", "dev-1", stamped, 0, True)}
+
+
+def test_the_reading_keeps_the_time_the_bridge_first_received_it() -> None:
+    item = plan(bridge_letter(b'{"temp": 1}'), {"dev-1": "active"}, Streams())
+    assert b"1767323045000" in item.body
+
+
+def test_still_rejected_for_the_same_reason_it_stays_where_it_is() -> None:
+    letter = bridge_letter()
+    item = plan(letter, {}, Streams())
+    assert (item.outcome, item.reason, item.moved) == (REJECT, "unknown_device", False)
+
+
+def test_rejected_for_another_reason_it_is_requarantined_with_its_first_headers() -> None:
+    letter = unknown_letter("devices/dev-1/telemetry", b"{nope")
+    item = plan(letter, {"dev-1": "active"}, Streams("ns"))
+    assert (item.outcome, item.reason, item.moved) == (REJECT, "malformed_json", True)
+    assert item.subject == "ns.deadletter.malformed_json"
+    assert item.body == b"{nope"
+    assert item.headers["Iot-Reason"] == "malformed_json"
+    assert item.headers["Iot-Received-At"] == "1767323045000"
+    assert item.headers["Iot-Topic"] == "devices/dev-1/telemetry"
+    assert item.headers["Iot-Original-Msg-Id"] == letter.msg_id
+    assert item.headers["Nats-Msg-Id"] == f"replay:7:{letter.msg_id}"
+    # replayed again later, once the device is fixed: still the bridge's packet id
+    moved = from_headers(9, item.headers, b'{"temp": 2}', STORED)
+    accepted = plan(moved, {"dev-1": "active"}, Streams())
+    expected = ids.message_id("telemetry", "dev-1", b'{"temp": 2}', 12, False)
+    assert accepted.headers["Nats-Msg-Id"] == expected
+
+
+def test_a_projectors_dead_letter_is_skipped() -> None:
+    letter = from_headers(
+        3, {"Iot-Source": "timeseries", "Iot-Topic": "ingest.telemetry.d"}, b"", STORED
+    )
+    item = plan(letter, {"d": "active"}, Streams())
+    assert (item.outcome, item.reason) == (SKIP, "from timeseries")
+
+
+def test_the_summary_counts_by_outcome_and_reason() -> None:
+    summary = Summary(dry_run=False)
+    base = plan(bridge_letter(), {"dev-1": "active"}, Streams())
+    summary.add(base)
+    summary.add(plan(bridge_letter(), {}, Streams()))
+    summary.add(plan(from_headers(3, {"Iot-Source": "views"}, b"", STORED), {}, Streams()))
+    assert summary.lines()[0] == "replayed 1, still rejected 1, skipped 1"
+    body = summary.to_json()
+    assert body["still_rejected"] == {"unknown_device": 1}
+    assert body["skipped"] == {"from views": 1}
+    assert [i["outcome"] for i in body["items"]] == [REPLAY, REJECT, SKIP]
