@@ -164,8 +164,9 @@ async def list_dead_letters(
     limit: int = 100,
 ) -> tuple[list[DeadLetter], int | None]:
     """Dead letters in stream order after `cursor` (a stream sequence; None: from the start or
-    from `since_ms`), received at `since_ms` (epoch ms) or later, up to `limit`, and the cursor to read on from (None
-    when the stream has nothing more that could match). ValueError for a bad reason or limit."""
+    from `since_ms`), received at `since_ms` (epoch ms) or later, up to `limit`, and the cursor
+    to read on from (None when the stream has nothing more that could match). ValueError for a
+    bad reason or limit."""
     return await scan(
         js,
         streams,

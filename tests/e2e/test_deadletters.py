@@ -102,6 +102,11 @@ async def _projector_dead_letter(settings: Settings) -> None:
         await nc.close()
 
 
+def known(gateway: str) -> bool:
+    response = httpx.get(f"{gateway}/api/v1/devices/{DEVICE}", headers=VIEWER, timeout=5)
+    return response.status_code == 200
+
+
 def metric(gateway: str, name: str) -> Any:
     response = httpx.get(f"{gateway}/api/v1/devices/{DEVICE}", headers=VIEWER, timeout=5)
     if response.status_code != 200:
@@ -147,7 +152,8 @@ def test_unknown_device_readings_are_replayed_once_after_registration(
         text = iot(migrated, mqtt_port, "list", "--reason", "unknown_device", "--since", "1h")
         assert text.returncode == 0, text.stderr
         assert len(text.stdout.splitlines()) == len(payloads)
-        assert "unknown_device" in text.stdout and DEVICE in text.stdout
+        assert "unknown_device" in text.stdout
+        assert DEVICE in text.stdout
 
         dry = iot_json(migrated, mqtt_port, "replay", "--device", DEVICE, "--dry-run")
         assert dry["replayed"] == 0  # the device is not registered yet: nothing would pass
@@ -156,12 +162,7 @@ def test_unknown_device_readings_are_replayed_once_after_registration(
 
         register(running.url("commands"), DEVICE)
         gateway = running.url("gateway")
-        assert wait_until(
-            lambda: httpx.get(
-                f"{gateway}/api/v1/devices/{DEVICE}", headers=VIEWER, timeout=5
-            ).status_code
-            == 200
-        )
+        assert wait_until(lambda: metric(gateway, "level") is None and known(gateway))
 
         dry = iot_json(migrated, mqtt_port, "replay", "--device", DEVICE, "--dry-run")
         assert dry["replayed"] == 6
