@@ -320,8 +320,15 @@ async def replay(
 async def _connect(settings: Settings) -> NATS:
     import nats
 
+    async def quiet(error: Exception) -> None:
+        """Failing to connect is reported once, by `run`; no log line per attempt."""
+
     return await nats.connect(
-        settings.nats_url, name="iot-deadletters", connect_timeout=5, max_reconnect_attempts=3
+        settings.nats_url,
+        name="iot-deadletters",
+        connect_timeout=5,
+        max_reconnect_attempts=3,
+        error_cb=quiet,
     )
 
 
@@ -399,7 +406,11 @@ def run(
             found, cursor = asyncio.run(_list(settings, args, since_ms))
         else:
             summary = asyncio.run(_replay(settings, args, since_ms))
-    except Exception as e:  # NATS unreachable, the stream missing: one line, not a traceback
+    except NotFoundError:
+        stream = Streams(settings.namespace).deadletter
+        print(f"{name}: failed: no stream {stream} (`iot migrate` creates it)", file=err)
+        return 1
+    except Exception as e:  # NATS unreachable: one line, not a traceback
         print(f"{name}: failed: {type(e).__name__}: {e}", file=err)
         return 1
     if verb == "list":
