@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import nats
@@ -566,7 +566,9 @@ async def test_reported_config_version_is_kept_apart_and_moves_only_forward(env:
     assert {k: v for k, v in after.items() if k != history} == {
         k: v for k, v in before.items() if k != history
     }
-    reported = await env.redis.zrange(history, 0, -1, withscores=True)
+    reported = cast(
+        list[tuple[bytes, float]], await env.redis.zrange(history, 0, -1, withscores=True)
+    )
     assert [(msgspec.json.decode(m), s) for m, s in reported] == [
         ({"reported": {"sp": 20}, "config_version": 2}, NOW_MS - 10),
         ({"reported": {"sp": 21}, "config_version": 3}, NOW_MS),
