@@ -20,7 +20,7 @@ from starlette.routing import Route
 
 from domain.device import DEVICE_ID, LABEL_KEY
 from domain.rules import RULE_ID
-from gateway import history, metrics
+from gateway import deadletters, history, metrics
 from gateway.aggregates import (
     AggregateQuery,
     AggregateRefused,
@@ -475,6 +475,10 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
             raise Problem(404, "Not Found", f"no rule {rule_id[:200]}")
         return rule
 
+    async def dead_letters(request: Request) -> Any:
+        gateway.authorizer.authorize(request, "admin")
+        return await deadletters.page(gateway.log_head, request.query_params)
+
     async def fleet(_: Request) -> Any:
         return await gateway.views.fleet(gateway.clock())
 
@@ -617,6 +621,7 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         Route(PREFIX + "/rules", endpoint(list_rules), methods=["GET"]),
         Route(PREFIX + "/rules/{rule_id}", endpoint(get_rule), methods=["GET"]),
         Route(PREFIX + "/stream", endpoint(stream, consistent=False), methods=["GET"]),
+        Route(PREFIX + "/deadletters", endpoint(dead_letters, consistent=False), methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route(PREFIX + "/openapi.json", openapi, methods=["GET"]),
         Route("/", dashboard, methods=["GET"]),

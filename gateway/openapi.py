@@ -418,6 +418,97 @@ _AGGREGATE_PATHS: dict[str, Any] = {
 }
 
 
+_DEADLETTER_SCHEMAS: dict[str, Any] = {
+    "DeadLetter": {
+        "type": "object",
+        "description": "Rejected input, quarantined in the dead-letter stream",
+        "required": ["seq", "reason", "topic", "detail", "stored_at", "source", "size"],
+        "properties": {
+            "seq": {"type": "integer", "description": "Its sequence in the dead-letter stream"},
+            "reason": {"type": "string", "description": "Why, e.g. unknown_device"},
+            "topic": {"type": "string", "description": "The MQTT topic or stream subject"},
+            "detail": {"type": "string"},
+            "device_id": {"type": ["string", "null"]},
+            "received_at_ms": {
+                "type": ["integer", "null"],
+                "description": "When the input arrived (epoch ms), if known",
+            },
+            "stored_at": {"type": "string", "format": "date-time"},
+            "source": {
+                "type": "string",
+                "description": "bridge, or the projector that quarantined it",
+            },
+            "size": {"type": "integer", "description": "Bytes of the original input"},
+            "data_base64": {"type": "string", "description": "The original bytes"},
+            "preview": {
+                "type": ["string", "null"],
+                "description": "The first 1024 characters if UTF-8, else null",
+            },
+        },
+    },
+    "DeadLetterPage": {
+        "type": "object",
+        "required": ["items", "next_cursor"],
+        "properties": {
+            "items": {"type": "array", "items": _ref("DeadLetter")},
+            "next_cursor": {
+                "type": ["string", "null"],
+                "description": "Pass as `cursor` to read on; null when nothing more could "
+                "match. A page may hold fewer than `limit` (even none) and still have one: "
+                "each page looks at a bounded number of messages",
+            },
+        },
+    },
+}
+_DEADLETTER_PATHS: dict[str, Any] = {
+    "/deadletters": {
+        "get": {
+            "summary": "A page of dead letters in arrival order (admin token only)",
+            "operationId": "listDeadLetters",
+            "description": "Rejected messages, quarantined; `iot deadletters replay` sends them "
+            "through today's validation again. 403 for a viewer or operator token.",
+            "parameters": [
+                _query(
+                    "device_id",
+                    "One device's",
+                    {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                ),
+                _query(
+                    "reason",
+                    "One reason's, e.g. unknown_device",
+                    {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                ),
+                _query("since", "Received at or after: RFC 3339 or epoch ms", {"type": "string"}),
+                _query(
+                    "cursor",
+                    "`next_cursor` of the previous page",
+                    {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                ),
+                _query(
+                    "limit",
+                    "Page size",
+                    {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                ),
+                _IF_NONE_MATCH,
+            ],
+            "responses": {
+                "200": {
+                    "description": "A page of dead letters",
+                    "headers": {"ETag": {"$ref": "#/components/headers/ETag"}},
+                    "content": {"application/json": {"schema": _ref("DeadLetterPage")}},
+                },
+                "304": {"description": "Not modified: `If-None-Match` matched the current ETag"},
+                "401": _PROBLEM,
+                "403": _PROBLEM,
+                "422": _PROBLEM,
+                "429": {"$ref": "#/components/responses/TooManyRequests"},
+                "503": {"$ref": "#/components/responses/Unavailable"},
+            },
+        }
+    }
+}
+
+
 def openapi_document() -> dict[str, Any]:
     statuses = ["provisioned", "active", "suspended", "decommissioned"]
     schemas: dict[str, Any] = {
@@ -612,6 +703,7 @@ def openapi_document() -> dict[str, Any]:
         **HISTORY_SCHEMAS,
         **_REPORT_SCHEMAS,
         **_AGGREGATE_SCHEMAS,
+        **_DEADLETTER_SCHEMAS,
         "Fleet": {
             "type": "object",
             "required": [
@@ -781,6 +873,7 @@ def openapi_document() -> dict[str, Any]:
             **_ALERT_PATHS,
             **_REPORT_PATHS,
             **_AGGREGATE_PATHS,
+            **_DEADLETTER_PATHS,
             "/fleet": {
                 "get": {
                     "summary": "Fleet counts",

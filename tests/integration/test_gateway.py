@@ -678,6 +678,7 @@ async def test_openapi_document_parses_and_describes_every_endpoint(
         "/rules/{rule_id}",
         "/reports/fleet",
         "/fleet/aggregates",
+        "/deadletters",
     }
     assert document["servers"] == [{"url": "/api/v1"}]
     for ref in refs(document):

@@ -22,6 +22,8 @@ from infra.settings import Settings
 from infra.streams import Streams
 from infra.views import ViewKeys
 from tests.integration.test_gateway import (
+    ADMIN,
+    OPERATOR,
     VIEWER,
     assert_problem,
     client_for,
@@ -180,3 +182,100 @@ async def test_readiness_does_not_depend_on_nats(gateway: Gateway, settings: Set
         response = await client.get("/readyz")
     assert response.status_code == 200
     assert response.json()["checks"] == {"redis": True, "influxdb": True}
+
+
+# --- GET /deadletters (admin), over the same NATS connection ------------------------------------
+
+
+@pytest.fixture
+async def dead_letters(settings: Settings, nc: NATS) -> AsyncIterator[None]:
+    """The namespace's DEADLETTER stream with three letters as the bridge writes them."""
+    streams = Streams(settings.namespace)
+    await nc.jsm().add_stream(streams.configs()[2])
+    js = nc.jetstream()
+    for device, reason, received in (
+        ("d1", "unknown_device", 1_767_225_600_000),
+        ("d2", "unknown_device", 1_767_225_601_000),
+        ("d1", "invalid_payload", 1_767_225_602_000),
+    ):
+        await js.publish(
+            streams.deadletter_subject(reason),
+            b'{"temperature": 21.5}',
+            headers={
+                "Iot-Reason": reason,
+                "Iot-Topic": f"devices/{device}/telemetry",
+                "Iot-Detail": "test",
+                "Iot-Received-At": str(received),
+            },
+        )
+    yield
+    with contextlib.suppress(Exception):
+        await nc.jsm().delete_stream(streams.deadletter)
+
+
+async def test_dead_letters_are_listed_filtered_and_paged_for_an_admin(
+    gateway: Gateway, dead_letters: None
+) -> None:
+    url = "/api/v1/deadletters"
+    async with client_for(gateway) as client:
+        response = await client.get(url, headers=ADMIN)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert [(d["device_id"], d["reason"]) for d in body["items"]] == [
+            ("d1", "unknown_device"),
+            ("d2", "unknown_device"),
+            ("d1", "invalid_payload"),
+        ]
+        first = body["items"][0]
+        assert first["topic"] == "devices/d1/telemetry"
+        assert first["preview"] == '{"temperature": 21.5}'
+        assert first["received_at_ms"] == 1_767_225_600_000
+        by_device = (await client.get(url, params={"device_id": "d1"}, headers=ADMIN)).json()
+        assert [d["reason"] for d in by_device["items"]] == ["unknown_device", "invalid_payload"]
+        by_reason = (
+            await client.get(url, params={"reason": "invalid_payload"}, headers=ADMIN)
+        ).json()
+        assert [d["device_id"] for d in by_reason["items"]] == ["d1"]
+        since = (
+            await client.get(url, params={"since": "2026-01-01T00:00:01Z"}, headers=ADMIN)
+        ).json()
+        assert [d["device_id"] for d in since["items"]] == ["d2", "d1"]
+        seen, cursor = [], None
+        while True:
+            params = {"limit": "1", **({"cursor": cursor} if cursor else {})}
+            page = (await client.get(url, params=params, headers=ADMIN)).json()
+            seen += [d["seq"] for d in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == [d["seq"] for d in body["items"]]
+
+
+async def test_dead_letters_need_the_admin_role_and_valid_parameters(
+    gateway: Gateway, dead_letters: None
+) -> None:
+    async with client_for(gateway) as client:
+        for headers in (VIEWER, OPERATOR):
+            response = await client.get("/api/v1/deadletters", headers=headers)
+            assert "admin" in assert_problem(response, 403)["detail"]
+        assert_problem(await client.get("/api/v1/deadletters"), 401)
+        for name, value in (
+            ("device_id", "a/b"),
+            ("reason", "no such.reason"),
+            ("since", "yesterday"),
+            ("cursor", "-1"),
+            ("limit", "0"),
+            ("limit", "1001"),
+        ):
+            response = await client.get("/api/v1/deadletters", params={name: value}, headers=ADMIN)
+            assert assert_problem(response, 422)["errors"][0]["field"] == name
+
+
+async def test_dead_letters_without_nats_are_503_with_retry_after(
+    gateway: Gateway, settings: Settings
+) -> None:
+    gw = dataclasses.replace(gateway, log_head=LogHead(Streams(settings.namespace)))
+    async with client_for(gw) as client:
+        response = await client.get("/api/v1/deadletters", headers=ADMIN)
+    assert_problem(response, 503)
+    assert response.headers["retry-after"] == "1"
