@@ -20,6 +20,7 @@ from domain.ingest import CommandAck, IngestMessage, Reading, Reported, Status, 
 MAX_PAYLOAD = 64 * 1024
 MAX_READINGS = 1000
 MAX_FUTURE_MS = 24 * 3600 * 1000
+MAX_DEPTH = 32  # JSON objects and arrays nested in reported state or a command ack's result
 _INT64 = (-(2**63), 2**63 - 1)
 
 DEVICE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -158,6 +159,8 @@ def _decode_json(payload: bytes) -> Any:
         raise _Reject(NON_FINITE, f"non-finite number: {e}") from e
     except (msgspec.DecodeError, UnicodeDecodeError) as e:
         raise _Reject(MALFORMED_JSON, f"malformed JSON or not UTF-8: {e}") from e
+    except RecursionError as e:  # nesting deeper than the interpreter's stack (found by fuzzing)
+        raise _Reject(MALFORMED_JSON, "JSON nested too deeply") from e
 
 
 def _telemetry_readings(payload: bytes, now_ms: int) -> tuple[list[Reading], bool]:
@@ -278,11 +281,15 @@ def _ack(payload: bytes) -> _AckPayload:
 
 
 def _check_finite(value: Any) -> None:
-    if type(value) is float and not math.isfinite(value):
-        raise _Reject(NON_FINITE, "non-finite number")
-    if isinstance(value, dict):
-        for v in value.values():
-            _check_finite(v)
-    elif isinstance(value, list):
-        for v in value:
-            _check_finite(v)
+    """Every number finite, and nesting at most MAX_DEPTH deep (what is stored must decode again
+    in every consumer, whatever its stack); without recursion."""
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if type(item) is float and not math.isfinite(item):
+            raise _Reject(NON_FINITE, "non-finite number")
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise _Reject(INVALID_PAYLOAD, f"nested deeper than {MAX_DEPTH} levels")
+            children = item.values() if isinstance(item, dict) else item
+            pending.extend((child, depth + 1) for child in children)
