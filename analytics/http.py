@@ -24,7 +24,7 @@ from analytics.catalog import DeviceInfo
 from analytics.ruletest import MAX_SPAN_MS, parse_since, run_rule_test
 from domain.rules import RuleInvalid, spec_to_dict, validate_rule
 from infra import timefmt
-from infra.httpkit import Authorizer, Problem, json_response, read_body
+from infra.httpkit import Authorizer, Problem, invalid, json_response, read_body
 
 PREFIX = "/api/v1"
 DEFAULT_SINCE = "24h"
@@ -36,20 +36,11 @@ def parse_time(value: Any, field: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)  # a negative one is refused as not a time
     if not isinstance(value, str):
-        raise _invalid(field, "an RFC 3339 timestamp or epoch milliseconds")
+        raise invalid(field, "an RFC 3339 timestamp or epoch milliseconds")
     try:
         return timefmt.parse_time(value)
     except ValueError as e:
-        raise _invalid(field, str(e)) from None
-
-
-def _invalid(field: str, message: str) -> Problem:
-    return Problem(
-        422,
-        "Unprocessable Content",
-        f"{field}: {message}",
-        errors=[{"field": field, "message": message}],
-    )
+        raise invalid(field, str(e)) from None
 
 
 def period(body: Mapping[str, Any], now_ms: int) -> tuple[int, int]:
@@ -57,20 +48,20 @@ def period(body: Mapping[str, Any], now_ms: int) -> tuple[int, int]:
     to_ms = parse_time(body["to"], "to") if body.get("to") is not None else now_ms
     if body.get("from") is not None:
         if body.get("since") is not None:
-            raise _invalid("since", "give either since or from, not both")
+            raise invalid("since", "give either since or from, not both")
         from_ms = parse_time(body["from"], "from")
     else:
         since = body.get("since", DEFAULT_SINCE)
         if not isinstance(since, str):
-            raise _invalid("since", "a duration like 30m, 24h or 7d")
+            raise invalid("since", "a duration like 30m, 24h or 7d")
         try:
             from_ms = to_ms - parse_since(since)
         except ValueError as e:
-            raise _invalid("since", str(e)) from None
+            raise invalid("since", str(e)) from None
     if from_ms >= to_ms:
-        raise _invalid("from", "must be before to")
+        raise invalid("from", "must be before to")
     if to_ms - from_ms > MAX_SPAN_MS:
-        raise _invalid("from", "at most 31 days of history")
+        raise invalid("from", "at most 31 days of history")
     return from_ms, to_ms
 
 
@@ -91,12 +82,12 @@ def rule_test_routes(
         except msgspec.DecodeError:
             raise Problem(400, "Bad Request", "the body is not JSON") from None
         if not isinstance(body, dict):
-            raise _invalid("(body)", "a JSON object with rule and since, or from and to")
+            raise invalid("(body)", "a JSON object with rule and since, or from and to")
         unknown = sorted(set(body) - set(_FIELDS))
         if unknown:
-            raise _invalid(unknown[0], f"unknown field; expected {', '.join(_FIELDS)}")
+            raise invalid(unknown[0], f"unknown field; expected {', '.join(_FIELDS)}")
         if "rule" not in body:
-            raise _invalid("rule", "required: the draft rule's definition")
+            raise invalid("rule", "required: the draft rule's definition")
         try:
             spec = validate_rule(body["rule"])
         except RuleInvalid as e:

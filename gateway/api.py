@@ -52,7 +52,7 @@ from gateway.views import (
     decode_alert_cursor,
     decode_cursor,
 )
-from infra.httpkit import Authorizer, Problem, ReadyCheck, build_app, etag_matches, etag_of
+from infra.httpkit import Authorizer, Problem, ReadyCheck, build_app, etag_matches, etag_of, invalid
 from infra.timefmt import format_duration, parse_duration, parse_time, rfc3339
 from infra.views import SEVERITIES, STATUSES
 
@@ -103,15 +103,6 @@ class Gateway:
     after_poll_s: float = AFTER_POLL_S
     log_head: LogHead | None = None  # None: the head is never known, every token may wait
     beyond_head_grace_s: float = BEYOND_HEAD_GRACE_S
-
-
-def invalid(field: str, message: str) -> Problem:
-    return Problem(
-        422,
-        "Unprocessable Content",
-        f"{field}: {message}",
-        errors=[{"field": field, "message": message}],
-    )
 
 
 def conditional(request: Request, body: Any, headers: dict[str, str]) -> Response:

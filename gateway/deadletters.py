@@ -12,22 +12,13 @@ from starlette.datastructures import QueryParams
 from domain.device import DEVICE_ID
 from gateway.loghead import LogHead
 from infra.deadletters import MAX_LIMIT, list_dead_letters, reason_subject
-from infra.httpkit import Problem
+from infra.httpkit import Problem, invalid
 from infra.streams import Streams
 from infra.timefmt import parse_time
 
 log = logging.getLogger(__name__)
 DEFAULT_LIMIT = 100
 READ_TIMEOUT_S = 5.0
-
-
-def _invalid(field: str, message: str) -> Problem:
-    return Problem(
-        422,
-        "Unprocessable Content",
-        f"{field}: {message}",
-        errors=[{"field": field, "message": message}],
-    )
 
 
 def _unavailable() -> Problem:
@@ -42,29 +33,29 @@ async def page(log_head: LogHead | None, params: QueryParams) -> dict[str, Any]:
     streams = log_head.streams if log_head is not None else Streams()
     device_id = params.get("device_id") or None
     if device_id is not None and not DEVICE_ID.fullmatch(device_id):
-        raise _invalid("device_id", f"must match {DEVICE_ID.pattern}")
+        raise invalid("device_id", f"must match {DEVICE_ID.pattern}")
     reason = params.get("reason") or None
     try:
         reason_subject(streams, reason)
     except ValueError as e:
-        raise _invalid("reason", str(e)) from e
+        raise invalid("reason", str(e)) from e
     since_ms = None
     if params.get("since"):
         try:
             since_ms = parse_time(params["since"])
         except ValueError as e:
-            raise _invalid("since", str(e)) from e
+            raise invalid("since", str(e)) from e
     cursor = None
     if params.get("cursor"):
         raw = params["cursor"]
         if not (raw.isascii() and raw.isdigit()) or len(raw) > 19:
-            raise _invalid("cursor", "the `next_cursor` of an earlier page")
+            raise invalid("cursor", "the `next_cursor` of an earlier page")
         cursor = int(raw)
     limit = DEFAULT_LIMIT
     if params.get("limit"):
         raw = params["limit"]
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LIMIT:
-            raise _invalid("limit", f"an integer from 1 to {MAX_LIMIT}")
+            raise invalid("limit", f"an integer from 1 to {MAX_LIMIT}")
         limit = int(raw)
     nc = log_head.nc if log_head is not None else None
     if nc is None or not nc.is_connected:

@@ -20,7 +20,7 @@ from typing import Any, cast
 import msgspec
 from redis.asyncio import Redis
 
-from infra.httpkit import Problem
+from infra.httpkit import Problem, invalid
 from infra.timefmt import parse_time, rfc3339
 from infra.views import HISTORY_SNAPSHOT_EVERY, ViewKeys
 
@@ -216,15 +216,6 @@ def diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, A
     }
 
 
-def _invalid(field: str, message: str) -> Problem:
-    return Problem(
-        422,
-        "Unprocessable Content",
-        f"{field}: {message}",
-        errors=[{"field": field, "message": message}],
-    )
-
-
 def _time(params: Mapping[str, str], name: str) -> int | None:
     raw = params.get(name)
     if not raw:
@@ -232,23 +223,23 @@ def _time(params: Mapping[str, str], name: str) -> int | None:
     try:
         return parse_time(raw)
     except ValueError as e:
-        raise _invalid(name, str(e)) from e
+        raise invalid(name, str(e)) from e
 
 
 def parse_query(params: Mapping[str, str], limit: int) -> HistoryQuery:
     start, end = _time(params, "from"), _time(params, "to")
     if start is not None and end is not None and start > end:
-        raise _invalid("from", "must not be after `to`")
+        raise invalid("from", "must not be after `to`")
     types = frozenset(t.strip() for t in (params.get("types") or "").split(",") if t.strip())
     unknown = sorted(types - set(EVENT_TYPES))
     if unknown:
-        raise _invalid("types", f"unknown {', '.join(unknown)}; one of {', '.join(EVENT_TYPES)}")
+        raise invalid("types", f"unknown {', '.join(unknown)}; one of {', '.join(EVENT_TYPES)}")
     before = None
     if params.get("cursor"):
         try:
             before = decode_cursor(params["cursor"])
         except BadCursor as e:
-            raise _invalid("cursor", str(e)) from e
+            raise invalid("cursor", str(e)) from e
     return HistoryQuery(start, end, types, before, limit)
 
 
@@ -259,7 +250,7 @@ async def answer(
     with `diff=T1,T2` what changed between two times."""
     as_of, between = params.get("as_of"), params.get("diff")
     if as_of and between:
-        raise _invalid("as_of", "give either `as_of` or `diff`, not both")
+        raise invalid("as_of", "give either `as_of` or `diff`, not both")
     if as_of:
         at_ms = _time(params, "as_of")
         assert at_ms is not None
@@ -278,13 +269,13 @@ async def answer(
     if between:
         first, sep, second = between.partition(",")
         if not sep:
-            raise _invalid("diff", "two times, T1,T2")
+            raise invalid("diff", "two times, T1,T2")
         try:
             t1, t2 = parse_time(first.strip()), parse_time(second.strip())
         except ValueError as e:
-            raise _invalid("diff", str(e)) from e
+            raise invalid("diff", str(e)) from e
         if t1 > t2:
-            raise _invalid("diff", "T1 must not be after T2")
+            raise invalid("diff", "T1 must not be after T2")
         before = await reader.state_at(keys, device_id, t1)
         after = await reader.state_at(keys, device_id, t2)
         low = before.version if before else 0

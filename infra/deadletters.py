@@ -162,35 +162,13 @@ async def list_dead_letters(
     since_ms: int | None = None,
     cursor: int | None = None,
     limit: int = 100,
-) -> tuple[list[DeadLetter], int | None]:
-    """Dead letters in stream order after `cursor` (a stream sequence; None: from the start or
-    from `since_ms`), received at `since_ms` (epoch ms) or later, up to `limit`, and the cursor
-    to read on from (None when the stream has nothing more that could match). ValueError for a
-    bad reason or limit."""
-    return await scan(
-        js,
-        streams,
-        device_id=device_id,
-        reason=reason,
-        since_ms=since_ms,
-        cursor=cursor,
-        limit=limit,
-    )
-
-
-async def scan(
-    js: JetStreamContext,
-    streams: Streams,
-    *,
-    device_id: str | None = None,
-    reason: str | None = None,
-    since_ms: int | None = None,
-    cursor: int | None = None,
-    limit: int = 100,
     until_seq: int | None = None,
     scan_limit: int = SCAN_LIMIT,
 ) -> tuple[list[DeadLetter], int | None]:
-    """`list_dead_letters`, and stopping at `until_seq` (a replay ignores what it re-publishes)."""
+    """Dead letters in stream order after `cursor` (a stream sequence; None: from the start or
+    from `since_ms`), received at `since_ms` (epoch ms) or later, up to `limit`, and the cursor
+    to read on from (None when the stream has nothing more that could match); stopping at
+    `until_seq` (a replay ignores what it re-publishes). ValueError for a bad reason or limit."""
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
     if cursor is not None and cursor < 0:

@@ -114,6 +114,16 @@ def decode_body(raw: bytes, type_: type[T]) -> T:
         raise Problem(400, "Bad Request", f"malformed JSON: {e}") from e
 
 
+def invalid(field: str, message: str) -> Problem:
+    """422 for a bad value of one field (a query parameter or body member), naming it."""
+    return Problem(
+        422,
+        "Unprocessable Content",
+        f"{field}: {message}",
+        errors=[{"field": field, "message": message}],
+    )
+
+
 class Authorizer:
     """Bearer tokens with roles viewer < operator < admin; compares in constant time."""
 

@@ -40,7 +40,7 @@ from bridges import ids
 from bridges.registry import DeviceRegistry
 from bridges.validation import Accepted, validate
 from domain.ingest import encode_ingest
-from infra.deadletters import MAX_LIMIT, DeadLetter, list_dead_letters, scan
+from infra.deadletters import MAX_LIMIT, DeadLetter, list_dead_letters
 from infra.jetstream import follow_events
 from infra.settings import Settings
 from infra.streams import Streams
@@ -283,7 +283,7 @@ async def replay(
     registry = await device_registry(js, streams)
     cursor: int | None = None
     while True:
-        letters, cursor = await scan(
+        letters, cursor = await list_dead_letters(
             js,
             streams,
             device_id=device_id,
