@@ -214,7 +214,7 @@ _RULE_INVALID = (
 
 
 def _rule_schemas(labels: dict[str, Any]) -> dict[str, Any]:
-    condition = {
+    condition: dict[str, Any] = {
         "oneOf": [
             {
                 "type": "object",
@@ -305,6 +305,21 @@ def _rule_schemas(labels: dict[str, Any]) -> dict[str, Any]:
             for name, member in scope["properties"].items()
         },
     }
+    # ... and a threshold's `clear` as null where none was given (the level is then `value`).
+    threshold, *other_kinds = condition["oneOf"]
+    clear = threshold["properties"]["clear"]
+    answered_condition = {
+        "oneOf": [
+            {
+                **threshold,
+                "properties": {
+                    **threshold["properties"],
+                    "clear": {**clear, "type": [clear["type"], "null"]},
+                },
+            },
+            *other_kinds,
+        ]
+    }
     return {
         "RuleBody": {
             "type": "object",
@@ -340,6 +355,7 @@ def _rule_schemas(labels: dict[str, Any]) -> dict[str, Any]:
                 "enabled": {"type": "boolean"},
                 **definition,
                 "scope": answered_scope,
+                "condition": answered_condition,
                 "position": POSITION_ANSWERED,
             },
         },

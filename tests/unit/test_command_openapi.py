@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import httpx
+import jsonschema
 import msgspec
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
@@ -33,6 +34,7 @@ from commands.api import (
 )
 from commands.handlers import Credentials
 from commands.openapi import openapi_document
+from domain.rules import spec_to_dict, validate_rule
 from gateway.openapi import openapi_document as gateway_document
 from infra.eventstore import DeviceStore, GroupCommitter
 from infra.httpkit import MAX_BODY, PROBLEM, Authorizer
@@ -238,3 +240,25 @@ async def test_each_operation_decodes_its_documented_body(
         assert "missing required field" in missing["detail"]
         assert missing["errors"][0]["field"] in schema["required"], name
     assert operation["requestBody"]["required"] == bool(schema.get("required"))
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        {"kind": "threshold", "op": ">", "value": 80},  # no `clear`: answered as null
+        {"kind": "threshold", "op": "<=", "value": 1.46e16, "clear": 2e16, "for_s": 30},
+        {"kind": "rate", "max_per_s": 5},
+        {"kind": "absent", "for_s": 600},
+        {"kind": "anomaly"},
+    ],
+)
+def test_a_rule_is_answered_as_its_schema_says(condition: dict[str, Any]) -> None:
+    """Found by the fuzzer: a threshold without `clear` was answered with a null it forbade."""
+    spec = validate_rule(
+        {"name": "hot", "metric": "temperature", "severity": "warning", "condition": condition}
+        | ({"metric": "*"} if condition["kind"] == "absent" else {})
+    )
+    answer = {"rule_id": "r-1", "version": 1, "enabled": True, **spec_to_dict(spec)}
+    document = openapi_document()
+    schema = {"$ref": "#/components/schemas/Rule", "components": document["components"]}
+    jsonschema.validate(answer, schema, cls=jsonschema.Draft202012Validator)
