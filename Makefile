@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: install services up test test-unit check fmt bench clean
+.PHONY: install services up test test-unit chaos check fmt bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -24,6 +24,10 @@ test: install services
 
 test-unit: install
 	$(BIN)/pytest tests/unit
+
+# The fault suite with its long cases; prints a table of each fault and its recovery.
+chaos: install services
+	$(BIN)/pytest tests/faults --chaos -v
 
 check: install
 	$(BIN)/ruff check .
