@@ -38,7 +38,15 @@ from domain.errors import DomainError, IllegalTransition, InvalidCommand
 from domain.rules import RULE_ID, Rule, RuleInvalid, spec_to_dict, validate_rule
 from infra import metrics
 from infra.eventstore import DeviceStore, GroupCommitter, IdempotencyRecord
-from infra.httpkit import Authorizer, Problem, ReadyCheck, build_app, decode_body, read_body
+from infra.httpkit import (
+    Admission,
+    Authorizer,
+    Problem,
+    ReadyCheck,
+    build_app,
+    decode_body,
+    read_body,
+)
 
 log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
@@ -55,6 +63,8 @@ DEFAULT_TTL_S = 3600
 HANDOVER_ATTEMPTS = 3
 HANDOVER_TIMEOUT_S = 2.0
 HANDOVER_BACKOFF_S = 0.2
+# Requests admitted at once (in the store's threads or waiting for one); beyond: 503 at once.
+DEFAULT_MAX_REQUESTS = 64
 
 # Hands a device's plaintext secret, issued by event `version`, to the broker's side once.
 HandOver = Callable[[str, int, str], Awaitable[None]]
@@ -367,10 +377,31 @@ def _problem_for(error: DomainError) -> Problem:
     return Problem(422, "Unprocessable Content", error.reason)
 
 
-def create_app(service: CommandService, authorizer: Authorizer, ready: ReadyCheck) -> Starlette:
+def create_app(
+    service: CommandService,
+    authorizer: Authorizer,
+    ready: ReadyCheck,
+    admission: Admission | None = None,
+) -> Starlette:
+    """The command API. `admission` bounds the requests handled at once (default
+    DEFAULT_MAX_REQUESTS): one more is answered 503 with `Retry-After` before its body is read,
+    so overload is shed instead of queueing in the store's executor without bound."""
     adapter = StoreAdapter(service.store, service.committer)
+    gate = admission or Admission(DEFAULT_MAX_REQUESTS, what="command requests")
 
     async def execute(
+        request: Request,
+        command: str,
+        role: str,
+        work: Callable[[Idempotency], tuple[int, dict[str, Any], Outcome | RuleOutcome]],
+    ) -> Response:
+        if gate.full:
+            metrics.COMMANDS.labels(command, "503").inc()
+            raise gate.refuse()
+        with gate.admit():
+            return await admitted_execute(request, command, role, work)
+
+    async def admitted_execute(
         request: Request,
         command: str,
         role: str,

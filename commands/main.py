@@ -18,7 +18,7 @@ from commands.policy import Policies, run_policies
 from commands.relay import Relay
 from infra import secrets as secret_handover
 from infra.eventstore import DeviceStore, GroupCommitter, idempotency_cutoff, open_store
-from infra.httpkit import Authorizer, serve
+from infra.httpkit import Admission, Authorizer, serve
 from infra.runtime import close_nats, connect_nats, retry_async, retry_start, stop_on_signals
 from infra.settings import Settings
 from infra.streams import Streams
@@ -89,7 +89,12 @@ async def run_commands(settings: Settings) -> None:
 
     adapter = StoreAdapter(store, committer)
     scheduler = ExpiryScheduler(expire_with(adapter, service.run))
-    app = create_app(service, Authorizer(settings.api_tokens, settings.api_token_names), ready)
+    app = create_app(
+        service,
+        Authorizer(settings.api_tokens, settings.api_token_names),
+        ready,
+        Admission(settings.commands_max_requests, what="command requests"),
+    )
     tasks = [
         asyncio.create_task(_purge_idempotency(store, stop)),
         asyncio.create_task(run_policies(js, streams, Policies(adapter, service.run), stop)),

@@ -98,7 +98,27 @@ def _common(role: str, if_match: bool, extra: dict[str, Any]) -> dict[str, Any]:
         ),
     }
     responses.update(extra)
+    responses["503"] = _unavailable(responses.get("503"))
     return dict(sorted(responses.items()))
+
+
+_OVERLOADED = (
+    "Overloaded: the API handles at most `IOT_COMMANDS_MAX_REQUESTS` requests at once (default "
+    "64) and refuses one more at once, before reading its body, with `Retry-After`; nothing "
+    "was changed, retry after that many seconds"
+)
+
+
+def _unavailable(other: dict[str, Any] | None) -> dict[str, Any]:
+    """503: overload shed at the admission limit, and the operation's own 503 if it has one."""
+    description = _OVERLOADED
+    if other is not None:
+        description += "; or: " + other["description"]
+    return {
+        "description": description,
+        "headers": {"Retry-After": {"$ref": "#/components/headers/RetryAfter"}},
+        "content": {PROBLEM: {"schema": _ref("Problem")}},
+    }
 
 
 def _operation(

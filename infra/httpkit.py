@@ -63,6 +63,55 @@ class Problem(Exception):
         return Response(_encode(self.body(instance)), self.status, self.headers, media_type=PROBLEM)
 
 
+class Admission:
+    """At most `limit` requests inside at once; one more is refused at once with 503
+    problem+json and `Retry-After`, instead of queueing without bound (load shedding).
+
+    The bound is on requests admitted, running or waiting for a worker thread, so the wait of
+    an admitted request is bounded by `limit` requests' work, whatever the offered load. Used
+    from one event loop only (no lock): `admit` is entered and left on the loop's thread.
+    """
+
+    def __init__(self, limit: int, retry_after: int = 1, what: str = "requests") -> None:
+        if limit < 1:
+            raise ValueError("the admission limit must be at least 1")
+        self.limit = limit
+        self.retry_after = retry_after
+        self.what = what
+        self.active = 0
+        self.shed = 0
+
+    @property
+    def full(self) -> bool:
+        return self.active >= self.limit
+
+    def refuse(self) -> Problem:
+        """The 503 answer to a request beyond the limit (counted as shed)."""
+        self.shed += 1
+        metrics.REQUESTS_SHED.inc()
+        problem = Problem(
+            503,
+            "Service Unavailable",
+            f"overloaded: {self.limit} {self.what} are being handled already; "
+            f"retry after {self.retry_after} s",
+        )
+        problem.headers["Retry-After"] = str(self.retry_after)
+        return problem
+
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Inside the limit for the `with` block; raises `refuse()` when it is full."""
+        if self.full:
+            raise self.refuse()
+        self.active += 1
+        metrics.REQUESTS_ADMITTED.inc()
+        try:
+            yield
+        finally:
+            self.active -= 1
+            metrics.REQUESTS_ADMITTED.dec()
+
+
 def json_response(
     body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:

@@ -16,6 +16,14 @@ HTTP_LATENCY = Histogram(
 COMMANDS = Counter(
     "iot_commands_total", "Operator commands by name and outcome", ["command", "outcome"]
 )
+REQUESTS_ADMITTED = Gauge(
+    "iot_http_requests_admitted",
+    "Requests being handled inside an admission limit (IOT_COMMANDS_MAX_REQUESTS)",
+)
+REQUESTS_SHED = Counter(
+    "iot_http_requests_shed_total",
+    "Requests refused with 503 and Retry-After because the admission limit was reached",
+)
 COMMAND_CONFLICT_RETRIES = Counter(
     "iot_command_conflict_retries_total",
     "Commands re-run after losing an optimistic-concurrency race",

@@ -57,6 +57,7 @@ class Settings:
     log_level: str = "INFO"
     db_pool_size: int = 16
     store_threads: int = 32
+    commands_max_requests: int = 64  # IOT_COMMANDS_MAX_REQUESTS: the API's admission limit
     aggregate_cache: int = 4096
     mqtt_client_id: str = ""
     mqtt_username: str = ""
@@ -213,6 +214,7 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         log_level=log_level,
         db_pool_size=_int(env, "IOT_DB_POOL_SIZE", 16, 1, 200) or 16,
         store_threads=_int(env, "IOT_STORE_THREADS", 32, 1, 256) or 32,
+        commands_max_requests=_int(env, "IOT_COMMANDS_MAX_REQUESTS", 64, 1, 100_000) or 64,
         aggregate_cache=_int(env, "IOT_AGGREGATE_CACHE", 4096, 0, 1_000_000) or 0,
         mqtt_client_id=env.get("IOT_MQTT_CLIENT_ID") or f"iot-bridge-{socket.gethostname()}",
         mqtt_username=env.get("IOT_MQTT_USERNAME", ""),
