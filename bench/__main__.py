@@ -20,6 +20,7 @@ MODULES = (
     "bench.anomaly",
     "bench.rollups",
     "bench.history",
+    "bench.durability",
 )
 
 
