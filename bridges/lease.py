@@ -94,6 +94,7 @@ class Lease:
                 extra={"error": repr(e)},
             )
             self._failing = True
+            self._bucket = None  # opened again next time: a NATS restart may have lost it
             if not self.is_leader():
                 self.revision = None
         self._report()

@@ -31,7 +31,7 @@ from infra.httpkit import build_app, serve
 from infra.jetstream import follow_events
 from infra.runtime import connect_nats, stop_on_signals
 from infra.settings import Settings
-from infra.streams import Streams
+from infra.streams import Streams, open_bucket
 
 log = logging.getLogger(__name__)
 BRIDGE_PORT = 8081
@@ -88,7 +88,7 @@ async def run(settings: Settings) -> None:
         sink.start()
 
         async def leases() -> Bucket:
-            return await js.key_value(streams.leases_bucket)
+            return await open_bucket(js, streams, streams.leases_bucket)
 
         lease = Lease(leases, LEASE_KEY, f"{settings.mqtt_client_id}:{secrets.token_hex(6)}")
         dispatcher = Dispatcher(

@@ -14,7 +14,7 @@ import contextlib
 from nats.js.client import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 
-from infra.streams import Streams
+from infra.streams import Streams, open_bucket
 
 
 def secret_key(device_id: str, version: int) -> str:
@@ -24,13 +24,13 @@ def secret_key(device_id: str, version: int) -> str:
 async def hand_over(
     js: JetStreamContext, streams: Streams, device_id: str, version: int, secret: str
 ) -> None:
-    kv = await js.key_value(streams.secrets_bucket)
+    kv = await open_bucket(js, streams, streams.secrets_bucket)
     await kv.put(secret_key(device_id, version), secret.encode())
 
 
 async def take(js: JetStreamContext, streams: Streams, device_id: str, version: int) -> str | None:
     """The secret issued by event `version` of the device, or None if none is (still) there."""
-    kv = await js.key_value(streams.secrets_bucket)
+    kv = await open_bucket(js, streams, streams.secrets_bucket)
     try:
         entry = await kv.get(secret_key(device_id, version))
     except KeyNotFoundError:
@@ -42,6 +42,6 @@ async def take(js: JetStreamContext, streams: Streams, device_id: str, version: 
 
 async def forget(js: JetStreamContext, streams: Streams, device_id: str, version: int) -> None:
     """Remove the secret once the broker has it."""
-    kv = await js.key_value(streams.secrets_bucket)
+    kv = await open_bucket(js, streams, streams.secrets_bucket)
     with contextlib.suppress(KeyNotFoundError):
         await kv.purge(secret_key(device_id, version))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 
 from nats.js.api import (
@@ -11,6 +13,11 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
+from nats.js.client import JetStreamContext
+from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
 
 DAY = 24 * 3600
 DEADLETTER_MAX_AGE = float(14 * DAY)  # seconds; IOT_DEADLETTER_MAX_AGE
@@ -176,3 +183,24 @@ def _config(
         duplicate_window=duplicate_window,
         max_bytes=max_bytes,
     )
+
+
+async def open_bucket(js: JetStreamContext, streams: Streams, bucket: str) -> KeyValue:
+    """A KV bucket of `kv_configs`, created again if it is gone.
+
+    Both are held in memory, so a NATS restart (every server of the cluster at once, or the one
+    server of a development machine) loses them with their contents; whoever needs one next
+    recreates it, with the replicas the EVENTS stream has, instead of failing until someone
+    runs `iot migrate` again. Creating an existing bucket with the same configuration is a
+    no-op, so processes racing to recreate it agree."""
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        pass
+    replicas = 1
+    with contextlib.suppress(NotFoundError):
+        info = await js.stream_info(streams.events)
+        replicas = info.config.num_replicas or 1
+    [config] = [c for c in kv_configs(streams, replicas) if c.bucket == bucket]
+    log.warning("KV bucket missing (NATS restarted?): created again", extra={"bucket": bucket})
+    return await js.create_key_value(config)

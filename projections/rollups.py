@@ -34,13 +34,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 
 from nats.js.client import JetStreamContext
-from nats.js.errors import BucketNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError, NoStreamResponseError
 from nats.js.kv import KeyValue
 from prometheus_client import Counter, Histogram
 
 from domain.ingest import Reading
 from infra.rollups import DEVICE_TAG, HOUR, KINDS, MINUTE, PARTIAL, RAW_MEASUREMENT, Level
-from infra.streams import Streams
+from infra.streams import Streams, open_bucket
 from projections.influx import (
     DatabaseNotFound,
     InfluxClient,
@@ -80,30 +80,21 @@ class Stopping(Exception):
 class SharedLock:
     """Mutual exclusion across processes: key `key` created (only if absent) in a JetStream KV
     bucket with a TTL, deleted on release at the revision we created. A holder that dies
-    leaves it to the bucket's TTL (10 s for `LEASES`). Without the bucket (`iot migrate` not
-    run yet) it locks nothing, and says so once."""
+    leaves it to the bucket's TTL (10 s for `LEASES`). The bucket is opened by `open`, again
+    after a failure: `infra.streams.open_bucket` creates it again if a NATS restart lost it
+    (it is held in memory)."""
 
-    def __init__(self, js: JetStreamContext, bucket: str, key: str) -> None:
-        self.js = js
-        self.bucket = bucket
+    def __init__(self, open_bucket: Callable[[], Awaitable[KeyValue]], key: str) -> None:
+        self._open = open_bucket
         self.key = key
         self._kv: KeyValue | None = None
-        self._missing = False
         self._revision: int | None = None
 
     async def __aenter__(self) -> SharedLock:
-        if self._kv is None and not self._missing:
-            try:
-                self._kv = await self.js.key_value(self.bucket)
-            except BucketNotFoundError:
-                self._missing = True
-                log.warning(
-                    "no KV bucket for the rollup lock: rollups are exact with one projector",
-                    extra={"bucket": self.bucket},
-                )
         if self._kv is None:
-            return self
+            self._kv = await self._open()
         delay = 0.001
+        reopened = False
         while True:
             try:
                 self._revision = await self._kv.create(self.key, b"rollups")
@@ -111,6 +102,12 @@ class SharedLock:
             except KeyWrongLastSequenceError:  # held by another process
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.05)
+            except NoStreamResponseError:  # the bucket is gone: open (create) it once more
+                self._kv = None
+                if reopened:
+                    raise
+                reopened = True
+                self._kv = await self._open()
 
     async def __aexit__(self, *_: object) -> None:
         if self._kv is not None and self._revision is not None:
@@ -121,7 +118,9 @@ class SharedLock:
 
 def rollup_lock(js: JetStreamContext, streams: Streams, database: str) -> SharedLock:
     """The lock every rollup writer of one InfluxDB database takes (projectors, replays)."""
-    return SharedLock(js, streams.leases_bucket, f"rollups.{database}")
+    return SharedLock(
+        lambda: open_bucket(js, streams, streams.leases_bucket), f"rollups.{database}"
+    )
 
 
 class Touched:
