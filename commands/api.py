@@ -383,25 +383,14 @@ def create_app(
     ready: ReadyCheck,
     admission: Admission | None = None,
 ) -> Starlette:
-    """The command API. `admission` bounds the requests handled at once (default
-    DEFAULT_MAX_REQUESTS): one more is answered 503 with `Retry-After` before its body is read,
-    so overload is shed instead of queueing in the store's executor without bound."""
+    """The command API. `admission` bounds the change requests (POST, PATCH) handled at once
+    (default DEFAULT_MAX_REQUESTS): one more is answered 503 with `Retry-After` before it is
+    routed or its body read, so overload is shed instead of queueing in the store's executor
+    without bound."""
     adapter = StoreAdapter(service.store, service.committer)
     gate = admission or Admission(DEFAULT_MAX_REQUESTS, what="command requests")
 
     async def execute(
-        request: Request,
-        command: str,
-        role: str,
-        work: Callable[[Idempotency], tuple[int, dict[str, Any], Outcome | RuleOutcome]],
-    ) -> Response:
-        if gate.full:
-            metrics.COMMANDS.labels(command, "503").inc()
-            raise gate.refuse()
-        with gate.admit():
-            return await admitted_execute(request, command, role, work)
-
-    async def admitted_execute(
         request: Request,
         command: str,
         role: str,
@@ -728,4 +717,8 @@ def create_app(
         Route("/openapi.json", openapi, methods=["GET"]),
         Route(PREFIX + "/openapi.json", openapi, methods=["GET"]),
     ]
-    return build_app(routes, ready)
+
+    def gated(scope: Any) -> bool:
+        return bool(scope["method"] in ("POST", "PATCH") and scope["path"].startswith(PREFIX))
+
+    return build_app(routes, ready, admission=gate, gated=gated)

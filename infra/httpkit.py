@@ -207,6 +207,28 @@ def _principal(token: bytes) -> str:
     return hashlib.sha256(token).hexdigest()[:32]
 
 
+class AdmissionMiddleware:
+    """Pure ASGI: a request that `gated(scope)` selects enters `admission` first, before
+    routing, so one beyond the limit costs the least there is: a 503 problem+json with
+    `Retry-After` sent at once, its body never read."""
+
+    def __init__(self, app: ASGIApp, admission: Admission, gated: Callable[[Scope], bool]) -> None:
+        self.app = app
+        self.admission = admission
+        self.gated = gated
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.gated(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.admission.full:
+            response = self.admission.refuse().response(scope["path"])
+            await response(scope, receive, send)
+            return
+        with self.admission.admit():
+            await self.app(scope, receive, send)
+
+
 class MetricsMiddleware:
     """Counts requests and their latency by route template (pure ASGI, cheap)."""
 
@@ -286,10 +308,22 @@ def _title(status: int) -> str:
         return "Error"
 
 
-def build_app(routes: Sequence[BaseRoute], ready: ReadyCheck, **kwargs: Any) -> Starlette:
+def build_app(
+    routes: Sequence[BaseRoute],
+    ready: ReadyCheck,
+    *,
+    admission: Admission | None = None,
+    gated: Callable[[Scope], bool] = lambda _: True,
+    **kwargs: Any,
+) -> Starlette:
+    """The component's app: health and metrics routes beside `routes`; with `admission`, the
+    requests `gated` selects are shed beyond its limit (AdmissionMiddleware)."""
+    middleware = [Middleware(MetricsMiddleware)]
+    if admission is not None:
+        middleware.append(Middleware(AdmissionMiddleware, admission=admission, gated=gated))
     return Starlette(
         routes=[*health_routes(ready), *routes],
-        middleware=[Middleware(MetricsMiddleware)],
+        middleware=middleware,
         exception_handlers={
             Problem: _problem_handler,
             HTTPException: _http_exception_handler,
