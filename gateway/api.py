@@ -82,6 +82,10 @@ AFTER_TIMEOUTS = Counter(
     "iot_gateway_after_timeouts_total",
     "Reads with `after` answered 503 because the views did not catch up in time",
 )
+VIEWS_REBUILDING = Counter(
+    "iot_gateway_views_rebuilding_total",
+    "View reads answered 503 because the views were being rebuilt after Redis lost them",
+)
 AFTER_BEYOND_HEAD = Counter(
     "iot_gateway_after_beyond_head_total",
     "Reads with `after` answered 400 because the position is beyond the log's head",
@@ -275,6 +279,28 @@ async def caught_up(gateway: Gateway, after: int | None) -> int:
     raise problem
 
 
+REBUILDING_RETRY_S = 2
+
+
+async def views_complete(gateway: Gateway, *, fresh: bool = False) -> None:
+    """503 while the views are known incomplete (Redis lost its data and they are being rebuilt
+    from the log): a partial view answered 200 would be indistinguishable from a true one.
+    Checked before a read (cached) and again after it (`fresh`), so that a loss during the
+    read, or within the generation's cache time before it, is not answered either."""
+    if await gateway.views.complete(fresh=fresh):
+        return
+    VIEWS_REBUILDING.inc()
+    problem = Problem(
+        503,
+        "Service Unavailable",
+        "the views are being rebuilt from the log (Redis lost its data); until then they "
+        "would be incomplete, so none is answered: retry shortly",
+        rebuilding=True,
+    )
+    problem.headers["Retry-After"] = str(REBUILDING_RETRY_S)
+    raise problem
+
+
 def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
     def endpoint(
         handler: Handler, consistent: bool = True
@@ -296,8 +322,16 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
                     problem.headers["Retry-After"] = str(verdict.retry_after_s)
                     raise problem
                 if consistent:
+                    await views_complete(gateway)
                     headers[POSITION_HEADER] = str(await caught_up(gateway, after))
-                body = await handler(request)
+                try:
+                    body = await handler(request)
+                except Problem:
+                    if consistent:  # a 404 or 422 from lost views is no answer either
+                        await views_complete(gateway, fresh=True)
+                    raise
+                if consistent:
+                    await views_complete(gateway, fresh=True)
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
                 log.warning("Redis unavailable", extra={"error": repr(e)})
                 problem = Problem(503, "Service Unavailable", "the views store is unreachable")

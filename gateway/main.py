@@ -38,13 +38,15 @@ def build_gateway(
 
 
 async def readiness(gateway: Gateway) -> Mapping[str, bool]:
-    """Redis and InfluxDB, what reads need. Not NATS: only a consistency token ahead of the
-    views reads the log's head, and without NATS such a token waits as before."""
+    """Redis and InfluxDB, what reads need, and the views complete (false while they are being
+    rebuilt after Redis lost them). Not NATS: only a consistency token ahead of the views reads
+    the log's head, and without NATS such a token waits as before."""
     try:
         redis_ok = bool(await gateway.redis.ping())
+        views_ok = await gateway.views.complete(fresh=True)
     except Exception:
-        redis_ok = False
-    return {"redis": redis_ok, "influxdb": await gateway.influx.ping()}
+        redis_ok = views_ok = False
+    return {"redis": redis_ok, "influxdb": await gateway.influx.ping(), "views": views_ok}
 
 
 async def run(settings: Settings) -> None:

@@ -769,6 +769,11 @@ def openapi_document() -> dict[str, Any]:
                     "description": "400 to a read with `after` beyond the log's head: the "
                     "event-store position of the newest event in the log",
                 },
+                "rebuilding": {
+                    "type": "boolean",
+                    "description": "503 while the views are being rebuilt from the log after "
+                    "Redis lost its data: true (no view is answered until they are whole)",
+                },
             },
         },
     }
@@ -923,9 +928,11 @@ def openapi_document() -> dict[str, Any]:
                     "content": {"application/problem+json": {"schema": _ref("Problem")}},
                 },
                 "Unavailable": {
-                    "description": "The views store is unreachable, or the log has reached "
-                    f"`after` but the views did not within {AFTER_WAIT_S:g} s (the body's "
-                    "`position` says where they are; retry after Retry-After)",
+                    "description": "The views store is unreachable; the views are being "
+                    "rebuilt from the log after Redis lost its data (the body's `rebuilding` "
+                    "is true; every view read answers this until they are whole); or the log "
+                    f"has reached `after` but the views did not within {AFTER_WAIT_S:g} s (the "
+                    "body's `position` says where they are). Retry after Retry-After",
                     "headers": {
                         "Retry-After": {
                             "description": "Seconds to wait before retrying",

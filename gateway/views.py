@@ -14,7 +14,15 @@ from redis.asyncio import Redis
 
 from domain.device import DEVICE_ID
 from infra.timefmt import rfc3339
-from infra.views import METRIC_FIELD, SEVERITIES, STATUSES, CurrentKeys, ViewKeys
+from infra.views import (
+    METRIC_FIELD,
+    SEVERITIES,
+    STATUSES,
+    CurrentKeys,
+    ViewKeys,
+    marker_key,
+    rebuilding_key,
+)
 
 _decode = msgspec.json.decode
 # Below this many candidates, a filtered page intersects the sets; above, it scans the index.
@@ -91,6 +99,10 @@ def _json(raw: str | None) -> Any:
         return _decode(raw)
     except msgspec.DecodeError:
         return None
+
+
+def _text(raw: str | bytes | None) -> str | None:
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _int(raw: str | None) -> int | None:
@@ -226,6 +238,27 @@ class ViewReader:
     def __init__(self, redis: Redis, namespace: str, ttl: float = GENERATION_TTL_S) -> None:
         self._redis = redis
         self.current = CurrentKeys(redis, namespace, ttl=ttl)
+        self._state_keys = (marker_key(namespace), rebuilding_key(namespace))
+        self._seen_marker = False
+
+    async def complete(self, *, fresh: bool = False) -> bool:
+        """False while the views are known incomplete: the projector flagged them (Redis lost
+        its data, a rebuild is under way), or the loss marker this reader has seen is gone (a
+        loss the projector has not flagged yet). Views without a marker that this reader never
+        saw (written before markers existed) count as complete.
+
+        Cached with the generation (the same read), or `fresh`: read now, as a check after a
+        read has been answered from the views (a loss within the cache time must not pass)."""
+        if fresh:
+            raw_marker, raw_rebuilding = await self._redis.mget(self._state_keys)
+            marker, rebuilding = _text(raw_marker), _text(raw_rebuilding)
+        else:
+            await self.current.resolve()
+            marker, rebuilding = self.current.marker, self.current.rebuilding
+        if marker is not None:
+            self._seen_marker = True
+        lost = self._seen_marker and marker is None
+        return rebuilding is None and not lost
 
     async def keys(self) -> ViewKeys:
         """The keys of the generation in use; each read resolves them once and uses them for

@@ -81,6 +81,17 @@ Generations: `{p}` is `{ns}:views:{generation}`. The first generation is `live`;
   `{ns}:views:changes`       pub/sub channel: a device id per change (for the SSE stream); one
                              per namespace, so a switch does not cut the stream (a replay
                              building a generation publishes nothing)
+Loss of Redis's data (a FLUSHALL, a restart without persistence):
+  `{ns}:views:marker`        a random token, present while the views are known to hold the log
+                             (written by the projector on a fresh start, and at the end of a
+                             replay when absent). Every live write of the projector (its scripts)
+                             names the token it knows and is refused unless the key holds it, so
+                             nothing is written into a Redis that lost the views; an absent
+                             marker is the projector's signal to rebuild them
+  `{ns}:views:rebuilding`    JSON {"since_ms", "reason"}: the views are known incomplete and a
+                             rebuild from the log is under way (set by the projector that noticed
+                             the loss, removed with the marker's return); the gateway answers 503
+                             while it exists (or while a marker it has seen is gone)
 """
 
 from __future__ import annotations
@@ -104,6 +115,16 @@ def current_key(namespace: str) -> str:
 
 def replay_key(namespace: str) -> str:
     return f"{views_root(namespace)}:replay"
+
+
+def marker_key(namespace: str) -> str:
+    """The token present while the views are known to hold the log (see the layout above)."""
+    return f"{views_root(namespace)}:marker"
+
+
+def rebuilding_key(namespace: str) -> str:
+    """Present while the views are known incomplete and being rebuilt."""
+    return f"{views_root(namespace)}:rebuilding"
 
 
 @dataclass(frozen=True)
@@ -225,12 +246,19 @@ METRIC_FIELD = "m:"
 CONFIG_VERSION_KEY = "config_version"  # reserved in a device's reported state
 
 
+def _text(raw: Any) -> str | None:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 class CurrentKeys:
     """Resolves the generation in use (`current_key`), caching it for `ttl` seconds.
 
     The live projector resolves once per batch with `ttl` 0, so a batch's effects and checkpoint
     land in one generation; the gateway caches briefly. A replay waits longer than any cache
     before it relies on everybody having switched (iot.replay.SWITCH_GRACE_S).
+
+    The same read (one MGET) fetches the loss marker and the rebuilding flag: `marker` and
+    `rebuilding` are their values at the last resolution (None when absent).
     """
 
     def __init__(
@@ -243,6 +271,9 @@ class CurrentKeys:
         self.redis = redis
         self.namespace = namespace
         self.key = current_key(namespace)
+        self.state_keys = (self.key, marker_key(namespace), rebuilding_key(namespace))
+        self.marker: str | None = None
+        self.rebuilding: str | None = None
         self.ttl = ttl
         self.clock = clock
         self._keys = ViewKeys.for_namespace(namespace)
@@ -256,9 +287,9 @@ class CurrentKeys:
     async def resolve(self) -> ViewKeys:
         now = self.clock()
         if now - self._at >= self.ttl:  # always with ttl 0
-            raw = await self.redis.get(self.key)
-            generation = raw.decode() if isinstance(raw, bytes) else raw
-            generation = generation or DEFAULT_GENERATION
+            raw, marker, rebuilding = await self.redis.mget(self.state_keys)
+            self.marker, self.rebuilding = _text(marker), _text(rebuilding)
+            generation = _text(raw) or DEFAULT_GENERATION
             if generation != self._keys.generation:
                 self._keys = ViewKeys.for_namespace(self.namespace, generation)
             self._at = now

@@ -25,7 +25,9 @@ from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 from prometheus_client import Counter, Gauge, Histogram
-from redis.exceptions import NoScriptError
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import NoScriptError, ResponseError
 from starlette.routing import BaseRoute
 
 from domain.ingest import CommandSent, decode_ingest
@@ -42,7 +44,7 @@ from infra.jetstream import ConsumerSpec, Outcome, consume, dead_letter_message,
 from infra.runtime import close_nats, connect_nats, retry_async, stop_on_signals
 from infra.settings import Settings
 from infra.streams import Streams
-from infra.views import CurrentKeys, ViewKeys
+from infra.views import CurrentKeys, ViewKeys, marker_key
 from projections import views_scripts
 from projections.views_plan import (
     DeviceState,
@@ -85,6 +87,25 @@ POSITION = Gauge(
 )
 
 
+class ViewsLost(Exception):
+    """A guarded write was refused: the loss marker is gone or not the token the projector knows
+    (Redis lost its data, or the views were rebuilt since). Nothing of the batch was written by
+    the script that refused; the batch must not be acknowledged."""
+
+
+@dataclass
+class Marker:
+    """The loss marker as the live projector knows it: its key and the token it last saw
+    (`infra.views.marker_key`); "" while the views are known lost."""
+
+    key: str
+    token: str = ""
+
+    @classmethod
+    def for_namespace(cls, namespace: str) -> Marker:
+        return cls(marker_key(namespace))
+
+
 class Scripts:
     """EVALSHA with a reload on NOSCRIPT (a restarted or flushed Redis)."""
 
@@ -116,6 +137,8 @@ class Scripts:
                 await self.load()
                 continue  # every effect is idempotent: running the batch again is safe
             for result in results:
+                if isinstance(result, ResponseError) and str(result).startswith(views_scripts.LOST):
+                    raise ViewsLost(str(result))
                 if isinstance(result, Exception):
                     raise result
             return results
@@ -187,6 +210,9 @@ class ViewsProjector:
     Live (`keys` None), each batch resolves the generation in use (`infra.views.CurrentKeys`)
     and lands wholly in it, so a replay's switch takes effect at the next batch; a replay
     passes the fixed, silent keys of the generation it builds.
+
+    With a `marker` (the live process), every write names the loss marker's token and is
+    refused (`ViewsLost`) unless Redis holds it: see `projections.views_recovery`.
     """
 
     def __init__(
@@ -196,8 +222,10 @@ class ViewsProjector:
         namespace: str,
         clock: Callable[[], float] = time.time,
         keys: ViewKeys | None = None,
+        marker: Marker | None = None,
     ) -> None:
         self.redis = redis
+        self.marker = marker if keys is None else None
         self.js = js
         self.current = CurrentKeys(redis, namespace)
         self.fixed = keys
@@ -211,7 +239,16 @@ class ViewsProjector:
         return self.fixed if self.fixed is not None else self.current.cached
 
     async def resolve_keys(self) -> ViewKeys:
-        return self.fixed if self.fixed is not None else await self.current.resolve()
+        if self.fixed is not None:
+            return self.fixed
+        keys = await self.current.resolve()
+        if self.marker is not None and self.current.marker != self.marker.token:
+            raise ViewsLost(f"views marker {self.marker.key} is gone or changed")
+        return keys
+
+    def _guard_args(self) -> list[str]:
+        """The events and ingest scripts' trailing arguments: the marker and its token."""
+        return [] if self.marker is None else [self.marker.key, self.marker.token]
 
     async def handle_events(self, msgs: Sequence[Msg]) -> Outcome:
         with tracing.batch_span("projection.views.apply", msgs, **{"iot.input": "events"}):
@@ -241,13 +278,17 @@ class ViewsProjector:
         outcome: Outcome,
     ) -> None:
         """Fold the batch's done messages (all but the retried) into the views position."""
-        args: list[int] = []
+        pairs: list[int] = []
         for i, msg in enumerate(msgs):
             if i not in outcome.retry:
-                args += [msg.metadata.sequence.stream, positions.get(i, 0)]
-        if not args:
+                pairs += [msg.metadata.sequence.stream, positions.get(i, 0)]
+        if not pairs:
             return
         script_keys = [keys.position, keys.position_seq, keys.position_ahead]
+        args: list[int | str] = ["", *pairs]
+        if self.marker is not None:
+            script_keys.append(self.marker.key)
+            args[0] = self.marker.token
         (position,) = await self.scripts.pipeline([("checkpoint", script_keys, args)])
         if self.fixed is None:
             POSITION.set(int(position))
@@ -294,7 +335,7 @@ class ViewsProjector:
         if not plans:
             return result
         batch = msgspec.json.encode([plan.batch_entry(keys) for _, plan in plans])
-        (results,) = await self.scripts.pipeline([("events", [], [batch])])
+        (results,) = await self.scripts.pipeline([("events", [], [batch, *self._guard_args()])])
         SCRIPT_LATENCY.labels("events").observe(time.perf_counter() - start)
         newest = None
         for (i, plan), outcome in zip(plans, results, strict=True):
@@ -338,7 +379,7 @@ class ViewsProjector:
         if not plans:
             return
         batch = msgspec.json.encode([plan.batch_entry(keys) for _, plan in plans])
-        (results,) = await self.scripts.pipeline([("events", [], [batch])])
+        (results,) = await self.scripts.pipeline([("events", [], [batch, *self._guard_args()])])
         for (i, _), outcome in zip(plans, results, strict=True):
             if outcome == 1:
                 result.applied += 1
@@ -369,6 +410,7 @@ class ViewsProjector:
         if plan.devices or plan.readings:
             now_ms = int(self.clock() * 1000)
             script_keys, args = plan.script_args(keys, now_ms)
+            args += self._guard_args()
             start = time.perf_counter()
             (changed,) = await self.scripts.pipeline([("ingest", script_keys, args)])
             CHANGES.inc(changed)
@@ -470,12 +512,30 @@ def consumer_specs(namespace: str) -> tuple[ConsumerSpec, ConsumerSpec]:
 
 
 async def run(settings: Settings) -> None:
-    stop = stop_on_signals()
-    redis = aioredis.Redis.from_url(settings.redis_url, health_check_interval=10)
+    await serve_views(settings, stop_on_signals())
+
+
+async def serve_views(settings: Settings, stop: asyncio.Event) -> None:
+    """The projector until `stop` is set: consumers, the loss watcher, the HTTP port."""
+    from projections.views_recovery import ViewsRecovery  # it builds on this module
+
+    redis = aioredis.Redis.from_url(
+        settings.redis_url,
+        health_check_interval=10,
+        socket_timeout=10,  # a batch is milliseconds; a stopped Redis must not hang it
+        socket_connect_timeout=5,
+        # a command retries briefly (a dropped connection), then fails: an outage is the
+        # recovery's to handle (batches held and nak'ed), and /readyz must answer in time
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+    )
     await retry_async("Redis", redis.ping)
     nc = await retry_async("NATS", lambda: connect_nats(settings.nats_url, "iot-views"))
     js = nc.jetstream()
-    projector = ViewsProjector(redis, js, settings.namespace)
+    events, ingest = consumer_specs(settings.namespace)
+    rules = rules_spec(settings.namespace)
+    marker = Marker.for_namespace(settings.namespace)
+    projector = ViewsProjector(redis, js, settings.namespace, marker=marker)
+    recovery = ViewsRecovery(settings, redis, nc, (events, ingest, rules), marker=marker)
     await projector.scripts.load()
 
     async def ready() -> Mapping[str, bool]:
@@ -483,20 +543,19 @@ async def run(settings: Settings) -> None:
             redis_ok = bool(await redis.ping())
         except Exception:
             redis_ok = False
-        return {"nats": nc.is_connected, "redis": redis_ok}
+        return {"nats": nc.is_connected, "redis": redis_ok, **recovery.checks()}
 
-    events, ingest = consumer_specs(settings.namespace)
-    keys = await retry_async("views generation", projector.resolve_keys)
-    await retry_async("views checkpoint", lambda: seed_checkpoint(redis, js, keys, events))
+    if await retry_async("views marker", recovery.start):
+        keys = await retry_async("views generation", projector.resolve_keys)
+        await retry_async("views checkpoint", lambda: seed_checkpoint(redis, js, keys, events))
     routes: list[BaseRoute] = []
     port = settings.port_for(VIEWS_PORT)
     log.info("views projector listening", extra={"port": port})
     tasks = [
-        asyncio.create_task(consume(js, events, projector.handle_events, stop)),
-        asyncio.create_task(
-            consume(js, rules_spec(settings.namespace), projector.handle_events, stop)
-        ),
-        asyncio.create_task(consume(js, ingest, projector.handle_ingest, stop)),
+        asyncio.create_task(recovery.watch(stop)),
+        asyncio.create_task(consume(js, events, recovery.guarded(projector.handle_events), stop)),
+        asyncio.create_task(consume(js, rules, recovery.guarded(projector.handle_events), stop)),
+        asyncio.create_task(consume(js, ingest, recovery.guarded(projector.handle_ingest), stop)),
         asyncio.create_task(report_lag(js, events, stop)),
         asyncio.create_task(report_lag(js, ingest, stop)),
         asyncio.create_task(report_online(projector, stop)),

@@ -8,7 +8,11 @@ own code (`ViewsProjector.apply_events` / `apply_ingest`) into the new generatio
 change notifications off. The checkpoint of the new generation starts at (stream sequence
 before the store read, largest position read), so consistency tokens hold across the switch.
 
-The switch is one SET of `{ns}:views:current` (see infra.views): the live projector picks the
+The switch is one script setting `{ns}:views:current` (see infra.views), refused if Redis lost
+the generation being built meanwhile. Once the drain below is done, a second script writes the
+loss marker when absent and removes the rebuilding flag: after a loss
+(`projections.views_recovery`) readers are answered from the rebuild only once it holds
+everything the log held at the switch, and live projectors resume then. The live projector picks the
 new generation up at its next batch, the gateway within its cache time. The rebuild keeps
 following both streams up to their end as read right after the switch, so whatever the live
 projector put into the old generation before it noticed is in the new one too. The old
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +31,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from nats.aio.msg import Msg
+from redis.exceptions import ResponseError
 
 from infra.eventstore import DeviceStore, open_store
 from infra.jetstream import Outcome
@@ -48,6 +54,8 @@ from infra.views import (
     STATUSES,
     ViewKeys,
     current_key,
+    marker_key,
+    rebuilding_key,
     replay_key,
     views_root,
 )
@@ -144,6 +152,7 @@ class ViewsReplay:
             try:
                 await self._switch(build, old, progress)
                 await self._drain(build, progress)
+                await self._finish(build)
             finally:
                 await self._stop(build)
             removed = await self._remove_generation(old)
@@ -303,12 +312,39 @@ class ViewsReplay:
     # --- switch, drain, retire ------------------------------------------------------------
 
     async def _switch(self, build: Build, old: str, progress: Progress) -> None:
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.set(current_key(self.namespace), build.generation)
-            pipe.hset(replay_key(self.namespace), "retiring", old)
-            pipe.hdel(replay_key(self.namespace), "building")
-            await pipe.execute()
+        """One script: readers move and the old generation is recorded for removal, unless
+        Redis lost the generation being built meanwhile."""
+        await self._script(
+            views_scripts.SWITCH,
+            [current_key(self.namespace), replay_key(self.namespace)],
+            [build.generation, old],
+            f"generation {build.generation!r} was lost before the switch",
+        )
         progress.note(f"views: readers switched from {old!r} to {build.generation!r}")
+
+    async def _finish(self, build: Build) -> None:
+        """After the drain: the views hold the log; write the loss marker if absent and
+        remove the rebuilding flag (infra.views), unless Redis lost the generation meanwhile."""
+        await self._script(
+            views_scripts.FINISH,
+            [
+                current_key(self.namespace),
+                marker_key(self.namespace),
+                rebuilding_key(self.namespace),
+            ],
+            [build.generation, secrets.token_hex(16)],
+            f"generation {build.generation!r} was lost after the switch",
+        )
+
+    async def _script(self, source: str, keys: list[str], args: list[str], lost: str) -> None:
+        try:
+            await self.redis.eval(source, len(keys), *keys, *args)
+        except ResponseError as e:
+            if str(e).startswith(views_scripts.LOST):
+                raise ReplayError(
+                    f"{lost} (Redis lost its data during the replay): run it again"
+                ) from e
+            raise
 
     async def _drain(self, build: Build, progress: Progress) -> None:
         """Follow up to the streams' ends as read right after the switch, then wait out the

@@ -1,6 +1,25 @@
-"""Lua scripts of the `views` projection: each runs atomically in Redis (change + checkpoint)."""
+"""Lua scripts of the `views` projection: each runs atomically in Redis (change + checkpoint).
+
+The live projector's calls are guarded: they name the loss marker (`infra.views.marker_key`) and
+the token the projector knows, and a script refuses to write anything (error `VIEWSLOST`) unless
+the marker holds that token. So a Redis that lost its data (FLUSHALL, a restart without
+persistence) is never half-written by the live projector: it notices and rebuilds instead. A
+replay building a generation of its own passes no marker.
+"""
 
 from __future__ import annotations
+
+LOST = "VIEWSLOST"  # the error a guarded script answers when the marker is not the one named
+
+
+def _guard(key: str, token: str) -> str:
+    """Lua: refuse (before any write) unless the marker named by `key` holds `token`."""
+    return f"""
+if {key} and {key} ~= '' and redis.call('GET', {key}) ~= {token} then
+  return redis.error_reply('{LOST} views marker ' .. {key} .. ' is gone or changed')
+end
+"""
+
 
 # A batch of domain events, each applied as it comes (one script call instead of one per event:
 # packing a call per event cost the projector more than Redis spent on it). For each event the
@@ -20,8 +39,11 @@ from __future__ import annotations
 #         (its key: a device's cleared alerts by clear version) removes all but the newest n
 #         cleared alerts, each from that set, every index named and its rule's, with its hash.
 #         `ztrim n` keeps the newest n members (by score) of its sorted set.
+# ARGV[2], ARGV[3] (optional): the loss marker's key and the token it must hold (see above).
 # Returns per event: 1 applied (and publishes the device id), 0 already applied, 2 gap.
-EVENTS = """
+EVENTS = (
+    _guard("ARGV[2]", "ARGV[3]")
+    + """
 local function split(s)
   local out, start = {}, 1
   while true do
@@ -93,6 +115,7 @@ local out = {}
 for i, e in ipairs(cjson.decode(ARGV[1])) do out[i] = apply(e[1], e[2]) end
 return out
 """
+)
 
 # One ingest batch, reduced per device to maxima (see views_plan.IngestPlan): every update is
 # "keep the larger" under a total order, so re-applying or reordering changes nothing.
@@ -104,8 +127,11 @@ return out
 #    [[readings key, expire at (epoch s), [reading id, ...]], ...]]   ("" = nothing)
 #   the reported history: [its key, how many to keep, received_at, member, ...] (every reported
 #   state of the batch, scored by when it was received; the newest kept) or "" (none)
+# ARGV[4], ARGV[5] (optional): the loss marker's key and the token it must hold.
 # Publishes each changed device id on the changes channel; returns how many changed.
-INGEST = """
+INGEST = (
+    _guard("ARGV[4]", "ARGV[5]")
+    + """
 local function chunked(cmd, key, list)
   local out = {}
   for s = 1, #list, 1000 do
@@ -203,22 +229,26 @@ for _, r in ipairs(batch[2]) do
 end
 return changed
 """
+)
 
 # The checkpoint of domain events after a batch (see infra.views): folds the stream sequences of
 # the messages done (applied, skipped as applied, dead-lettered) into the contiguous prefix S of
 # the EVENTS stream and moves the position P to the largest event position in that prefix.
 # A message done past a gap waits in the `ahead` hash until the gap closes; S and P never move
 # backwards, whatever the order or repetition of calls (several instances may call it).
-# KEYS: position, position:seq, position:ahead.
-# ARGV: pairs of stream sequence, event position (0 = unknown), in any order.
+# KEYS: position, position:seq, position:ahead, and (optional) the loss marker.
+# ARGV: the token the marker must hold ("" with no marker), then pairs of stream sequence, event
+# position (0 = unknown), in any order.
 # Returns the position P after the call.
-CHECKPOINT = """
+CHECKPOINT = (
+    _guard("KEYS[4]", "ARGV[1]")
+    + """
 local function int(n) return string.format('%d', n) end
 local s = tonumber(redis.call('GET', KEYS[2]) or '0')
 local p = tonumber(redis.call('GET', KEYS[1]) or '0')
 local s0, p0 = s, p
 local done = {}
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   local seq = tonumber(ARGV[i])
   if seq > s then done[seq] = tonumber(ARGV[i + 1]) end
 end
@@ -244,6 +274,7 @@ if s ~= s0 then redis.call('SET', KEYS[2], int(s)) end
 if p ~= p0 then redis.call('SET', KEYS[1], int(p)) end
 return int(p)
 """
+)
 
 # Seed the checkpoint of a projection that ran before it kept one: every message up to the
 # consumer's ack floor is applied. Only when no checkpoint exists; the position never moves back.
@@ -254,4 +285,42 @@ redis.call('SET', KEYS[2], ARGV[1])
 local p = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tonumber(ARGV[2]) > p then redis.call('SET', KEYS[1], ARGV[2]) end
 return 1
+"""
+
+# Flag the views incomplete, but only while the loss marker is absent (a switch that wrote it
+# and removed the flag in one step must not be followed by a stale flag).
+# KEYS: the marker, the rebuilding flag. ARGV: the flag's value. Returns 1 if flagged.
+FLAG = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('SET', KEYS[2], ARGV[1])
+return 1
+"""
+
+# A replay's switch: readers (and the live projector) move to the new generation in one step,
+# only if the generation being built is still recorded (a Redis that lost its data during the
+# replay lost the rebuild too: refused with VIEWSLOST).
+# KEYS: current, replay. ARGV: new generation, old generation.
+SWITCH = f"""
+if redis.call('HGET', KEYS[2], 'building') ~= ARGV[1] then
+  return redis.error_reply('{LOST} the generation being built is gone: Redis lost its data')
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], 'retiring', ARGV[2])
+redis.call('HDEL', KEYS[2], 'building')
+return 1
+"""
+
+# The end of a replay's drain: the generation in use holds everything the log held at the
+# switch. Unless Redis lost it meanwhile (`current` no longer names it: VIEWSLOST), the loss
+# marker is written if absent (after a loss: the views hold the log again) and the rebuilding
+# flag removed, in one step: readers get the rebuilt views only once they are whole.
+# KEYS: current, marker, rebuilding. ARGV: the generation, a new token.
+# Returns the marker's token.
+FINISH = f"""
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('{LOST} generation ' .. ARGV[1] .. ' is no longer in use')
+end
+redis.call('SET', KEYS[2], ARGV[2], 'NX')
+redis.call('DEL', KEYS[3])
+return redis.call('GET', KEYS[2])
 """

@@ -695,7 +695,8 @@ async def test_openapi_document_parses_and_describes_every_endpoint(
 
 async def test_ready_when_redis_and_influxdb_answer(client: httpx.AsyncClient) -> None:
     response = await client.get("/readyz")
-    assert response.json() == {"ready": True, "checks": {"redis": True, "influxdb": True}}
+    checks = {"redis": True, "influxdb": True, "views": True}
+    assert response.json() == {"ready": True, "checks": checks}
 
 
 async def test_not_ready_when_influxdb_is_unreachable(
@@ -705,7 +706,7 @@ async def test_not_ready_when_influxdb_is_unreachable(
     async with client_for(make_gateway(dead, redis, influx_http)) as client:
         response = await client.get("/readyz")
         assert response.status_code == 503
-        assert response.json()["checks"] == {"redis": True, "influxdb": False}
+        assert response.json()["checks"] == {"redis": True, "influxdb": False, "views": True}
 
 
 async def test_dashboard_page_is_served(client: httpx.AsyncClient) -> None:

@@ -181,7 +181,7 @@ async def test_readiness_does_not_depend_on_nats(gateway: Gateway, settings: Set
     async with client_for(gw) as client:
         response = await client.get("/readyz")
     assert response.status_code == 200
-    assert response.json()["checks"] == {"redis": True, "influxdb": True}
+    assert response.json()["checks"] == {"redis": True, "influxdb": True, "views": True}
 
 
 # --- GET /deadletters (admin), over the same NATS connection ------------------------------------
