@@ -14,6 +14,10 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 import msgspec
+import psycopg
+import psycopg_pool
+from eventsourcing.persistence import InterfaceError as StoreInterfaceError
+from eventsourcing.persistence import OperationalError as StoreOperationalError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -721,4 +725,33 @@ def create_app(
     def gated(scope: Any) -> bool:
         return bool(scope["method"] in ("POST", "PATCH") and scope["path"].startswith(PREFIX))
 
-    return build_app(routes, ready, admission=gate, gated=gated)
+    app = build_app(routes, ready, admission=gate, gated=gated)
+    for error in STORE_UNAVAILABLE:
+        app.add_exception_handler(error, _store_unavailable)
+    return app
+
+
+# What the event store raises while PostgreSQL is unreachable (restarting, failing over, down):
+# the library's wrappers of the driver's errors, the driver's own, and the pool's.
+STORE_UNAVAILABLE: tuple[type[Exception], ...] = (
+    StoreOperationalError,
+    StoreInterfaceError,
+    psycopg.OperationalError,
+    psycopg_pool.PoolTimeout,
+)
+STORE_RETRY_AFTER_S = 2
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    """503, not 500: the request can be repeated. A commit whose answer was lost may have
+    happened, so the problem says to retry with the same `Idempotency-Key`."""
+    log.warning("event store unavailable", extra={"error": str(exc), "path": request.url.path})
+    metrics.STORE_UNAVAILABLE.inc()
+    problem = Problem(
+        503,
+        "Service Unavailable",
+        "the event store (PostgreSQL) is unavailable; retry after the time Retry-After gives, "
+        "with the same Idempotency-Key, which answers the first outcome if it was applied",
+    )
+    problem.headers["Retry-After"] = str(STORE_RETRY_AFTER_S)
+    return problem.response(request.url.path)

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-from eventsourcing.persistence import Notification
+from eventsourcing.persistence import InterfaceError, Notification, OperationalError
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
 from nats.js.errors import APIError
@@ -104,7 +104,10 @@ class Relay:
                 ) as conn:
                     if await self._acquire(conn, stop):
                         await self._lead(conn, stop)
-            except (psycopg.OperationalError, OSError) as e:
+            except (psycopg.OperationalError, OperationalError, InterfaceError, OSError) as e:
+                # Its lock session, or the store's pool (a PostgreSQL restart): lead again once
+                # the database is back; the position is re-read from the stream, so nothing is
+                # published twice or skipped.
                 log.warning("relay lost its database session; retrying", extra={"error": str(e)})
             finally:
                 self.state.leader = False

@@ -24,6 +24,10 @@ REQUESTS_SHED = Counter(
     "iot_http_requests_shed_total",
     "Requests refused with 503 and Retry-After because the admission limit was reached",
 )
+STORE_UNAVAILABLE = Counter(
+    "iot_commands_store_unavailable_total",
+    "Command API requests answered 503 because PostgreSQL could not be reached",
+)
 COMMAND_CONFLICT_RETRIES = Counter(
     "iot_command_conflict_retries_total",
     "Commands re-run after losing an optimistic-concurrency race",

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -100,6 +101,9 @@ class PrivateServer(ABC):
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
         self.paused = False
+
+    def cleanup(self) -> None:  # noqa: B027 - most keep nothing outside their directory
+        """Remove what the server kept outside the test's directory."""
 
     def tail(self, lines: int = 15) -> str:
         path = self.directory / f"{self.name}.log"
@@ -264,8 +268,16 @@ class PostgresServer(PrivateServer):
     database = "iot"
 
     def __init__(self, directory: Path) -> None:
+        if os.geteuid() == 0:
+            # Run as `postgres`, which cannot enter pytest's private temporary directories.
+            directory = Path(tempfile.mkdtemp(prefix="iot-faults-postgres-"))
+            self._own = directory
         super().__init__(directory)
         self.data = self.directory / "data"
+
+    def cleanup(self) -> None:
+        if getattr(self, "_own", None) is not None:
+            shutil.rmtree(self._own, ignore_errors=True)
 
     @property
     def url(self) -> str:
@@ -362,3 +374,4 @@ def running_server(kind: str, directory: Path) -> Iterator[PrivateServer]:
         yield server
     finally:
         server.stop()
+        server.cleanup()
