@@ -280,8 +280,10 @@ class FaultRun:
         command_rate: float = 10.0,
         components: tuple[str, ...] = tuple(COMPONENTS),
         extra_env: dict[str, str] | None = None,
+        settle_s: float = SETTLE_S,
     ) -> None:
         self.kind = kind
+        self.settle_s = settle_s
         self.directory = directory
         self.devices = [f"f{d:03d}" for d in range(devices)]
         self.per_device = per_device
@@ -437,11 +439,11 @@ class FaultRun:
         """Stop the load, wait for everything to be stored, and check that it was, once."""
         assert self.settings is not None
         assert self.load is not None
-        self.load.join(SETTLE_S)
+        self.load.join(self.settle_s)
         assert self.load.error is None, self.load.error
         if self.operators is not None:
             self.operators.stop.set()
-            self.operators.join(SETTLE_S)
+            self.operators.join(self.settle_s)
             assert self.operators.error is None, self.operators.error
             assert not self.operators.wrong, self.operators.wrong[:5]
         acked = {d: set(s) for d, s in self.load.acked.items()}
@@ -449,7 +451,7 @@ class FaultRun:
         missing = self._wait(
             lambda: not influx_missing(self.settings, "seq", acked),
             "every acknowledged reading in InfluxDB",
-            SETTLE_S,
+            self.settle_s,
             quiet=True,
         )
         lost = influx_missing(self.settings, "seq", acked)
@@ -460,7 +462,7 @@ class FaultRun:
         assert in_log == stored, f"INGEST holds {in_log} messages for {stored} distinct readings"
         published = {d: set(s) for d, s in self.load.published.items()}
         assert stored <= sum(len(s) for s in published.values())
-        self._wait(self._views_show_last_readings, "every view's last reading", SETTLE_S)
+        self._wait(self._views_show_last_readings, "every view's last reading", self.settle_s)
         commands = self._check_events()
         self._check_replay_equals_views()
         return Figures(
@@ -524,9 +526,7 @@ class FaultRun:
         try:
             # Positions are the store's notification ids: increasing, not always contiguous
             # (PostgreSQL's sequences jump by up to 32 after a crash or an immediate stop).
-            stored = [
-                n.id for n in store.recorder.select_notifications(start=1, limit=1_000_000)
-            ]
+            stored = [n.id for n in store.recorder.select_notifications(start=1, limit=1_000_000)]
         finally:
             store.close()
         total = len(stored)
@@ -551,7 +551,7 @@ class FaultRun:
             found = asyncio.run(relayed())
             return found if len(found) >= total else None
 
-        messages = self._wait(caught_up, "the relay to publish every stored event", SETTLE_S)
+        messages = self._wait(caught_up, "the relay to publish every stored event", self.settle_s)
         positions = [position for position, _ in messages]
         assert positions == stored, "each stored event once, in commit order"
         configured = sum(isinstance(event, DeviceConfigured) for _, event in messages)

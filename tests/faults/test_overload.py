@@ -346,7 +346,7 @@ def ingest_overload(
 def test_ingest_overload_short_loses_nothing_and_bounds_memory(
     migrated: Settings, broker: Broker, fault_report: Any
 ) -> None:
-    ingest_overload(migrated, broker, fault_report, duration=4, drain_within=240)
+    ingest_overload(migrated, broker, fault_report, duration=2, drain_within=240)
 
 
 @pytest.mark.chaos

@@ -31,9 +31,7 @@ def test_postgres_restarted_while_commands_are_sent(
 
 
 @pytest.mark.chaos
-def test_postgres_killed_while_commands_are_sent(
-    tmp_path: Path, fault_report: FaultReport
-) -> None:
+def test_postgres_killed_while_commands_are_sent(tmp_path: Path, fault_report: FaultReport) -> None:
     with FaultRun(tmp_path, "postgres", command_rate=20.0, per_device=600) as run:
         run.start_load()
         run.wait_sent(0.3)
