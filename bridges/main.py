@@ -112,6 +112,7 @@ async def run(settings: Settings) -> None:
             username=settings.mqtt_username,
             password=settings.mqtt_password,
             tls=tls,
+            shared=settings.bridge_subscription == "shared",
         )
         pipeline = Pipeline(publisher, streams, registry.devices, source, is_connected=nats_up)
         tasks.append(asyncio.create_task(pump(source.inbox, source.wakeup, pipeline)))

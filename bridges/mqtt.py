@@ -49,8 +49,11 @@ class Inbound:
     traceparent: str | None = None  # the MQTT 5 user property, read only while tracing
 
 
-def subscriptions(group: str = SHARE_GROUP) -> list[tuple[str, int]]:
-    return [(f"$share/{group}/devices/+/{suffix}", 1) for suffix in TOPICS]
+def subscriptions(group: str = SHARE_GROUP, *, shared: bool = True) -> list[tuple[str, int]]:
+    """The bridge's QoS 1 subscriptions: in a share group (replicas split the messages), or
+    plain (one bridge takes them all; see `IOT_BRIDGE_SUBSCRIPTION`)."""
+    prefix = f"$share/{group}/" if shared else ""
+    return [(f"{prefix}devices/+/{suffix}", 1) for suffix in TOPICS]
 
 
 class MqttSource:
@@ -67,6 +70,7 @@ class MqttSource:
         password: str = "",
         tls: bool = False,
         keepalive: int = 30,
+        shared: bool = True,
     ) -> None:
         self.inbox: deque[Inbound] = deque()
         self.wakeup = asyncio.Event()
@@ -79,7 +83,10 @@ class MqttSource:
         self._port = port
         self._keepalive = keepalive
         self._receive_maximum = receive_maximum
-        client = paho_client(client_id, username, password, tls=tls)
+        self._subscriptions = subscriptions(shared=shared)
+        # Back within 2 s of the broker: what devices publish between a broker's restart and our
+        # return depends on the broker keeping our restored subscription (docs/reliability.md).
+        client = paho_client(client_id, username, password, tls=tls, max_reconnect_delay=2)
         client.manual_ack_set(True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -130,7 +137,7 @@ class MqttSource:
             "MQTT connected",
             extra={"session_present": bool(flags.session_present), "gen": self.generation},
         )
-        client.subscribe(subscriptions())
+        client.subscribe(self._subscriptions)
         self._push(Inbound(self.generation, "", None, 0, 0, False, time.time_ns()))
 
     def _on_disconnect(

@@ -65,6 +65,7 @@ class Settings:
     auth_mqtt_username: str = ""  # `iot up --external-broker`: the auth projector's login
     auth_mqtt_password: str = ""
     bridge_inflight: int = 1000
+    bridge_subscription: str = "shared"  # IOT_BRIDGE_SUBSCRIPTION: shared | exclusive
     rate_limit_per_minute: int = 600
     alertmanager_url: str = ""  # empty: analytics sends no notifications
     gateway_public_url: str = ""  # the gateway as operators reach it, for links in alerts
@@ -199,6 +200,11 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         raise SettingsError(
             f"IOT_LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}"
         )
+    subscription = (env.get("IOT_BRIDGE_SUBSCRIPTION") or "shared").lower()
+    if subscription not in ("shared", "exclusive"):
+        raise SettingsError(
+            f"IOT_BRIDGE_SUBSCRIPTION must be shared or exclusive, got {subscription!r}"
+        )
     return Settings(
         database_url=database_url,
         nats_url=_url(env, "IOT_NATS_URL", "nats://127.0.0.1:4222", ("nats", "tls")),
@@ -222,6 +228,7 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         auth_mqtt_username=env.get("IOT_AUTH_MQTT_USERNAME", ""),
         auth_mqtt_password=env.get("IOT_AUTH_MQTT_PASSWORD", ""),
         bridge_inflight=_int(env, "IOT_BRIDGE_INFLIGHT", 1000, 1, 65535) or 1000,
+        bridge_subscription=subscription,
         rate_limit_per_minute=_int(env, "IOT_RATE_LIMIT_PER_MINUTE", 600, 1, 10_000_000) or 600,
         alertmanager_url=_optional_url(env, "IOT_ALERTMANAGER_URL"),
         gateway_public_url=_optional_url(env, "IOT_GATEWAY_URL"),

@@ -56,6 +56,13 @@ class MqttCredentials:
     auth: tuple[str, str] | None = None  # None: no auth projector
 
 
+# `iot up` runs one bridge: a plain subscription, which a broker restart cannot lose (a share
+# group restored from Mosquitto 2.0.11's persistence drops what arrives before its member
+# returns: docs/reliability.md). Replicas behind one broker need `shared`.
+def _one_bridge() -> dict[str, str]:
+    return {"IOT_BRIDGE_SUBSCRIPTION": os.environ.get("IOT_BRIDGE_SUBSCRIPTION", "exclusive")}
+
+
 def _login(credentials: tuple[str, str] | None) -> dict[str, str]:
     if credentials is None:
         return {}
@@ -66,7 +73,7 @@ def components(mqtt: MqttCredentials | None = None) -> list[Child]:
     mqtt = mqtt or MqttCredentials()
     kids = [
         Child("commands", (*IOT, "run", "commands"), 8080),
-        Child("bridge", (*IOT, "run", "bridge"), 8081, _login(mqtt.bridge)),
+        Child("bridge", (*IOT, "run", "bridge"), 8081, {**_one_bridge(), **_login(mqtt.bridge)}),
         Child("gateway", (*IOT, "run", "gateway"), 8082),
         Child("relay", (*IOT, "run", "relay"), 8084),
         Child("analytics", (*IOT, "run", "analytics"), 8083),

@@ -37,7 +37,7 @@ def component_env(settings: Settings, port: int, **extra: str) -> dict[str, str]
         IOT_NAMESPACE=settings.namespace,
         IOT_INFLUX_DB=settings.influx_db,
         IOT_HTTP_PORT=str(port),
-        IOT_LOG_LEVEL="WARNING",
+        IOT_LOG_LEVEL=os.environ.get("IOT_TEST_LOG_LEVEL", "WARNING"),
         IOT_API_TOKENS=",".join(f"{t}={r}" for t, r in settings.api_tokens.items()),
     )
     env.update(extra)

@@ -56,6 +56,15 @@ def test_subscriptions_are_shared_qos1_on_every_device_topic() -> None:
     ]
 
 
+def test_an_exclusive_bridge_subscribes_plainly_to_the_same_topics() -> None:
+    assert subscriptions(shared=False) == [
+        ("devices/+/telemetry", 1),
+        ("devices/+/status", 1),
+        ("devices/+/reported", 1),
+        ("devices/+/commands/ack", 1),
+    ]
+
+
 # --- the ack window ---------------------------------------------------------------------------
 def entry(packet_id: int, qos: int = 1) -> Entry:
     return Entry(packet_id, qos, False, 0)

@@ -226,7 +226,11 @@ def test_damaged_password_file_gets_new_passwords(tmp_path: Path) -> None:
 
 def test_each_process_gets_only_its_own_mqtt_login() -> None:
     kids = {k.name: k for k in components(MqttCredentials(bridge=("b", "bp"), auth=("a", "ap")))}
-    assert kids["bridge"].env == {"IOT_MQTT_USERNAME": "b", "IOT_MQTT_PASSWORD": "bp"}
+    assert kids["bridge"].env == {
+        "IOT_MQTT_USERNAME": "b",
+        "IOT_MQTT_PASSWORD": "bp",
+        "IOT_BRIDGE_SUBSCRIPTION": "exclusive",  # `iot up` runs one bridge
+    }
     assert kids["auth"].env == {"IOT_MQTT_USERNAME": "a", "IOT_MQTT_PASSWORD": "ap"}
     assert kids["auth"].argv[-2:] == ("projector", "auth")
     assert kids["auth"].port == 8092

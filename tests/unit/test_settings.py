@@ -127,6 +127,7 @@ BAD_SETTINGS = [
     ("IOT_DB_POOL_SIZE", "0"),
     ("IOT_DB_POOL_SIZE", "many"),
     ("IOT_LOG_LEVEL", "verbose"),
+    ("IOT_BRIDGE_SUBSCRIPTION", "both"),
     ("IOT_NAMESPACE", "Upper"),
     ("IOT_NAMESPACE", "1starts_with_digit"),
     ("IOT_NAMESPACE", "has-dash"),
@@ -186,3 +187,8 @@ def test_load_without_argument_reads_the_process_environment(
     monkeypatch.setenv("IOT_NAMESPACE", "")
 
     assert load().influx_db == "from_process_env"
+
+
+def test_the_bridge_subscription_is_shared_unless_told_exclusive() -> None:
+    assert load({}).bridge_subscription == "shared"
+    assert load({"IOT_BRIDGE_SUBSCRIPTION": "Exclusive"}).bridge_subscription == "exclusive"
