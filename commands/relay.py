@@ -82,8 +82,10 @@ class Relay:
         streams: Streams,
         lock_dsn: str,
         batch_size: int = 500,
+        ack_timeout: float = 5.0,
     ) -> None:
         self.store = store
+        self.ack_timeout = ack_timeout
         self.nc = nc
         self.js = nc.jetstream()
         self.jsm = nc.jsm()
@@ -213,22 +215,38 @@ class Relay:
         log.info("relay position", extra={"position": position, "stream_seq": last_seq})
 
     async def _publish(self, batch: Sequence[Notification]) -> None:
+        """Publish a batch pipelined and wait (bounded) for every answer. nats-py's futures
+        have no timeout: an answer lost with a connection (a paused or partitioned server)
+        would otherwise hold the relay forever. On a timeout the caller re-reads the position
+        from the stream, which says what was stored."""
         mapper = self.store.mapper
-        futures = []
+        futures: list[asyncio.Future[Any]] = []
         published = []
-        for i, notification in enumerate(batch):
-            event = to_published(mapper.to_domain_event(notification), notification.id)
-            subject, msg_id = self._address(event)
-            headers = {
-                "Nats-Msg-Id": msg_id,
-                "Nats-Expected-Last-Sequence": str(self.state.last_seq + i),
-                POSITION_HEADER: str(notification.id),
-            }
-            futures.append(
-                await self.js.publish_async(subject, encode_event(event), headers=headers)
+        try:
+            for i, notification in enumerate(batch):
+                event = to_published(mapper.to_domain_event(notification), notification.id)
+                subject, msg_id = self._address(event)
+                headers = {
+                    "Nats-Msg-Id": msg_id,
+                    "Nats-Expected-Last-Sequence": str(self.state.last_seq + i),
+                    POSITION_HEADER: str(notification.id),
+                }
+                futures.append(
+                    await self.js.publish_async(
+                        subject,
+                        encode_event(event),
+                        headers=headers,
+                        wait_stall=self.ack_timeout,
+                    )
+                )
+                published.append(event)
+            acks = await asyncio.wait_for(
+                asyncio.gather(*futures, return_exceptions=True), self.ack_timeout
             )
-            published.append(event)
-        acks = await asyncio.gather(*futures, return_exceptions=True)
+        except BaseException:
+            for future in futures:  # frees their slots in the client's pending window
+                future.cancel()
+            raise
         now = datetime.now(UTC)
         for notification, event, ack in zip(batch, published, acks, strict=True):
             if isinstance(ack, APIError):

@@ -69,6 +69,10 @@ async def connect_nats(url: str, name: str) -> NATS:
         name=name,
         connect_timeout=5,
         reconnect_time_wait=1,
+        # A server that stops answering (paused, partitioned) with the TCP connection still up
+        # is noticed after 3 unanswered pings, 9 s (the client's default: 2 pings, 2 minutes).
+        ping_interval=3,
+        max_outstanding_pings=3,
         max_reconnect_attempts=-1,
         allow_reconnect=True,
         disconnected_cb=disconnected,
