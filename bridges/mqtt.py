@@ -69,7 +69,7 @@ class MqttSource:
         username: str = "",
         password: str = "",
         tls: bool = False,
-        keepalive: int = 30,
+        keepalive: int = 5,  # a broker that stops answering is noticed within ~2 keepalives
         shared: bool = True,
     ) -> None:
         self.inbox: deque[Inbound] = deque()
@@ -196,7 +196,7 @@ class MqttSink:
         username: str = "",
         password: str = "",
         tls: bool = False,
-        keepalive: int = 30,
+        keepalive: int = 5,
         max_inflight: int = 1000,
         puback_timeout: float = 10.0,
     ) -> None:

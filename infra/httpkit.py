@@ -264,7 +264,9 @@ def health_routes(ready: ReadyCheck) -> list[BaseRoute]:
 
     async def readyz(_: Request) -> Response:
         try:
-            checks = dict(await asyncio.wait_for(ready(), timeout=3.0))
+            # within 1 s: a probe times out at 3 (deploy/), and a server that does not answer
+            # a ping in a second is not one to send traffic through
+            checks = dict(await asyncio.wait_for(ready(), timeout=1.0))
         except Exception as e:  # a hung or failing check means not ready
             checks = {"check": False}
             log.warning("readiness check failed", extra={"error": repr(e)})

@@ -32,6 +32,7 @@ What `finish` checks, after the load has stopped and the fault is over:
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import subprocess
 import sys
@@ -429,7 +430,10 @@ class FaultRun:
                 for t, status in self.readiness.seen[name]
                 if started <= t <= (self.readiness.back_at or 0)
             ]
-            assert 503 in during, f"{name} never answered /readyz 503 while {self.kind} was down"
+            assert 503 in during, (
+                f"{name} never answered /readyz 503 while {self.kind} was down: "
+                f"{dict(collections.Counter(during))} (0: no answer in 2 s)"
+            )
         for name in watched:
             assert self.readiness.seen[name][-1][1] == 200, f"{name} not ready after the fault"
 

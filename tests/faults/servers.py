@@ -92,14 +92,20 @@ class PrivateServer(ABC):
         self.paused = False
 
     def pause(self) -> None:
-        """SIGSTOP: the process holds its connections open and answers nothing."""
+        """SIGSTOP to it and every process it started (a server run through runuser,
+        PostgreSQL's backends, which are each in a session of their own): it holds its
+        connections open and answers nothing."""
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
+        for pid in descendants(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
         self.paused = True
 
     def resume(self) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
+        for pid in descendants(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         self.paused = False
 
     def cleanup(self) -> None:  # noqa: B027 - most keep nothing outside their directory
@@ -197,6 +203,26 @@ class RedisServer(PrivateServer):
                 return s.recv(16).startswith(b"+PONG")
         except OSError:
             return False
+
+
+def descendants(root: int) -> list[int]:
+    """`root` and every process below it, parents first (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
 
 
 class MosquittoServer(PrivateServer):
