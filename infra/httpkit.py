@@ -264,9 +264,9 @@ def health_routes(ready: ReadyCheck) -> list[BaseRoute]:
 
     async def readyz(_: Request) -> Response:
         try:
-            # within 1 s: a probe times out at 3 (deploy/), and a server that does not answer
-            # a ping in a second is not one to send traffic through
-            checks = dict(await asyncio.wait_for(ready(), timeout=1.0))
+            # within 2 s: a probe times out at 3 (deploy/), so a hung check answers 503 rather
+            # than nothing; a busy machine still gets its 2 s before it is called not ready
+            checks = dict(await asyncio.wait_for(ready(), timeout=2.0))
         except Exception as e:  # a hung or failing check means not ready
             checks = {"check": False}
             log.warning("readiness check failed", extra={"error": repr(e)})

@@ -393,7 +393,7 @@ class FaultRun:
         started = time.monotonic()
 
         def watch() -> None:
-            with httpx.Client(timeout=2.0) as client:
+            with httpx.Client(timeout=3.0) as client:  # /readyz answers within 2 s
                 while not stop.is_set():
                     for name in watched:
                         try:
@@ -432,7 +432,7 @@ class FaultRun:
             ]
             assert 503 in during, (
                 f"{name} never answered /readyz 503 while {self.kind} was down: "
-                f"{dict(collections.Counter(during))} (0: no answer in 2 s)"
+                f"{dict(collections.Counter(during))} (0: no answer in 3 s)"
             )
         for name in watched:
             assert self.readiness.seen[name][-1][1] == 200, f"{name} not ready after the fault"
