@@ -95,18 +95,18 @@ class PrivateServer(ABC):
         """SIGSTOP to it and every process it started (a server run through runuser,
         PostgreSQL's backends, which are each in a session of their own): it holds its
         connections open and answers nothing."""
-        assert self.proc is not None
-        for pid in descendants(self.proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
+        self._signal_tree(signal.SIGSTOP)
         self.paused = True
 
     def resume(self) -> None:
+        self._signal_tree(signal.SIGCONT)
+        self.paused = False
+
+    def _signal_tree(self, sig: signal.Signals) -> None:
         assert self.proc is not None
         for pid in descendants(self.proc.pid):
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
-        self.paused = False
+                os.kill(pid, sig)
 
     def cleanup(self) -> None:  # noqa: B027 - most keep nothing outside their directory
         """Remove what the server kept outside the test's directory."""
