@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # CI check of the cluster deployment (deploy/) and the image (Dockerfile), offline:
-# 1. kubectl (Debian package) renders every overlay with `kubectl kustomize`;
+# 1. kubectl (Debian package) renders every overlay and the monitoring unit (deploy/observability)
+#    with `kubectl kustomize`;
 # 2. kubernetes-validate checks every rendered object against the Kubernetes 1.30 schemas, strictly
 #    (an unknown field fails);
 # 3. checkov scans the rendered objects: no failed check allowed; every skip is a
 #    `checkov.io/skipN` annotation with its reason in the manifest, listed below;
-# 4. the NATS configuration parses (`nats-server -t`, the binary of the dev extra in .venv).
+# 4. the NATS configuration parses (`nats-server -t`, the binary of the dev extra in .venv), the
+#    Alertmanager configuration (`amtool check-config`), the Prometheus configuration and alert
+#    rules (`promtool check` and `promtool test rules`).
 # Each tool gets its own virtual environment under $DEPLOY_CHECK_VENVS (checkov's pins conflict
 # with the test tools). Fails loudly on the first error; about a minute once the venvs exist.
 set -euo pipefail
@@ -45,7 +48,9 @@ echo "   checkov $("$VENVS/checkov/bin/checkov" --version)"
 
 overlays=(deploy/overlays/*/)
 [ "${#overlays[@]}" -gt 0 ] && [ -d "${overlays[0]}" ] || fail "no overlay under deploy/overlays/"
-for overlay in "${overlays[@]}"; do
+# every overlay, then the monitoring stack, which is applied on its own (deploy/README.md, Monitoring)
+units=("${overlays[@]}" deploy/observability/)
+for overlay in "${units[@]}"; do
     name="$(basename "$overlay")"
     rendered="$OUT/$name.yaml"
     echo "== deploy-check: $overlay"
@@ -96,6 +101,18 @@ echo "== deploy-check: Alertmanager configuration"
 # amtool comes with Debian's prometheus-alertmanager, which .ci/services.sh installs.
 command -v amtool >/dev/null || fail "amtool not found: apt-get install -y prometheus-alertmanager"
 amtool check-config deploy/base/alertmanager/alertmanager.yml || fail "amtool check-config"
+echo
+
+echo "== deploy-check: Prometheus configuration and alert rules"
+# promtool comes with Debian's prometheus, which .ci/services.sh installs. The cluster's
+# configuration names a service-account token that exists only in a pod: syntax only.
+command -v promtool >/dev/null || fail "promtool not found: apt-get install -y prometheus"
+(
+    cd deploy/observability
+    promtool check config --syntax-only prometheus.yml
+    promtool check rules alerts.yml
+    promtool test rules alerts_test.yml
+) || fail "promtool"
 echo
 
 echo "== deploy-check: passed in $((SECONDS - start)) s"

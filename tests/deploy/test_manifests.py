@@ -311,6 +311,7 @@ External = tuple[str, str]
 EXTERNAL_PEERS: dict[External, str] = {
     ("ingress-nginx", "ingress-nginx"): "ingress-nginx",
     ("monitoring", "prometheus"): "prometheus",
+    ("monitoring", "grafana"): "grafana",
     ("kube-system", "kube-dns"): "dns",
 }
 
