@@ -7,7 +7,7 @@ import contextvars
 import hashlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -386,9 +386,11 @@ def create_app(
     authorizer: Authorizer,
     ready: ReadyCheck,
     admission: Admission | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> Starlette:
-    """The command API. `admission` bounds the change requests (POST, PATCH) handled at once
-    (default DEFAULT_MAX_REQUESTS): one more is answered 503 with `Retry-After` before it is
+    """The command API; browsers on `cors_origins` (the dashboard's) may call it. `admission`
+    bounds the change requests (POST, PATCH) handled at once (default DEFAULT_MAX_REQUESTS): one
+    more is answered 503 with `Retry-After` before it is
     routed or its body read, so overload is shed instead of queueing in the store's executor
     without bound."""
     adapter = StoreAdapter(service.store, service.committer)
@@ -725,7 +727,7 @@ def create_app(
     def gated(scope: Any) -> bool:
         return bool(scope["method"] in ("POST", "PATCH") and scope["path"].startswith(PREFIX))
 
-    app = build_app(routes, ready, admission=gate, gated=gated)
+    app = build_app(routes, ready, admission=gate, gated=gated, cors_origins=cors_origins)
     for error in STORE_UNAVAILABLE:
         app.add_exception_handler(error, _store_unavailable)
     return app

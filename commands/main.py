@@ -94,6 +94,7 @@ async def run_commands(settings: Settings) -> None:
         Authorizer(settings.api_tokens, settings.api_token_names),
         ready,
         Admission(settings.commands_max_requests, what="command requests"),
+        cors_origins=settings.cors_origins,
     )
     tasks = [
         asyncio.create_task(_purge_idempotency(store, stop)),

@@ -15,11 +15,12 @@ from prometheus_client import Counter, Histogram
 from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from domain.device import DEVICE_ID, LABEL_KEY
 from domain.rules import RULE_ID
+from gateway import dashboard as dashboard_files
 from gateway import deadletters, history, metrics
 from gateway.aggregates import (
     AggregateQuery,
@@ -28,7 +29,6 @@ from gateway.aggregates import (
     parse_group_by,
     telemetry_series,
 )
-from gateway.dashboard import DASHBOARD_HTML
 from gateway.influx import InfluxQL, InfluxQueryError, InfluxUnavailable, Series
 from gateway.loghead import LogHead
 from gateway.openapi import AFTER_WAIT_S, BEYOND_HEAD_GRACE_S, openapi_document
@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/api/v1"
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
+MAX_PREFIX = 128  # a device id search (`prefix`), as long as any id
 DEFAULT_RANGE_MS = 3_600_000
 AGGREGATE_RANGE_MS = 86_400_000  # a fleet aggregate's default period: the day before `to`
 REPORT_RANGE_MS = 86_400_000  # a report's default period: the day before `to`
@@ -107,6 +108,7 @@ class Gateway:
     after_poll_s: float = AFTER_POLL_S
     log_head: LogHead | None = None  # None: the head is never known, every token may wait
     beyond_head_grace_s: float = BEYOND_HEAD_GRACE_S
+    commands_url: str = ""  # the command API as the dashboard's browsers reach it
 
 
 def conditional(request: Request, body: Any, headers: dict[str, str]) -> Response:
@@ -357,6 +359,9 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         if status is not None and status not in STATUSES:
             raise invalid("status", f"one of {', '.join(STATUSES)}")
         labels = parse_labels(params.getlist("label"))
+        prefix = params.get("prefix", "")
+        if len(prefix) > MAX_PREFIX:
+            raise invalid("prefix", f"at most {MAX_PREFIX} characters")
         limit = parse_limit(params.get("limit"))
         after = None
         if params.get("cursor"):
@@ -364,7 +369,9 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
                 after = decode_cursor(params["cursor"])
             except ValueError as e:
                 raise invalid("cursor", str(e)) from e
-        page = await gateway.views.page(status=status, labels=labels, after=after, limit=limit)
+        page = await gateway.views.page(
+            status=status, labels=labels, after=after, limit=limit, prefix=prefix
+        )
         return {"items": page.items, "next_cursor": page.next_cursor}
 
     async def get_device(request: Request) -> Any:
@@ -629,8 +636,9 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
     async def openapi(request: Request) -> Response:
         return conditional(request, document, {})
 
-    async def dashboard(_: Request) -> Response:
-        return HTMLResponse(DASHBOARD_HTML)
+    async def me(request: Request) -> Any:
+        principal, role = gateway.authorizer.identify(request)
+        return {"name": gateway.authorizer.name_of(principal), "role": role}
 
     device = PREFIX + "/devices/{device_id}"
     routes = [
@@ -649,6 +657,7 @@ def create_app(gateway: Gateway, ready: ReadyCheck) -> Starlette:
         Route(PREFIX + "/deadletters", endpoint(dead_letters, consistent=False), methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route(PREFIX + "/openapi.json", openapi, methods=["GET"]),
-        Route("/", dashboard, methods=["GET"]),
+        Route(PREFIX + "/me", endpoint(me, consistent=False), methods=["GET"]),
+        *dashboard_files.routes(gateway.commands_url),
     ]
     return build_app(routes, ready)

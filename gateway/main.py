@@ -34,6 +34,7 @@ def build_gateway(
         ),
         redis=redis,
         log_head=log_head,
+        commands_url=settings.commands_public_url,
     )
 
 

@@ -704,6 +704,14 @@ def openapi_document() -> dict[str, Any]:
         **_REPORT_SCHEMAS,
         **_AGGREGATE_SCHEMAS,
         **_DEADLETTER_SCHEMAS,
+        "Me": {
+            "type": "object",
+            "required": ["name", "role"],
+            "properties": {
+                "name": {"type": "string", "description": "The token's name (`token=role:name`)"},
+                "role": {"type": "string", "enum": ["viewer", "operator", "admin"]},
+            },
+        },
         "Fleet": {
             "type": "object",
             "required": [
@@ -805,6 +813,11 @@ def openapi_document() -> dict[str, Any]:
                             style="form",
                             explode=True,
                         ),
+                        _query(
+                            "prefix",
+                            "Only devices whose id starts with this (a search box)",
+                            {"type": "string", "maxLength": 128},
+                        ),
                         _query("cursor", "`next_cursor` of the previous page", {"type": "string"}),
                         _query(
                             "limit",
@@ -885,6 +898,13 @@ def openapi_document() -> dict[str, Any]:
                     "operationId": "getFleet",
                     "parameters": [_IF_NONE_MATCH, _AFTER, _IOT_AFTER],
                     "responses": _common({"200": _ok("Fleet", "Counts")}),
+                }
+            },
+            "/me": {
+                "get": {
+                    "summary": "The token's name and role (what a dashboard may offer)",
+                    "operationId": "getMe",
+                    "responses": _common({"200": _ok("Me", "The caller")}),
                 }
             },
             "/stream": {

@@ -232,6 +232,14 @@ class Page:
     next_cursor: str | None
 
 
+def _lex_range(after: str | None, prefix: str) -> tuple[str, str]:
+    """ZRANGEBYLEX bounds of the ids after `after` that start with `prefix`."""
+    stop = f"({prefix}\U0010ffff" if prefix else "+"
+    if after is not None and after >= prefix:
+        return f"({after}", stop
+    return (f"[{prefix}" if prefix else "-"), stop
+
+
 class ViewReader:
     """Read-only access to one namespace's device views."""
 
@@ -293,18 +301,20 @@ class ViewReader:
         labels: Sequence[tuple[str, str]],
         after: str | None,
         limit: int,
+        prefix: str = "",
     ) -> Page:
-        """Devices in id order after `after`, matching every filter."""
+        """Devices in id order after `after`, matching every filter, whose id starts with
+        `prefix` (a range of the lexicographic index, so a search costs what a page does)."""
         keys = await self.keys()
         filters = [keys.status(status)] if status else []
         filters += [keys.label(k, v) for k, v in labels]
         if filters:
-            ids = await self._filtered_ids(keys, filters, after, limit + 1)
+            ids = await self._filtered_ids(keys, filters, after, limit + 1, prefix)
         else:
-            start = f"({after}" if after else "-"
+            start, stop = _lex_range(after, prefix)
             ids = cast(
                 list[str],
-                await self._redis.zrangebylex(keys.devices, start, "+", 0, limit + 1),
+                await self._redis.zrangebylex(keys.devices, start, stop, 0, limit + 1),
             )
         entries = await self._summaries(keys, ids[: limit + 1])
         more = len(ids) > limit
@@ -313,7 +323,7 @@ class ViewReader:
         return Page(items, next_cursor)
 
     async def _filtered_ids(
-        self, keys: ViewKeys, filters: list[str], after: str | None, want: int
+        self, keys: ViewKeys, filters: list[str], after: str | None, want: int, prefix: str
     ) -> list[str]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for key in filters:
@@ -323,15 +333,17 @@ class ViewReader:
             return []
         if min(sizes) <= INTERSECT_MAX:
             members = cast(set[str], await self._redis.sinter(filters))
-            ordered = sorted(m for m in members if after is None or m > after)
+            ordered = sorted(
+                m for m in members if (after is None or m > after) and m.startswith(prefix)
+            )
             return ordered[:want]
         # Large sets: walk the lexicographic index from the cursor, keeping members of all.
         found: list[str] = []
-        start = f"({after}" if after else "-"
+        start, stop = _lex_range(after, prefix)
         while len(found) < want:
             chunk = cast(
                 list[str],
-                await self._redis.zrangebylex(keys.devices, start, "+", 0, SCAN_CHUNK),
+                await self._redis.zrangebylex(keys.devices, start, stop, 0, SCAN_CHUNK),
             )
             if not chunk:
                 break

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
@@ -186,6 +187,10 @@ class Authorizer:
 
     def authorize(self, request: Request, needed: str) -> str:
         """Return the caller's principal id, or raise 401/403."""
+        return self.identify(request, needed)[0]
+
+    def identify(self, request: Request, needed: str = "viewer") -> tuple[str, str]:
+        """The caller's (principal id, role), or raise 401/403."""
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         role = None
@@ -200,7 +205,7 @@ class Authorizer:
             raise problem
         if ROLES.index(role) < ROLES.index(needed):
             raise Problem(403, "Forbidden", f"this needs the {needed} role; the token is {role}")
-        return _principal(presented)
+        return _principal(presented), role
 
 
 def _principal(token: bytes) -> str:
@@ -310,17 +315,37 @@ def _title(status: int) -> str:
         return "Error"
 
 
+# What a browser on an admitted origin may send and read (CORS): the API's own headers.
+CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match"]
+CORS_EXPOSED_HEADERS = ["ETag", "Location", "Retry-After", "Iot-Position", "Idempotent-Replayed"]
+
+
 def build_app(
     routes: Sequence[BaseRoute],
     ready: ReadyCheck,
     *,
     admission: Admission | None = None,
     gated: Callable[[Scope], bool] = lambda _: True,
+    cors_origins: Sequence[str] = (),
     **kwargs: Any,
 ) -> Starlette:
     """The component's app: health and metrics routes beside `routes`; with `admission`, the
-    requests `gated` selects are shed beyond its limit (AdmissionMiddleware)."""
-    middleware = [Middleware(MetricsMiddleware)]
+    requests `gated` selects are shed beyond its limit (AdmissionMiddleware); with
+    `cors_origins`, browsers on those origins may call it (a preflight is answered before
+    authentication or admission, and never counts against either)."""
+    middleware: list[Middleware] = []
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST", "PATCH", "DELETE", "OPTIONS"],
+                allow_headers=CORS_REQUEST_HEADERS,
+                expose_headers=CORS_EXPOSED_HEADERS,
+                max_age=600,
+            )
+        )
+    middleware.append(Middleware(MetricsMiddleware))
     if admission is not None:
         middleware.append(Middleware(AdmissionMiddleware, admission=admission, gated=gated))
     return Starlette(

@@ -69,6 +69,8 @@ class Settings:
     rate_limit_per_minute: int = 600
     alertmanager_url: str = ""  # empty: analytics sends no notifications
     gateway_public_url: str = ""  # the gateway as operators reach it, for links in alerts
+    commands_public_url: str = ""  # IOT_COMMANDS_URL: the command API as browsers reach it
+    cors_origins: tuple[str, ...] = ()  # IOT_CORS_ORIGINS: origins the command API admits
     analytics_partitions: int = 16
     retention_raw: str = "INF"  # InfluxDB retention of the raw telemetry (IOT_RETENTION_RAW)
     retention_1m: str = "90d"  # of the 1-minute rollups (IOT_RETENTION_1M)
@@ -232,6 +234,8 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         rate_limit_per_minute=_int(env, "IOT_RATE_LIMIT_PER_MINUTE", 600, 1, 10_000_000) or 600,
         alertmanager_url=_optional_url(env, "IOT_ALERTMANAGER_URL"),
         gateway_public_url=_optional_url(env, "IOT_GATEWAY_URL"),
+        commands_public_url=_optional_url(env, "IOT_COMMANDS_URL"),
+        cors_origins=_origins(env, "IOT_CORS_ORIGINS"),
         analytics_partitions=_int(env, "IOT_ANALYTICS_PARTITIONS", 16, 1, 1024) or 16,
         retention_raw=_retention(env, "IOT_RETENTION_RAW", "INF"),
         retention_1m=_retention(env, "IOT_RETENTION_1M", "90d"),
@@ -239,6 +243,23 @@ def load(env: Mapping[str, str] | None = None, *, require_tokens: bool = False) 
         deadletter_max_age_ms=_duration(env, "IOT_DEADLETTER_MAX_AGE", DEADLETTER_MAX_AGE_MS),
         deadletter_max_bytes=_bytes(env, "IOT_DEADLETTER_MAX_BYTES", GIB),
     )
+
+
+_ORIGIN = re.compile(
+    r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$"
+)
+
+
+def _origins(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    """Comma-separated browser origins (`scheme://host[:port]`, no path, no wildcard)."""
+    origins = tuple(o.strip().rstrip("/") for o in env.get(name, "").split(",") if o.strip())
+    for origin in origins:
+        if not _ORIGIN.match(origin):
+            raise SettingsError(
+                f"{name}: each origin is scheme://host[:port] (http or https, no path), "
+                f"got {origin!r}"
+            )
+    return origins
 
 
 def _duration(env: Mapping[str, str], name: str, default_ms: int) -> int:

@@ -59,6 +59,9 @@ class MqttCredentials:
 # `iot up` runs one bridge: a plain subscription, which a broker restart cannot lose (a share
 # group restored from Mosquitto 2.0.11's persistence drops what arrives before its member
 # returns: docs/reliability.md). Replicas behind one broker need `shared`.
+DASHBOARD_ORIGINS = ("http://127.0.0.1:8082", "http://localhost:8082")
+
+
 def _one_bridge() -> dict[str, str]:
     return {"IOT_BRIDGE_SUBSCRIPTION": os.environ.get("IOT_BRIDGE_SUBSCRIPTION", "exclusive")}
 
@@ -202,6 +205,8 @@ async def up(
     if own_broker:
         broker, mqtt_url = _start_broker(settings, broker_auth)
         env["IOT_MQTT_URL"] = mqtt_url
+    # The dashboard (the gateway's page) calls the command API from the gateway's origin.
+    env.setdefault("IOT_CORS_ORIGINS", ",".join(DASHBOARD_ORIGINS))
     token = None
     if not settings.api_tokens:
         token = secrets.token_urlsafe(24)

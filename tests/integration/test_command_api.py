@@ -952,3 +952,75 @@ async def test_enable_and_disable_are_transitions_and_honour_idempotency_keys(
     back = await client.post("/rules/boiler-hot/enable", headers={**OPERATOR, "If-Match": '"2"'})
     assert back.status_code == 200
     assert back.json()["enabled"] is True
+
+
+# --- CORS: the dashboard, served by the gateway on another origin -----------------------------
+
+DASHBOARD = "http://dashboard.example:8082"
+
+
+@pytest.fixture
+async def cors_client(service: CommandService) -> AsyncIterator[httpx.AsyncClient]:
+    async def ready() -> Mapping[str, bool]:
+        return {}
+
+    app = create_app(service, Authorizer(TOKENS), ready, cors_origins=[DASHBOARD])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test/api/v1") as client:
+        yield client
+
+
+async def test_a_preflight_from_the_dashboards_origin_is_admitted_without_a_token(
+    cors_client: httpx.AsyncClient,
+) -> None:
+    response = await cors_client.options(
+        "/alerts/a-1/acknowledge",
+        headers={
+            "Origin": DASHBOARD,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type, idempotency-key",
+        },
+    )
+    assert response.status_code == 200, response.text
+    assert response.headers["access-control-allow-origin"] == DASHBOARD
+    assert "POST" in response.headers["access-control-allow-methods"]
+    allowed = response.headers["access-control-allow-headers"].lower()
+    assert {"authorization", "content-type", "idempotency-key"} <= set(allowed.split(", "))
+
+
+async def test_a_request_from_the_dashboard_is_answered_with_its_origin_and_exposed_headers(
+    cors_client: httpx.AsyncClient,
+) -> None:
+    response = await cors_client.post(
+        "/devices",
+        json={"name": "Boiler", "type": "thermostat"},
+        headers={**OPERATOR, "Origin": DASHBOARD},
+    )
+    assert response.status_code == 201, response.text
+    assert response.headers["access-control-allow-origin"] == DASHBOARD
+    assert "Location" in response.headers["access-control-expose-headers"]
+    # the token still decides: CORS admits the browser, not the request
+    refused = await cors_client.post(
+        "/devices", json={"name": "B", "type": "t"}, headers={**VIEWER, "Origin": DASHBOARD}
+    )
+    assert refused.status_code == 403
+    assert refused.headers["access-control-allow-origin"] == DASHBOARD
+
+
+async def test_another_origin_is_not_admitted(cors_client: httpx.AsyncClient) -> None:
+    preflight = await cors_client.options(
+        "/devices",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
+    assert preflight.status_code == 400
+    assert "access-control-allow-origin" not in preflight.headers
+    response = await cors_client.get("/openapi.json", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in response.headers
+
+
+async def test_without_origins_configured_no_cors_headers_are_sent(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.get("/openapi.json", headers={"Origin": DASHBOARD})
+    assert response.status_code == 200
+    assert "access-control-allow-origin" not in response.headers

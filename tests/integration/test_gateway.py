@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -281,6 +282,42 @@ async def test_device_list_filters_combine_as_an_intersection_across_pages(
     assert await all_pages([("label", "site:north")]) == north
     assert await all_pages([("status", "decommissioned")]) == []
     assert await all_pages([("label", "site:nowhere"), ("status", "active")]) == []
+    # a search by id prefix narrows each strategy's walk the same way
+    assert await all_pages([("label", "site:north"), ("prefix", "dev-1")]) == ["dev-10"]
+    assert await all_pages([*both, ("prefix", "dev-0")]) == ["dev-02"]
+    assert await all_pages([("status", "active"), ("prefix", "nope")]) == []
+
+
+async def test_device_list_searches_by_id_prefix_across_pages(
+    client: httpx.AsyncClient, redis: Redis, keys: ViewKeys
+) -> None:
+    ids = ["boiler-1", "boiler-10", "boiler-2", "boilerx", "pump-1", "boil", "a-boiler"]
+    for device_id in ids:
+        await put_device(redis, keys, device_id)
+
+    async def search(prefix: str, limit: int) -> tuple[list[str], int]:
+        found: list[str] = []
+        pages = 0
+        cursor: str | None = None
+        while True:
+            params = {
+                "prefix": prefix,
+                "limit": str(limit),
+                **({"cursor": cursor} if cursor else {}),
+            }
+            response = await client.get("/api/v1/devices", params=params, headers=VIEWER)
+            assert response.status_code == 200, response.text
+            pages += 1
+            found += [d["device_id"] for d in response.json()["items"]]
+            cursor = response.json()["next_cursor"]
+            if cursor is None:
+                return found, pages
+
+    assert await search("boiler-", 2) == (["boiler-1", "boiler-10", "boiler-2"], 2)
+    assert await search("boiler", 10) == (["boiler-1", "boiler-10", "boiler-2", "boilerx"], 1)
+    assert await search("pump-1", 1) == (["pump-1"], 1)
+    assert await search("zzz", 5) == ([], 1)
+    assert await search("", 50) == (sorted(ids), 1)
 
 
 @pytest.mark.parametrize(
@@ -291,6 +328,7 @@ async def test_device_list_filters_combine_as_an_intersection_across_pages(
         ({"cursor": "not a cursor!"}, "cursor"),
         ({"status": "sleeping"}, "status"),
         ({"label": "no-colon"}, "label"),
+        ({"prefix": "x" * 129}, "prefix"),
     ],
 )
 async def test_bad_list_parameters_are_422_naming_the_field(
@@ -679,6 +717,7 @@ async def test_openapi_document_parses_and_describes_every_endpoint(
         "/reports/fleet",
         "/fleet/aggregates",
         "/deadletters",
+        "/me",
     }
     assert document["servers"] == [{"url": "/api/v1"}]
     for ref in refs(document):
@@ -709,11 +748,40 @@ async def test_not_ready_when_influxdb_is_unreachable(
         assert response.json()["checks"] == {"redis": True, "influxdb": False, "views": True}
 
 
-async def test_dashboard_page_is_served(client: httpx.AsyncClient) -> None:
-    response = await client.get("/")
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/html")
-    assert 'const api = "/api/v1"' in response.text
+async def test_dashboard_page_and_its_files_are_served_with_a_strict_policy(
+    client: httpx.AsyncClient,
+) -> None:
+    page = await client.get("/")
+    assert page.status_code == 200, page.text
+    assert page.headers["content-type"].startswith("text/html")
+    policy = page.headers["content-security-policy"]
+    assert "script-src 'self'" in policy
+    assert "frame-ancestors 'none'" in policy
+    # every file the page names is served by the gateway itself: nothing from elsewhere
+    assets = re.findall(r'(?:src|href)="([^"#]+)"', page.text)
+    assert "/ui/app.js" in assets
+    assert "/ui/app.css" in assets
+    for asset in assets:
+        if asset.startswith("data:"):
+            continue
+        assert asset.startswith("/ui/"), asset
+        response = await client.get(asset)
+        assert response.status_code == 200, asset
+        assert response.headers["etag"]
+    script = (await client.get("/ui/app.js")).text
+    for imported in re.findall(r'from "([^"]+)"', script):
+        assert (await client.get(imported)).status_code == 200, imported
+    assert (await client.get("/ui/nothing-here.js")).status_code == 404
+    assert (await client.get("/ui/config.json")).json() == {"commands_url": None}
+
+
+async def test_me_names_the_tokens_role_for_the_dashboard(client: httpx.AsyncClient) -> None:
+    for headers, role in ((VIEWER, "viewer"), (OPERATOR, "operator")):
+        response = await client.get("/api/v1/me", headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["role"] == role
+        assert response.json()["name"].startswith("token-")
+    assert_problem(await client.get("/api/v1/me"), 401)
 
 
 async def test_stream_sends_an_event_per_view_change(

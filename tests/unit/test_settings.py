@@ -192,3 +192,15 @@ def test_load_without_argument_reads_the_process_environment(
 def test_the_bridge_subscription_is_shared_unless_told_exclusive() -> None:
     assert load({}).bridge_subscription == "shared"
     assert load({"IOT_BRIDGE_SUBSCRIPTION": "Exclusive"}).bridge_subscription == "exclusive"
+
+
+def test_cors_origins_are_comma_separated_browser_origins() -> None:
+    settings = load({"IOT_CORS_ORIGINS": " http://127.0.0.1:8082, https://api.example/ ,"})
+    assert settings.cors_origins == ("http://127.0.0.1:8082", "https://api.example")
+    assert load({}).cors_origins == ()
+
+
+@pytest.mark.parametrize("origin", ["*", "http://a.example/path", "ftp://a.example", "a.example"])
+def test_a_cors_origin_that_is_not_scheme_host_port_is_refused(origin: str) -> None:
+    with pytest.raises(SettingsError, match="IOT_CORS_ORIGINS"):
+        load({"IOT_CORS_ORIGINS": origin})
