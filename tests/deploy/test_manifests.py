@@ -41,28 +41,33 @@ PVC_SIZES = {
     "backups": "100Gi",
     "reports": "1Gi",
 }
-POD_KINDS = ("Deployment", "StatefulSet", "Job", "CronJob")
+POD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 
 
 @cache
-def rendered() -> tuple[dict[str, Any], ...]:
+def render(unit: Path) -> tuple[dict[str, Any], ...]:
+    """`kubectl kustomize UNIT`: an overlay, or deploy/observability."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is not installed: `apt-get install kubectl` (it renders deploy/)")
     out = subprocess.run(
-        [kubectl, "kustomize", str(OVERLAY)], capture_output=True, text=True, check=False
+        [kubectl, "kustomize", str(unit)], capture_output=True, text=True, check=False
     )
     if out.returncode != 0:
-        pytest.fail(f"kubectl kustomize {OVERLAY} failed: {out.stderr}")
+        pytest.fail(f"kubectl kustomize {unit} failed: {out.stderr}")
     return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
 
 
-def objects(kind: str) -> list[dict[str, Any]]:
-    return [o for o in rendered() if o["kind"] == kind]
+def rendered() -> tuple[dict[str, Any], ...]:
+    return render(OVERLAY)
 
 
-def named(kind: str, name: str) -> dict[str, Any]:
-    (found,) = [o for o in objects(kind) if o["metadata"]["name"] == name]
+def objects(kind: str, unit: Path = OVERLAY) -> list[dict[str, Any]]:
+    return [o for o in render(unit) if o["kind"] == kind]
+
+
+def named(kind: str, name: str, unit: Path = OVERLAY) -> dict[str, Any]:
+    (found,) = [o for o in objects(kind, unit) if o["metadata"]["name"] == name]
     return found
 
 
@@ -74,9 +79,9 @@ def pod_spec(workload: dict[str, Any]) -> dict[str, Any]:
     return pod
 
 
-def workloads() -> Iterator[dict[str, Any]]:
+def workloads(unit: Path = OVERLAY) -> Iterator[dict[str, Any]]:
     for kind in POD_KINDS:
-        yield from objects(kind)
+        yield from objects(kind, unit)
 
 
 def component_of(workload: dict[str, Any]) -> str:
