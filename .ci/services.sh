@@ -180,9 +180,14 @@ ensure_test_tools() {
             systemctl disable --now prometheus-alertmanager >/dev/null 2>&1 || true
         fi
     fi
+    if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+        _apt_install chromium chromium-driver ||
+            { echo "CI: could not install chromium (apt-get install chromium chromium-driver failed)" >&2; return 1; }
+    fi
     echo "kubectl: $(kubectl version --client 2>/dev/null | head -n 1)"
     echo "prometheus: $(prometheus --version 2>&1 | head -n 1)"
     echo "alertmanager: $(prometheus-alertmanager --version 2>&1 | head -n 1)"
+    echo "chromium: $(chromium --version 2>/dev/null | head -n 1)"
 }
 
 # ------------------------------------------------------------------ versions

@@ -45,17 +45,23 @@ class _Static(StaticFiles):
 
 
 def routes(commands_url: str) -> list[BaseRoute]:
-    """`/` (the page), `/ui/*` (its files) and `/ui/config.json`. An empty `commands_url`
-    leaves the page to find the command API on port 8080 of the host it was loaded from."""
+    """`/` (the page), `/ui/*` (its files), `/ui/config.json` and `/favicon.ico`. An empty
+    `commands_url` leaves the page to find the command API on port 8080 of the host it was
+    loaded from."""
 
     async def index(_: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers=HEADERS)
+
+    async def favicon(_: Request) -> Response:
+        # what a browser asks for by itself on any page of this origin (JSON included)
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml", headers=HEADERS)
 
     async def config(_: Request) -> Response:
         return JSONResponse({"commands_url": commands_url or None}, headers=HEADERS)
 
     return [
         Route("/", index, methods=["GET"]),
+        Route("/favicon.ico", favicon, methods=["GET"]),
         Route("/ui/config.json", config, methods=["GET"]),
         Mount("/ui", app=_Static(directory=STATIC), name="ui"),
     ]

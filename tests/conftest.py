@@ -86,15 +86,31 @@ def drop_namespace(settings: Settings) -> None:
         client.close()
 
 
-@pytest.fixture
-def migrated() -> Iterator[Settings]:
+@contextlib.contextmanager
+def migrated_namespace() -> Iterator[Settings]:
     """Settings of a fresh namespace on the real services, migrated, dropped afterwards."""
     from commands.migrate import migrate
 
     settings = settings_for(unique_namespace())
     asyncio.run(migrate(settings))
-    yield settings
-    drop_namespace(settings)
+    try:
+        yield settings
+    finally:
+        drop_namespace(settings)
+
+
+@pytest.fixture
+def migrated() -> Iterator[Settings]:
+    """Settings of a fresh namespace on the real services, migrated, dropped afterwards."""
+    with migrated_namespace() as settings:
+        yield settings
+
+
+@pytest.fixture(scope="module")
+def migrated_module() -> Iterator[Settings]:
+    """`migrated`, shared by a module's tests (a system started once for several)."""
+    with migrated_namespace() as settings:
+        yield settings
 
 
 @pytest.fixture

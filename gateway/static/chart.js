@@ -22,6 +22,7 @@ function extent(values) {
 export function formatNumber(v) {
   if (typeof v !== "number" || !Number.isFinite(v)) return String(v);
   const a = Math.abs(v);
+  if (Number.isInteger(v) && a < 1e4) return String(v);
   if (a >= 1e6) return (v / 1e6).toFixed(1) + "M";
   if (a >= 1e4) return (v / 1e3).toFixed(1) + "k";
   if (a >= 100) return v.toFixed(0);

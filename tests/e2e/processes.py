@@ -8,9 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 
@@ -95,3 +97,61 @@ def running(settings: Settings, *args: str, **env: str) -> Iterator[Component]:
         yield component
     finally:
         component.stop()
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@contextmanager
+def iot_up(
+    settings: Settings, ports: dict[str, int], *args: str, tokens: dict[str, str]
+) -> Iterator[Path]:
+    """`iot up --no-migrate ARGS` as an operator runs it (in a scratch directory for its
+    `.iot/` state) in `settings`' namespace, with `tokens` (token -> role), once every one of
+    `ports` (component -> port, which must be free) answers ready. Yields its log's path."""
+    busy = [f"{c} ({p})" for c, p in ports.items() if not port_free(p)]
+    assert not busy, f"`iot up` needs these ports, in use here: {', '.join(busy)}"
+    env = {
+        **os.environ,
+        "IOT_NAMESPACE": settings.namespace,
+        "IOT_INFLUX_DB": settings.influx_db,
+        "IOT_API_TOKENS": ",".join(f"{t}={r}" for t, r in tokens.items()),
+    }
+    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "up.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "iot.cli", "up", "--no-migrate", *args],
+            cwd=tmp,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + 90
+            while not _all_ready(ports, proc):
+                assert time.monotonic() < deadline, (Path(tmp) / "up.log").read_text()[-3000:]
+                time.sleep(0.5)
+            yield Path(tmp) / "up.log"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def _all_ready(ports: dict[str, int], proc: subprocess.Popen[bytes]) -> bool:
+    assert proc.poll() is None, f"iot up exited with {proc.returncode}"
+    for port in ports.values():
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code != 200:
+                return False
+        except httpx.HTTPError:
+            return False
+    return True

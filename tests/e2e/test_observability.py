@@ -4,12 +4,8 @@ configurations and alert rules. Prometheus missing is a failure, never a skip.""
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +20,7 @@ from infra.settings import Settings
 from tests.conftest import TOKENS
 from tests.e2e.pipeline import wait_until
 from tests.e2e.processes import free_port
+from tests.e2e.processes import iot_up as iot_up_process
 
 pytestmark = pytest.mark.e2e
 
@@ -58,36 +55,11 @@ class Up:
 
 @pytest.fixture
 def iot_up(migrated: Settings) -> Iterator[Up]:
-    """`iot up` as an operator runs it (in a scratch directory for its `.iot/` state), on the
-    shipped ports, which must be free: the shipped scrape configuration names them."""
+    """`iot up` on the shipped ports, which must be free: the shipped scrape configuration
+    names them."""
     shipped = shipped_targets()
-    busy = [f"{c} ({p})" for c, p in shipped.items() if not _port_free(p)]
-    assert not busy, f"`iot up` needs these ports, in use here: {', '.join(busy)}"
-    env = {
-        **os.environ,
-        "IOT_NAMESPACE": migrated.namespace,
-        "IOT_INFLUX_DB": migrated.influx_db,
-        "IOT_API_TOKENS": ",".join(f"{t}={r}" for t, r in TOKENS.items()),
-    }
-    with tempfile.TemporaryDirectory() as tmp, (Path(tmp) / "up.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "iot.cli", "up", "--no-migrate"],
-            cwd=tmp,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            ready = wait_until(lambda: _all_ready(shipped, proc), timeout=90)
-            assert ready, (Path(tmp) / "up.log").read_text()[-3000:]
-            yield Up(shipped)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    with iot_up_process(migrated, shipped, tokens=TOKENS):
+        yield Up(shipped)
 
 
 def shipped_targets() -> dict[str, int]:
@@ -100,26 +72,6 @@ def shipped_targets() -> dict[str, int]:
         targets[group["labels"]["component"]] = int(target.rsplit(":", 1)[1])
     assert set(targets) == set(COMPONENTS)
     return targets
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _all_ready(ports: dict[str, int], proc: subprocess.Popen[bytes]) -> bool:
-    assert proc.poll() is None, f"iot up exited with {proc.returncode}"
-    for port in ports.values():
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code != 200:
-                return False
-        except httpx.HTTPError:
-            return False
-    return True
 
 
 def local_config(directory: Path) -> Path:

@@ -773,6 +773,9 @@ async def test_dashboard_page_and_its_files_are_served_with_a_strict_policy(
         assert (await client.get(imported)).status_code == 200, imported
     assert (await client.get("/ui/nothing-here.js")).status_code == 404
     assert (await client.get("/ui/config.json")).json() == {"commands_url": None}
+    icon = await client.get("/favicon.ico")  # asked for by browsers on any page, JSON too
+    assert icon.status_code == 200
+    assert icon.headers["content-type"].startswith("image/svg+xml")
 
 
 async def test_me_names_the_tokens_role_for_the_dashboard(client: httpx.AsyncClient) -> None:

@@ -21,6 +21,7 @@ UNDOCUMENTED = {
     "/openapi.json",
     PREFIX + "/openapi.json",
     "/",
+    "/favicon.ico",
     "/ui/config.json",
     "/ui",
 }
