@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: install services up test test-unit chaos check fmt bench clean
+.PHONY: install services up test test-unit chaos check fmt bench clean screenshots
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ test-unit: install
 # The fault suite with its long cases; prints a table of each fault and its recovery.
 chaos: install services
 	$(BIN)/pytest tests/faults --chaos -v
+
+# The dashboard's screenshots in docs/screenshots, from its browser tests' run.
+screenshots: install services
+	IOT_SCREENSHOTS=docs/screenshots $(BIN)/pytest -q tests/e2e/test_dashboard.py
 
 check: install
 	$(BIN)/ruff check .

@@ -101,6 +101,8 @@ def running(settings: Settings, *args: str, **env: str) -> Iterator[Component]:
 
 def port_free(port: int) -> bool:
     with socket.socket() as sock:
+        # as the servers bind: connections in TIME_WAIT from a run just ended do not count
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
