@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
+from infra.settings import load as load_settings
+
 ROOT = Path(__file__).resolve().parents[2]
 OVERLAY = ROOT / "deploy" / "overlays" / "k3s-rpi"
 
@@ -309,6 +311,16 @@ def test_ingress_serves_gateway_and_command_api_over_tls() -> None:
     }
     (tls,) = ingress["spec"]["tls"]
     assert set(tls["hosts"]) == {host for host, _, _ in backends}
+
+
+def test_the_dashboard_reaches_the_command_api_on_the_ingress_hosts() -> None:
+    """The page on the gateway's host is told the command API's address, and the command
+    API admits the page's origin (CORS); both as the settings parse them."""
+    (ingress,) = objects("Ingress")
+    gateway_host, commands_host = (r["host"] for r in ingress["spec"]["rules"])
+    settings = load_settings(named("ConfigMap", "iot-config")["data"])
+    assert settings.cors_origins == (f"https://{gateway_host}",)
+    assert settings.commands_public_url == f"https://{commands_host}/api/v1"
 
 
 # --- network policies --------------------------------------------------------------------------
